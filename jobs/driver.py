@@ -1,0 +1,354 @@
+"""The driver: validate, plan, dispatch shards to replicas, commit, finalize.
+
+The driver never holds rows: it reads footers to plan, sends replicas shard
+descriptors, and commits the files they stage (jobs/output.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from jobs import preflight
+from jobs.dataset import check_unique_ids, open_dataset
+from jobs.output import OutputDir
+from jobs.plan import Shard, plan
+from jobs.record import JobRecord, library_versions, now
+from jobs.spec import JobSpec
+from workers.replica import read_shard_rows
+from workers.storage import process_local, write_bytes
+
+log = logging.getLogger(__name__)
+
+RECORD = "_job.json"
+CANCEL_MARKER = "_CANCEL"
+IN_FLIGHT_PER_REPLICA = 2  # the next shard waits at the replica, so it never idles between shards
+RECORD_EVERY_S = 1.0
+CANCEL_POLL_S = 2.0
+
+
+class JobError(RuntimeError):
+    """The job ran and failed; committed shards are kept and the job can be resumed."""
+
+
+class OutputConflict(ValueError):
+    """The output holds another job's committed results."""
+
+
+class JobCancelled(RuntimeError):
+    """The job was cancelled; committed shards are kept and the job can be resumed."""
+
+
+@dataclass(frozen=True)
+class Validated:
+    shards: list[Shard]
+    input_rows: int
+    model: dict
+
+
+def validate(spec: JobSpec) -> Validated:
+    """Every check that needs no replica: input files and schema, ids, model files, tokenizer."""
+    dataset = open_dataset(spec.input)
+    check_unique_ids(spec.input, dataset)
+    preflight.check_model_source(spec)
+    preflight.check_tokenizer(spec, preflight.load_tokenizer(spec))
+    shards = plan(dataset.files, spec.shards.rows_per_shard)
+    return Validated(shards, dataset.num_rows, preflight.model_identity(spec))
+
+
+def claim_output(spec: JobSpec, overwrite: bool) -> tuple[OutputDir, JobRecord]:
+    """Open the output for this spec: resume its own record, or refuse another job's results."""
+    out = OutputDir(spec.output.uri, spec.output.storage_options)
+    existing = out.read_json(RECORD)
+    if existing and existing.get("fingerprint") != spec.fingerprint():
+        committed = out.commit_records()
+        if overwrite:
+            log.warning("--overwrite: deleting the previous job's output in %s", out.uri)
+            out.wipe()
+        elif committed:
+            raise OutputConflict(
+                f"{out.uri} holds {len(committed)} committed shards of a different job spec "
+                f"(fingerprint {existing.get('fingerprint')}, this spec is {spec.fingerprint()}); "
+                "use another output.uri, or --overwrite to delete them"
+            )
+        else:
+            out.wipe()  # nothing committed to lose (e.g. an earlier spec failed validation)
+        existing = None
+    elif not existing and not out.is_empty() and not overwrite:
+        raise OutputConflict(f"{out.uri} is not empty and was not written by bulkgen; use another output.uri")
+    record = JobRecord.from_json(existing) if existing else JobRecord(spec.redacted(), spec.fingerprint(), spec.name)
+    out.remove(CANCEL_MARKER)
+    return out, record
+
+
+def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False, progress: bool = True) -> JobRecord:
+    """Run (or resume) a job to its end; returns the final record.
+
+    Raises the validation error, JobError, JobCancelled or OutputConflict."""
+    out, record = claim_output(spec, overwrite)
+    record.start_run(address)
+    record.set_state("validating")
+    out.write_json(RECORD, record.to_json())
+    try:
+        checked = validate(spec)
+    except Exception as e:
+        record.set_state("failed", {"message": str(e), "where": "validating"})
+        out.write_json(RECORD, record.to_json())
+        raise
+    record.model = checked.model
+    run = _Run(spec, out, record, checked, address, progress)
+    return run.execute()
+
+
+class _Run:
+    """One driver run of a job: owns the replicas and the commit loop."""
+
+    def __init__(self, spec: JobSpec, out: OutputDir, record: JobRecord, checked: Validated, address, progress):
+        self.spec, self.out, self.record, self.address = spec, out, record, address
+        self.shards = checked.shards
+        self.show_progress = progress
+        n = spec.generation.num_return_sequences
+        c = record.counts
+        c.input_rows, c.rows_total, c.shards_total = checked.input_rows, checked.input_rows * n, len(self.shards)
+        self.file_metadata = {"bulkgen": json.dumps(self._job_facts(), sort_keys=True)}
+        self.commits = out.commit_records()
+        self._recount()
+        self._last_record_write = 0.0
+
+    def _job_facts(self) -> dict:
+        return {
+            "fingerprint": self.spec.fingerprint(),
+            "name": self.spec.name,
+            "model": self.record.model,
+            "generation": self.spec.generation.model_dump(mode="json"),
+            "versions": library_versions(),
+        }
+
+    def _recount(self) -> None:
+        c = self.record.counts
+        c.shards_committed = len(self.commits)
+        c.rows_done = sum(r["rows_done"] for r in self.commits.values())
+        c.rows_failed = sum(r["rows_failed"] for r in self.commits.values())
+        c.prompt_tokens = sum(r["prompt_tokens"] for r in self.commits.values())
+        c.completion_tokens = sum(r["completion_tokens"] for r in self.commits.values())
+
+    def _write_record(self, force: bool = True) -> None:
+        if force or time.monotonic() - self._last_record_write >= RECORD_EVERY_S:
+            self.record.updated_at = now()
+            self.out.write_json(RECORD, self.record.to_json())
+            self._last_record_write = time.monotonic()
+
+    def execute(self) -> JobRecord:
+        todo = [s for s in self.shards if s.index not in self.commits]
+        self.record.set_state("running")
+        self._write_record()
+        log.info("%d shards, %d committed earlier, %d to run", len(self.shards), len(self.commits), len(todo))
+        try:
+            if todo:
+                self._dispatch(todo)
+        except JobCancelled:
+            self.record.set_state("cancelled", {"message": "cancelled by the user", "where": "running"})
+            self._write_record()
+            raise
+        except KeyboardInterrupt:
+            self.record.set_state("cancelled", {"message": "interrupted (Ctrl-C)", "where": "running"})
+            self._write_record()
+            raise JobCancelled("interrupted; committed shards are kept, resume with `bulkgen resume`") from None
+        except JobError as e:
+            self.record.set_state("failed", {"message": str(e), "where": "running"})
+            self._write_record()
+            raise
+        return self._finalize()
+
+    def _finalize(self) -> JobRecord:
+        self.record.set_state("finalizing")
+        self._write_record()
+        c = self.record.counts
+        failed_fraction = c.rows_failed / c.rows_total if c.rows_total else 0.0
+        if failed_fraction > self.spec.shards.max_failed_fraction:
+            message = (
+                f"{c.rows_failed} of {c.rows_total} rows failed ({failed_fraction:.2%}), over the error budget "
+                f"shards.max_failed_fraction={self.spec.shards.max_failed_fraction}; see {self.out.url('errors')}/"
+            )
+            self.record.set_state("failed", {"message": message, "where": "finalizing"})
+            self._write_record()
+            raise JobError(message)
+        manifest = {
+            "fingerprint": self.spec.fingerprint(),
+            "shards": [self.commits[i] for i in sorted(self.commits)],
+            "rows_done": c.rows_done,
+            "rows_failed": c.rows_failed,
+        }
+        self.out.write_json("_manifest.json", manifest)
+        self.out.remove("_staging")
+        self.record.set_state("succeeded")
+        self._write_record()
+        self.out.write_json("_SUCCESS", {"finished_at": self.record.finished_at})
+        return self.record
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def _dispatch(self, todo: list[Shard]) -> None:
+        import ray
+
+        from jobs.cluster import connect
+
+        started_ray = connect(self.address)
+        pool = _ReplicaPool(self.spec, self.file_metadata)
+        queue: deque[Shard] = deque(todo)
+        # memory:// lives in this process only: rows and files travel through Ray instead.
+        inline_input = process_local(self.spec.input.uri, self.spec.input.storage_options)
+        attempts: Counter[int] = Counter()
+        in_flight: dict = {}  # ObjectRef -> (replica, shard)
+        bar = _progress(self.record, self.show_progress)
+        tokens_before = self.record.counts.completion_tokens
+        next_cancel_poll = 0.0
+        try:
+            pool.start(self.spec.resources.replicas)
+            while queue or in_flight:
+                if time.monotonic() >= next_cancel_poll:
+                    if self.out.exists(CANCEL_MARKER):
+                        raise JobCancelled(f"cancelled through {self.out.url(CANCEL_MARKER)}")
+                    next_cancel_poll = time.monotonic() + CANCEL_POLL_S
+                for replica in pool.replicas:
+                    while queue and pool.load[replica] < IN_FLIGHT_PER_REPLICA:
+                        shard = queue.popleft()
+                        attempt = f"attempt-{attempts[shard.index]}-{uuid.uuid4().hex[:8]}"
+                        rows = read_shard_rows(self.spec, shard) if inline_input else None
+                        in_flight[replica.process.remote(shard, attempt, rows)] = (replica, shard)
+                        pool.load[replica] += 1
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                for ref in done:
+                    replica, shard = in_flight.pop(ref)
+                    pool.load[replica] -= 1
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayActorError as e:
+                        pool.replace(replica)
+                        self._retry(shard, attempts, queue, f"replica died: {_cause(e)}")
+                    except ray.exceptions.RayError as e:
+                        self._retry(shard, attempts, queue, _cause(e))
+                    else:
+                        self._commit(shard, result, attempts[shard.index])
+                        bar.update(result.samples_ok + result.samples_failed)
+                        bar.set_postfix_str(_rate(self.record.counts.completion_tokens - tokens_before, bar), refresh=False)
+        finally:
+            bar.close()
+            pool.stop()
+            if started_ray:
+                ray.shutdown()
+
+    def _retry(self, shard: Shard, attempts: Counter, queue: deque, error: str) -> None:
+        attempts[shard.index] += 1
+        self.record.counts.shards_retried += 1
+        if attempts[shard.index] >= self.spec.shards.max_attempts:
+            raise JobError(
+                f"shard {shard.name} ({shard.url} rows {shard.start}:{shard.stop}) failed "
+                f"{attempts[shard.index]} times (shards.max_attempts); last error: {error}. "
+                f"{len(self.commits)} committed shards are kept; fix the cause and resume"
+            )
+        log.warning("shard %s attempt %d failed, retrying: %s", shard.name, attempts[shard.index], error)
+        queue.appendleft(shard)
+        self._write_record(force=False)
+
+    def _commit(self, shard: Shard, result, attempt_number: int) -> None:
+        for url, data in (result.inline_files or {}).items():
+            write_bytes(url, data, self.spec.output.storage_options)
+        extra = {"input": shard.url, "input_start": shard.start, "input_stop": shard.stop, "attempts": attempt_number + 1}
+        self.commits[shard.index] = self.out.commit(result, extra)
+        self._recount()
+        self._write_record(force=False)
+        log.info("committed %s: %d rows, %d failed, %.1fs", shard.name, result.samples_ok, result.samples_failed, result.seconds)
+
+
+class _ReplicaPool:
+    """The replica actors, replaced one for one when they die."""
+
+    def __init__(self, spec: JobSpec, file_metadata: dict):
+        self.spec, self.file_metadata = spec, file_metadata
+        self.replicas: list = []
+        self.load: Counter = Counter()
+
+    def _launch(self):
+        import ray
+
+        from workers.replica import Replica
+
+        res = self.spec.resources
+        actor = ray.remote(Replica).options(
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0, max_task_retries=0
+        )
+        return actor.remote(self.spec, self.file_metadata)
+
+    def start(self, count: int) -> None:
+        self.replicas = [self._launch() for _ in range(count)]
+
+    def replace(self, dead) -> None:
+        if dead in self.replicas:
+            self.replicas[self.replicas.index(dead)] = self._launch()
+            self.load.pop(dead, None)
+
+    def stop(self) -> None:
+        import ray
+
+        for replica in self.replicas:
+            ray.kill(replica, no_restart=True)
+        self.replicas = []
+
+
+def _cause(error: Exception) -> str:
+    """The innermost useful message of a Ray error."""
+    cause = getattr(error, "cause", None)
+    if cause is not None and cause is not error:
+        return f"{type(cause).__name__}: {cause}"
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+
+
+def _progress(record: JobRecord, enabled: bool):
+    from tqdm import tqdm
+
+    c = record.counts
+    return tqdm(
+        total=c.rows_total,
+        initial=c.rows_done + c.rows_failed,
+        unit="row",
+        desc=record.name or "bulkgen",
+        disable=None if enabled else True,  # None: only on a terminal
+        dynamic_ncols=True,
+    )
+
+
+def _rate(tokens: int, bar) -> str:
+    elapsed = bar.format_dict.get("elapsed") or 0
+    return f"{tokens / elapsed:,.0f} tok/s" if elapsed else ""
+
+
+def resume_spec(output_uri: str, overrides: list[str] = ()) -> JobSpec:
+    """The spec recorded in an output's _job.json, ready to run again.
+
+    Storage option values were redacted when recorded; credentials come from
+    the environment (or `overrides`, e.g. input.storage_options.key=...)."""
+    from jobs.spec import apply_overrides, spec_from_dict
+
+    doc = OutputDir(output_uri, {}).read_json(RECORD)
+    if doc is None:
+        raise FileNotFoundError(f"no job record ({RECORD}) under {output_uri}; nothing to resume")
+    data = doc["spec"]
+    for section in ("input", "output"):
+        data[section]["storage_options"] = {}
+    return spec_from_dict(apply_overrides(data, list(overrides)), source=f"{output_uri}/{RECORD}")
+
+
+def request_cancel(output_uri: str) -> None:
+    out = OutputDir(output_uri, {})
+    doc = out.read_json(RECORD)
+    if doc is None:
+        raise FileNotFoundError(f"no job record ({RECORD}) under {output_uri}")
+    if doc.get("state") in ("succeeded", "failed", "cancelled"):
+        raise ValueError(f"the job in {output_uri} is already {doc['state']}")
+    out.write_json(CANCEL_MARKER, {"requested_at": now()})

@@ -1,0 +1,265 @@
+"""The job spec: one YAML file, validated once when loaded, immutable after.
+
+Field docs live here and only here; the README's reference is generated from
+nothing else but points at this file and the example job that the tests load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names every offending field."""
+
+
+class _Section(BaseModel):
+    # Unknown fields are errors (a typo must not be silently ignored) and a
+    # loaded spec never changes.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Section):
+    uri: str = Field(description="A Parquet file, a directory of them, or a glob; any fsspec protocol.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec for the input.")
+    prompt_column: str | None = Field(None, description="Column holding the prompt text.")
+    prompt_template: str | None = Field(
+        None, description='Python format string over the row\'s columns, e.g. "Write a {style} poem about {topic}".'
+    )
+    messages_column: str | None = Field(
+        None, description="Column of chat messages [{role, content}], rendered with the tokenizer's chat template."
+    )
+    id_column: str | None = Field(
+        None, description="Unique row id. Without it, ids are '<file relative to the input root>:<row index>'."
+    )
+    pass_through: tuple[str, ...] = Field((), description="Input columns copied to every output row.")
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> InputSpec:
+        given = [n for n in ("prompt_column", "prompt_template", "messages_column") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of prompt_column, prompt_template, messages_column (got {given or 'none'})"
+            )
+        return self
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_parses(cls, template: str | None) -> str | None:
+        if template is not None:
+            template_fields(template)  # raises ValueError naming the problem
+        return template
+
+    def source_columns(self) -> tuple[str, ...]:
+        """Input columns the prompt is built from."""
+        if self.prompt_column:
+            return (self.prompt_column,)
+        if self.messages_column:
+            return (self.messages_column,)
+        return template_fields(self.prompt_template or "")
+
+
+class ModelSpec(_Section):
+    path: str = Field(description="Local directory or Hugging Face hub id, loaded with AutoModelForCausalLM.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: str | None = Field(None, description="Tokenizer path or hub id, when it differs from `path`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the checkpoint.")
+    use_safetensors: bool = Field(
+        True, description="Load safetensors weights only; set false to allow pickle (.bin) checkpoints."
+    )
+    attn_implementation: str | None = Field(None, description='e.g. "sdpa", "eager", "flash_attention_2".')
+
+
+class GenerationSpec(_Section):
+    """Sampling parameters, with the names Hugging Face `generate` uses."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
+    num_return_sequences: int = Field(1, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    stop: tuple[str, ...] = Field((), description="Strings that end a completion; not included in the text.")
+    seed: int = Field(0, ge=0, description="With the row id and sample_index, fixes each row's sampled text.")
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: tuple[str, ...]) -> tuple[str, ...]:
+        if any(s == "" for s in stop):
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> GenerationSpec:
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise ValueError("num_return_sequences > 1 needs do_sample: true (greedy would repeat one text)")
+        return self
+
+
+class OutputSpec(_Section):
+    uri: str = Field(description="Directory for data/, errors/, _job.json, _manifest.json, _SUCCESS.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec for the output.")
+    include_prompt: bool = Field(False, description="Add the rendered prompt as a `prompt` column.")
+
+
+class ResourcesSpec(_Section):
+    replicas: int = Field(1, ge=1, description="Model replicas (Ray actors).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica.")
+    num_cpus: float = Field(1, ge=0, description="CPUs per replica.")
+    batch_size: int = Field(32, ge=1, description="Most sequences generated together in one batch.")
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="Most tokens (prompt + new) held by one batch; default batch_size * context."
+    )
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per replica; default num_cpus.")
+
+
+class ShardsSpec(_Section):
+    rows_per_shard: int = Field(1000, ge=1, description="Input rows per shard (one output file each).")
+    max_attempts: int = Field(3, ge=1, description="Tries per shard before the job fails.")
+    max_failed_fraction: float = Field(
+        0.0, ge=0, le=1, description="Fraction of rows allowed in errors/ before the job fails."
+    )
+
+
+class JobSpec(_Section):
+    name: str | None = Field(None, description="A label shown in the record and the progress bar.")
+    input: InputSpec
+    model: ModelSpec
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    output: OutputSpec
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    shards: ShardsSpec = Field(default_factory=ShardsSpec)
+
+    @model_validator(mode="after")
+    def _columns_do_not_collide(self) -> JobSpec:
+        reserved = set(OUTPUT_COLUMNS) | {"prompt", "error_code", "error"}
+        clash = reserved & set(self.input.pass_through)
+        if clash:
+            raise ValueError(f"input.pass_through names output columns {sorted(clash)}; rename them")
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the output's rows and file names.
+
+        Resources and storage options are left out: more replicas or new
+        credentials must not stop a job from resuming."""
+        decisive = self.model_dump(
+            mode="json",
+            exclude={
+                "name": True,
+                "input": {"storage_options"},
+                "output": {"storage_options", "uri"},
+                "resources": True,
+                "shards": {"max_attempts", "max_failed_fraction"},
+            },
+        )
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+    def redacted(self) -> dict[str, Any]:
+        """The spec as JSON with storage option values hidden (credentials live there)."""
+        data = self.model_dump(mode="json")
+        for section in ("input", "output"):
+            data[section]["storage_options"] = {k: "<redacted>" for k in data[section]["storage_options"]}
+        return data
+
+
+OUTPUT_COLUMNS = ("sample_index", "text", "finish_reason", "prompt_tokens", "completion_tokens")
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """Column names a prompt template refers to, in order of first use."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"prompt_template {template!r} does not parse: {e}") from None
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ValueError(f"prompt_template {template!r}: use named fields like {{topic}}, not {{{name}}}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(f"prompt_template {template!r} names no column")
+    return tuple(names)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (values parsed as YAML) to a copy of `data`."""
+    data = json.loads(json.dumps(data))  # deep copy; spec data is plain YAML
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item!r}: expected key.path=value, e.g. generation.max_new_tokens=64")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def _absolute_local(uri: str) -> str:
+    # Local paths are made absolute here because Ray workers may run in
+    # another working directory.
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def spec_from_dict(data: dict[str, Any], source: str = "job spec") -> JobSpec:
+    """Validate spec data; every bad field is named in one SpecError."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping of sections (input, model, ...), got {type(data).__name__}")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            if "input" in err and err["type"] != "missing" and not isinstance(err["input"], dict):
+                msg += f" (got {err['input']!r})"
+            lines.append(f"  {where}: {msg}")
+        raise SpecError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+    model_path = spec.model.path
+    if os.path.exists(os.path.expanduser(model_path)):
+        model_path = os.path.abspath(os.path.expanduser(model_path))
+    return spec.model_copy(
+        update={
+            "input": spec.input.model_copy(update={"uri": _absolute_local(spec.input.uri)}),
+            "output": spec.output.model_copy(update={"uri": _absolute_local(spec.output.uri)}),
+            "model": spec.model.model_copy(update={"path": model_path}),
+        }
+    )
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] = ()) -> JobSpec:
+    """Read a YAML job spec, apply `--set` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"job spec {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of sections (input, model, ...)")
+    return spec_from_dict(apply_overrides(data, list(overrides)), source=str(path))

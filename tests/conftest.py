@@ -1,0 +1,133 @@
+"""Shared fixtures: a tiny real model, prompt datasets, a local Ray cluster, a loopback S3 server."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.tiny_model import save_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded in tests
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny Llama checkpoint (safetensors + tokenizer with a chat template)."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", arch="gpt2")
+
+
+def write_prompts(path: Path | str, n: int, start: int = 0, row_group_size: int | None = None, **extra) -> str:
+    """A prompt Parquet file with columns id, prompt, topic, style (+ extra columns)."""
+    topics = ["the sea", "a socket", "the wind", "lists", "timeouts"]
+    styles = ["short", "sad", "happy"]
+    ids = [f"row-{i:05d}" for i in range(start, start + n)]
+    columns = {
+        "id": ids,
+        "prompt": [f"Write a {styles[i % 3]} note {i} about {topics[i % 5]}" + " and more" * (i % 4) for i in range(start, start + n)],
+        "topic": [topics[i % 5] for i in range(start, start + n)],
+        "style": [styles[i % 3] for i in range(start, start + n)],
+        **extra,
+    }
+    table = pa.table(columns)
+    path = str(path)
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "wb") as f:
+            pq.write_table(table, f, row_group_size=row_group_size)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def job_dict(input_uri: str, output_uri: str, model: Path, **sections) -> dict:
+    """A small valid job spec as data; `sections` update its sections."""
+    spec = {
+        "name": "test",
+        "input": {"uri": input_uri, "prompt_column": "prompt", "id_column": "id", "pass_through": ["topic"]},
+        "model": {"path": str(model)},
+        "generation": {"max_new_tokens": 8},
+        "output": {"uri": output_uri},
+        "resources": {"replicas": 1, "batch_size": 8, "num_cpus": 1},
+        "shards": {"rows_per_shard": 10},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(spec.get(section), dict):
+            spec[section] = {**spec[section], **values}
+        else:
+            spec[section] = values
+    return spec
+
+
+def write_job(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray instance on loopback for the whole session; Ray's files stay in the test tmp dir."""
+    import ray
+
+    temp_dir = tmp_path_factory.mktemp("ray")
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        _temp_dir=str(temp_dir),
+        num_cpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on loopback; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket on the loopback server, and the storage options that reach it."""
+    import uuid
+
+    import s3fs
+
+    # Credentials only for the fake server; botocore refuses to sign without some.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    options = {"client_kwargs": {"endpoint_url": s3_server}}
+    bucket = f"bulkgen-{uuid.uuid4().hex[:8]}"
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir(bucket)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return {"bucket": bucket, "options": options}

@@ -1,0 +1,58 @@
+"""Turning one input row into prompt text, or a typed per-row error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobs.spec import InputSpec
+
+
+class RowError(Exception):
+    """A row that cannot be generated; it becomes a dead letter in errors/."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# Typed error codes written to errors/ (documented in the README).
+EMPTY_PROMPT = "empty_prompt"
+TEMPLATE_ERROR = "template_error"
+CHAT_TEMPLATE_ERROR = "chat_template_error"
+PROMPT_TOO_LONG = "prompt_too_long"
+GENERATION_ERROR = "generation_error"
+
+
+def render_prompt(spec: InputSpec, row: dict[str, Any], tokenizer) -> str:
+    """The prompt text for `row`, or RowError."""
+    if spec.prompt_column:
+        text = row[spec.prompt_column]
+        if text is None or (isinstance(text, str) and not text.strip()):
+            raise RowError(EMPTY_PROMPT, f"{spec.prompt_column} is {'null' if text is None else 'empty'}")
+        if not isinstance(text, str):
+            raise RowError(TEMPLATE_ERROR, f"{spec.prompt_column} is {type(text).__name__}, not text")
+        return text
+    if spec.prompt_template:
+        values = {name: row[name] for name in spec.source_columns()}
+        nulls = [name for name, v in values.items() if v is None]
+        if nulls:
+            raise RowError(TEMPLATE_ERROR, f"prompt_template needs {nulls}, which are null in this row")
+        try:
+            text = spec.prompt_template.format(**values)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise RowError(TEMPLATE_ERROR, f"prompt_template failed on this row: {e}") from None
+        if not text.strip():
+            raise RowError(EMPTY_PROMPT, "prompt_template rendered an empty prompt")
+        return text
+    messages = row[spec.messages_column]
+    if not messages:
+        raise RowError(EMPTY_PROMPT, f"{spec.messages_column} is {'null' if messages is None else 'empty'}")
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja2 and tokenizer errors have no common base
+        raise RowError(CHAT_TEMPLATE_ERROR, f"chat template failed on this row: {type(e).__name__}: {e}") from None
+
+
+def tokenize_prompt(spec: InputSpec, text: str, tokenizer) -> list[int]:
+    # A chat template already wrote the special tokens it wants.
+    return tokenizer(text, add_special_tokens=not spec.messages_column).input_ids

@@ -1,0 +1,118 @@
+"""Storage helpers shared by the driver and the replicas: retries and Parquet I/O.
+
+A path is a full fsspec URL plus storage options; protocols are never
+checked by hand.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors that retrying cannot fix; everything else an OSError covers
+# (timeouts, connection resets, 5xx from object stores) is worth a retry.
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
+    """Call `fn`, retrying transient storage errors with jittered exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except _PERMANENT:
+            raise
+        except OSError as e:
+            if attempt == attempts:
+                raise
+            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e, attempt, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict) -> None:
+    """Write a whole object. Object stores publish a PUT whole; local files go
+    through a temporary name and a rename so a reader never sees half a file."""
+
+    def write() -> None:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        if _renames_atomically(fs):
+            fs.makedirs(fs._parent(path), exist_ok=True)
+            tmp = f"{path}.tmp-{random.getrandbits(48):012x}"
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)
+        else:
+            fs.pipe_file(path, data)
+
+    with_retries(write, f"writing {url}")
+
+
+def read_bytes(url: str, storage_options: dict) -> bytes:
+    def read() -> bytes:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        return fs.cat_file(path)
+
+    return with_retries(read, f"reading {url}")
+
+
+def write_parquet(table: pa.Table, url: str, storage_options: dict) -> None:
+    write_bytes(url, parquet_bytes(table), storage_options)
+
+
+def read_parquet(url: str, storage_options: dict, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(read_bytes(url, storage_options)), columns=columns)
+
+
+def read_row_range(url: str, storage_options: dict, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows [start, stop) of one Parquet file, reading only the row groups that hold them."""
+
+    def read() -> pa.Table:
+        with fsspec.open(url, "rb", **storage_options) as f:
+            pf = pq.ParquetFile(f)
+            groups, first_row, offset = [], None, 0
+            for i in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(i).num_rows
+                if offset < stop and offset + n > start:
+                    groups.append(i)
+                    first_row = offset if first_row is None else first_row
+                offset += n
+            if not groups:
+                return pf.schema_arrow.empty_table().select(columns)
+            table = pf.read_row_groups(groups, columns=columns)
+            return table.slice(start - first_row, stop - start)
+
+    return with_retries(read, f"reading rows {start}:{stop} of {url}")
+
+
+def process_local(url: str, storage_options: dict) -> bool:
+    """Whether `url` lives in this process only (memory://), so other
+    processes (Ray workers) cannot reach it and rows must travel through Ray."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs, _ = fsspec.core.url_to_fs(url, **storage_options)
+    return isinstance(fs, MemoryFileSystem)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _renames_atomically(fs: fsspec.AbstractFileSystem) -> bool:
+    # Local disks rename in one step; object stores implement mv as copy+delete,
+    # but publish each object whole, so a direct write is already all-or-nothing.
+    return "file" in fs.protocol or "local" in fs.protocol
