@@ -1,4 +1,4 @@
-"""`bulkgen` command line: run, resume, status, cancel, validate.
+"""`bulkgen` command line: run, resume, status, cancel, validate, retry-failed.
 
 Exit codes: 0 success, 1 the job failed, 2 bad input or usage, 130 cancelled.
 """
@@ -70,7 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a job without running it")
     validate.add_argument("spec")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    validate.add_argument("--max-rows", type=int, help="scan at most this many prompts (default: all)")
     validate.set_defaults(func=_cmd_validate)
+
+    retry = sub.add_parser("retry-failed", help="generate a finished job's dead letters (errors/) again")
+    retry.add_argument("output_uri")
+    _add_cluster_args(retry)
+    retry.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="e.g. resources.batch_size=1; fields that change the output are refused")
+    retry.set_defaults(func=_cmd_retry_failed)
     return p
 
 
@@ -123,11 +131,19 @@ def _cmd_cancel(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from jobs.driver import validate
+    from jobs.validate import validate_report
 
-    spec = load_spec(args.spec, args.overrides)
-    checked = validate(spec)
-    print(f"ok: {checked.input_rows} rows in {len(checked.shards)} shards; model {spec.model.path}")
+    report = validate_report(load_spec(args.spec, args.overrides), max_rows=args.max_rows)
+    print(report.render())
+    return 0
+
+
+def _cmd_retry_failed(args) -> int:
+    from jobs.driver import resume_spec, run_job
+
+    spec = resume_spec(args.output_uri, args.overrides)
+    record = run_job(spec, address=args.address, progress=not args.no_progress, retry_failed=True)
+    _print_done(spec.output.uri, spec.output.storage_options, record)
     return 0
 
 

@@ -85,11 +85,26 @@ def claim_output(spec: JobSpec, overwrite: bool) -> tuple[OutputDir, JobRecord]:
     return out, record
 
 
-def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False, progress: bool = True) -> JobRecord:
+def run_job(
+    spec: JobSpec,
+    address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    retry_failed: bool = False,
+) -> JobRecord:
     """Run (or resume) a job to its end; returns the final record.
 
-    Raises the validation error, JobError, JobCancelled or OutputConflict."""
+    With `retry_failed`, committed shards that have dead letters are generated
+    again too. Raises the validation error, JobError, JobCancelled or OutputConflict."""
     out, record = claim_output(spec, overwrite)
+    if retry_failed:
+        if record.state == "running":
+            raise ValueError(
+                f"the job in {out.uri} is running; wait for it (if its driver is dead, `bulkgen resume` it first)"
+            )
+        if process_local(spec.output.uri, spec.output.storage_options):
+            raise ValueError("retry-failed needs output storage that Ray workers can reach, not memory://")
+        out.remove("_SUCCESS")  # the output is about to change
     record.start_run(address)
     record.set_state("validating")
     out.write_json(RECORD, record.to_json())
@@ -101,7 +116,7 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False, 
         raise
     record.model = checked.model
     run = _Run(spec, out, record, checked, address, progress)
-    return run.execute()
+    return run.execute(retry_failed)
 
 
 class _Run:
@@ -142,8 +157,10 @@ class _Run:
             self.out.write_json(RECORD, self.record.to_json())
             self._last_record_write = time.monotonic()
 
-    def execute(self) -> JobRecord:
-        todo = [s for s in self.shards if s.index not in self.commits]
+    def execute(self, retry_failed: bool = False) -> JobRecord:
+        todo = [(s, "process") for s in self.shards if s.index not in self.commits]
+        if retry_failed:
+            todo += [(s, "retry_failed") for s in self.shards if (self.commits.get(s.index) or {}).get("errors")]
         self.record.set_state("running")
         self._write_record()
         log.info("%d shards, %d committed earlier, %d to run", len(self.shards), len(self.commits), len(todo))
@@ -192,18 +209,19 @@ class _Run:
 
     # -- dispatch ------------------------------------------------------------------
 
-    def _dispatch(self, todo: list[Shard]) -> None:
+    def _dispatch(self, todo: list[tuple[Shard, str]]) -> None:
+        """Run `todo` (shard, replica method) on the replicas until all are committed."""
         import ray
 
         from jobs.cluster import connect
 
         started_ray = connect(self.address)
         pool = _ReplicaPool(self.spec, self.file_metadata)
-        queue: deque[Shard] = deque(todo)
+        queue: deque[tuple[Shard, str]] = deque(todo)
         # memory:// lives in this process only: rows and files travel through Ray instead.
         inline_input = process_local(self.spec.input.uri, self.spec.input.storage_options)
         attempts: Counter[int] = Counter()
-        in_flight: dict = {}  # ObjectRef -> (replica, shard)
+        in_flight: dict = {}  # ObjectRef -> (replica, shard, method)
         bar = _progress(self.record, self.show_progress)
         tokens_before = self.record.counts.completion_tokens
         next_cancel_poll = 0.0
@@ -214,24 +232,35 @@ class _Run:
                     if self.out.exists(CANCEL_MARKER):
                         raise JobCancelled(f"cancelled through {self.out.url(CANCEL_MARKER)}")
                     next_cancel_poll = time.monotonic() + CANCEL_POLL_S
-                for replica in pool.replicas:
+                # Only replicas whose model has loaded get work: a replacement that
+                # waits for resources must not sit on shards a live replica could run.
+                for replica in pool.ready:
                     while queue and pool.load[replica] < IN_FLIGHT_PER_REPLICA:
-                        shard = queue.popleft()
+                        shard, method = queue.popleft()
                         attempt = f"attempt-{attempts[shard.index]}-{uuid.uuid4().hex[:8]}"
-                        rows = read_shard_rows(self.spec, shard) if inline_input else None
-                        in_flight[replica.process.remote(shard, attempt, rows)] = (replica, shard)
+                        if method == "process":
+                            rows = read_shard_rows(self.spec, shard) if inline_input else None
+                            ref = replica.process.remote(shard, attempt, rows)
+                        else:
+                            ref = replica.retry_failed.remote(shard, attempt)
+                        in_flight[ref] = (replica, shard, method)
                         pool.load[replica] += 1
-                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                done, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=1.0)
                 for ref in done:
-                    replica, shard = in_flight.pop(ref)
+                    if ref in pool.starting:
+                        info = pool.started(ref)
+                        if info and "replica" not in self.record.model:
+                            self.record.model["replica"] = info
+                        continue
+                    replica, shard, method = in_flight.pop(ref)
                     pool.load[replica] -= 1
                     try:
                         result = ray.get(ref)
                     except ray.exceptions.RayActorError as e:
                         pool.replace(replica)
-                        self._retry(shard, attempts, queue, f"replica died: {_cause(e)}")
+                        self._retry(shard, method, attempts, queue, f"replica died: {_cause(e)}")
                     except ray.exceptions.RayError as e:
-                        self._retry(shard, attempts, queue, _cause(e))
+                        self._retry(shard, method, attempts, queue, _cause(e))
                     else:
                         self._commit(shard, result, attempts[shard.index])
                         bar.update(result.samples_ok + result.samples_failed)
@@ -242,7 +271,7 @@ class _Run:
             if started_ray:
                 ray.shutdown()
 
-    def _retry(self, shard: Shard, attempts: Counter, queue: deque, error: str) -> None:
+    def _retry(self, shard: Shard, method: str, attempts: Counter, queue: deque, error: str) -> None:
         attempts[shard.index] += 1
         self.record.counts.shards_retried += 1
         if attempts[shard.index] >= self.spec.shards.max_attempts:
@@ -252,7 +281,7 @@ class _Run:
                 f"{len(self.commits)} committed shards are kept; fix the cause and resume"
             )
         log.warning("shard %s attempt %d failed, retrying: %s", shard.name, attempts[shard.index], error)
-        queue.appendleft(shard)
+        queue.appendleft((shard, method))
         self._write_record(force=False)
 
     def _commit(self, shard: Shard, result, attempt_number: int) -> None:
@@ -266,14 +295,16 @@ class _Run:
 
 
 class _ReplicaPool:
-    """The replica actors, replaced one for one when they die."""
+    """The replica actors: started, watched until their model loads, replaced when they die."""
 
     def __init__(self, spec: JobSpec, file_metadata: dict):
         self.spec, self.file_metadata = spec, file_metadata
-        self.replicas: list = []
-        self.load: Counter = Counter()
+        self.ready: list = []  # replicas whose model has loaded
+        self.starting: dict = {}  # info() ObjectRef -> replica still loading
+        self.load: Counter = Counter()  # shards in flight per replica
+        self.failed_starts = 0  # in a row, with no replica starting in between
 
-    def _launch(self):
+    def _launch(self) -> None:
         import ray
 
         from workers.replica import Replica
@@ -282,22 +313,46 @@ class _ReplicaPool:
         actor = ray.remote(Replica).options(
             num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0, max_task_retries=0
         )
-        return actor.remote(self.spec, self.file_metadata)
+        replica = actor.remote(self.spec, self.file_metadata)
+        self.starting[replica.info.remote()] = replica
 
     def start(self, count: int) -> None:
-        self.replicas = [self._launch() for _ in range(count)]
+        for _ in range(count):
+            self._launch()
+
+    def started(self, ref) -> dict | None:
+        """Handle a replica's start: ready, or failed (then launch another, up to a limit)."""
+        import ray
+
+        replica = self.starting.pop(ref)
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            self.failed_starts += 1
+            if self.failed_starts >= self.spec.shards.max_attempts:
+                raise JobError(
+                    f"replicas fail to start ({self.failed_starts} times in a row); last error: {_cause(e)}"
+                ) from None
+            log.warning("a replica failed to start (%s); starting another", _cause(e))
+            self._launch()
+            return None
+        self.failed_starts = 0
+        self.ready.append(replica)
+        log.info("replica ready: %s", info)
+        return info
 
     def replace(self, dead) -> None:
-        if dead in self.replicas:
-            self.replicas[self.replicas.index(dead)] = self._launch()
+        if dead in self.ready:
+            self.ready.remove(dead)
             self.load.pop(dead, None)
+            self._launch()
 
     def stop(self) -> None:
         import ray
 
-        for replica in self.replicas:
+        for replica in [*self.ready, *self.starting.values()]:
             ray.kill(replica, no_restart=True)
-        self.replicas = []
+        self.ready, self.starting = [], {}
 
 
 def _cause(error: Exception) -> str:

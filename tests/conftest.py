@@ -78,12 +78,10 @@ def write_job(path: Path, spec: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """One local Ray instance on loopback for the whole session; Ray's files stay in the test tmp dir."""
+def start_local_ray(temp_dir: Path, **init_kwargs) -> None:
+    """ray.init on loopback with Ray's files under `temp_dir` (keep it short: Unix socket paths)."""
     import ray
 
-    temp_dir = tmp_path_factory.mktemp("ray")
     ray.init(
         _node_ip_address="127.0.0.1",
         _temp_dir=str(temp_dir),
@@ -91,9 +89,28 @@ def ray_cluster(tmp_path_factory):
         include_dashboard=False,
         configure_logging=False,
         log_to_driver=False,
+        **init_kwargs,
     )
-    yield ray
-    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _ray_temp_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ray")
+
+
+@pytest.fixture
+def ray_cluster(_ray_temp_dir, request):
+    """A local Ray instance on loopback, shared by the tests that use it.
+
+    Started on first use and kept for the session (a start costs seconds);
+    fault tests that need their own instance shut it down, and the next test
+    that asks for it starts it again."""
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray(_ray_temp_dir)
+        request.session.addfinalizer(ray.shutdown)
+    return ray
 
 
 def free_port() -> int:

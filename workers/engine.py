@@ -48,7 +48,12 @@ class Completion:
     key: int
     token_ids: tuple[int, ...]  # generated tokens, end-of-sequence token excluded
     text: str
-    finish_reason: str  # "stop" (eos or stop string) | "length"
+    finish_reason: str  # "stop" (eos or stop string) | "length" | "error"
+    error: str | None = None  # why this one sequence could not be generated
+
+
+class FatalDeviceError(RuntimeError):
+    """The accelerator is in a state no retry on this replica can fix (e.g. a CUDA error)."""
 
 
 @dataclass
@@ -79,11 +84,38 @@ class Engine:
         self.stop_window = 4 * max((len(s) for s in params.stop), default=0) + 4
 
     def generate(self, requests: Iterable[Request]) -> list[Completion]:
-        """Complete every request; the result is in the requests' order."""
+        """Complete every request; the result is in the requests' order.
+
+        A batch that runs out of memory is split in two and retried, and the
+        smaller size is kept for later batches. A batch that fails otherwise is
+        split down to single sequences, so only the sequence that fails is
+        returned as an error."""
         requests = list(requests)
         done: dict[int, Completion] = {}
-        for batch in self.batches(requests):
-            for c in self._generate_batch(batch):
+        pending = self.batches(requests)
+        while pending:
+            batch = pending.pop(0)
+            try:
+                completions = self._generate_batch(batch)
+            except torch.OutOfMemoryError:
+                if len(batch) == 1:
+                    completions = [_failed(batch[0], "out of memory for a single sequence")]
+                else:
+                    self.batch_size = max(1, len(batch) // 2)
+                    log.warning("out of memory at batch size %d; now at most %d", len(batch), self.batch_size)
+                    _free_device_memory()
+                    pending = self.batches(batch + [r for b in pending for r in b])
+                    continue
+            except Exception as e:
+                if _is_fatal_device_error(e):
+                    raise FatalDeviceError(str(e)) from e
+                if len(batch) == 1:
+                    completions = [_failed(batch[0], f"{type(e).__name__}: {e}")]
+                else:
+                    log.warning("batch of %d failed (%s: %s); retrying in halves", len(batch), type(e).__name__, e)
+                    pending[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+                    continue
+            for c in completions:
                 done[c.key] = c
         return [done[r.key] for r in requests]
 
@@ -227,6 +259,21 @@ class Engine:
         if cut >= 0:
             text = text[:cut]
         return Completion(row.request.key, tuple(row.tokens), text, row.finish_reason or "length")
+
+
+def _failed(request: Request, error: str) -> Completion:
+    return Completion(request.key, (), "", "error", error)
+
+
+def _is_fatal_device_error(e: Exception) -> bool:
+    # After a CUDA error (device-side assert, illegal address) the context is
+    # unusable; only a new process recovers.
+    return isinstance(e, RuntimeError) and ("CUDA error" in str(e) or "CUBLAS_STATUS" in str(e))
+
+
+def _free_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:

@@ -28,7 +28,6 @@ class ShardResult:
 
     shard: int
     attempt: str
-    rows: int
     samples_ok: int
     samples_failed: int
     prompt_tokens: int
@@ -90,16 +89,44 @@ class Replica:
         `rows` is given only when the input is process-local (memory://) and
         the driver had to read them."""
         started = time.perf_counter()
-        inp = self.spec.input
         table = rows if rows is not None else read_shard_rows(self.spec, shard)
+        id_column = self.spec.input.id_column
         ids = (
-            table.column(inp.id_column).to_pylist()
-            if inp.id_column
+            table.column(id_column).to_pylist()
+            if id_column
             else [f"{shard.relpath}:{i}" for i in range(shard.start, shard.stop)]
         )
-        rows = table.to_pylist()
         n = self.spec.generation.num_return_sequences
+        out, err = self._generate(table.to_pylist(), ids, [range(n)] * len(ids))
+        return self._stage(shard, attempt, out, err, table.schema, started)
 
+    def retry_failed(self, shard: Shard, attempt: str) -> ShardResult:
+        """Generate a committed shard's dead letters again and stage the shard
+        anew: its data file plus what now succeeds, and what still fails."""
+        started = time.perf_counter()
+        opts, base = self.spec.output.storage_options, self.spec.output.uri.rstrip("/")
+        data = storage.read_parquet(f"{base}/data/{shard.name}.parquet", opts)
+        errors = storage.read_parquet(f"{base}/errors/{shard.name}.parquet", opts)
+        id_name = self.spec.input.id_column or "id"
+        # One input row per failed id, with the sample indices that failed.
+        rows, ids, samples, where = [], [], [], {}
+        for record in errors.to_pylist():
+            key = record[id_name]
+            if key not in where:
+                where[key] = len(rows)
+                rows.append(record)
+                ids.append(key)
+                samples.append([])
+            samples[where[key]].append(record["sample_index"])
+        input_schema = pa.schema([errors.schema.field(c) for c in _input_columns(self.spec)])
+        out, err = self._generate(rows, ids, samples)
+        return self._stage(shard, attempt, out, err, input_schema, started, previous=data)
+
+    def _generate(self, rows: list[dict], ids: list, samples: list) -> tuple[_OutputRows, _OutputRows]:
+        """Output and dead-letter rows for the given sample indices of each row."""
+        from workers.engine import FatalDeviceError, Request
+
+        inp, gen = self.spec.input, self.spec.generation
         prompts: dict[int, tuple[str, list[int]]] = {}
         failures: dict[int, RowError] = {}
         for i, row in enumerate(rows):
@@ -114,28 +141,35 @@ class Replica:
             except RowError as e:
                 failures[i] = e
 
-        from workers.engine import Request
-
-        max_new = self.spec.generation.max_new_tokens
+        stride = gen.num_return_sequences  # request key = row * stride + sample_index
         requests = [
             Request(
-                key=i * n + s,
+                key=i * stride + s,
                 prompt_ids=tuple(token_ids),
-                seed=row_seed(self.spec.generation.seed, ids[i], s),
-                max_new_tokens=min(max_new, self.context - len(token_ids)) if self.context else max_new,
+                seed=row_seed(gen.seed, ids[i], s),
+                max_new_tokens=min(gen.max_new_tokens, self.context - len(token_ids)) if self.context else gen.max_new_tokens,
             )
             for i, (_, token_ids) in prompts.items()
-            for s in range(n)
+            for s in samples[i]
         ]
-        completions = {c.key: c for c in self.engine.generate(requests)}
+        try:
+            completions = {c.key: c for c in self.engine.generate(requests)}
+        except FatalDeviceError:
+            # This process's device is unusable: end it, so the driver starts a
+            # fresh replica and requeues the shard.
+            log.exception("fatal device error; exiting so the replica is replaced")
+            os._exit(1)
 
         out, err = _OutputRows(), _OutputRows()
         for i, row in enumerate(rows):
-            for s in range(n):
+            for s in samples[i]:
                 if i in failures:
                     err.add(id=ids[i], sample_index=s, error_code=failures[i].code, error=str(failures[i]), row=row)
                     continue
-                c = completions[i * n + s]
+                c = completions[i * stride + s]
+                if c.error is not None:
+                    err.add(id=ids[i], sample_index=s, error_code=GENERATION_ERROR, error=c.error, row=row)
+                    continue
                 out.add(
                     id=ids[i],
                     sample_index=s,
@@ -146,23 +180,37 @@ class Replica:
                     prompt=prompts[i][0],
                     row=row,
                 )
+        return out, err
 
+    def _stage(
+        self,
+        shard: Shard,
+        attempt: str,
+        out: _OutputRows,
+        err: _OutputRows,
+        input_schema: pa.Schema,
+        started: float,
+        previous: pa.Table | None = None,
+    ) -> ShardResult:
+        """Write the attempt's files under _staging/ (or hand them back, for memory://)."""
+        data = self._data_table(out, input_schema)
+        if previous is not None:
+            data = pa.concat_tables([previous.cast(data.schema), data])
         where = staging_dir(self.spec.output.uri, shard, attempt)
-        staged = {f"{where}/data.parquet": storage.parquet_bytes(self._data_table(out, table.schema))}
+        staged = {f"{where}/data.parquet": storage.parquet_bytes(data)}
         if err.count:
-            staged[f"{where}/errors.parquet"] = storage.parquet_bytes(self._errors_table(err, table.schema))
+            staged[f"{where}/errors.parquet"] = storage.parquet_bytes(self._errors_table(err, input_schema))
         inline = storage.process_local(self.spec.output.uri, self.spec.output.storage_options)
         if not inline:
-            for url, data in staged.items():
-                storage.write_bytes(url, data, self.spec.output.storage_options)
+            for url, payload in staged.items():
+                storage.write_bytes(url, payload, self.spec.output.storage_options)
         return ShardResult(
             shard=shard.index,
             attempt=attempt,
-            rows=len(rows),
-            samples_ok=out.count,
+            samples_ok=data.num_rows,
             samples_failed=err.count,
-            prompt_tokens=sum(out.columns.get("prompt_tokens", [])),
-            completion_tokens=sum(out.columns.get("completion_tokens", [])),
+            prompt_tokens=sum(data.column("prompt_tokens").to_pylist()),
+            completion_tokens=sum(data.column("completion_tokens").to_pylist()),
             seconds=time.perf_counter() - started,
             data_url=f"{where}/data.parquet",
             errors_url=f"{where}/errors.parquet" if err.count else None,
