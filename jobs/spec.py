@@ -71,7 +71,9 @@ class ModelSpec(_Section):
     path: str = Field(description="Local directory or Hugging Face hub id, loaded with AutoModelForCausalLM.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     tokenizer: str | None = Field(None, description="Tokenizer path or hub id, when it differs from `path`.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype; auto keeps the checkpoint's own."
+    )
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the checkpoint.")
     use_safetensors: bool = Field(
         True, description="Load safetensors weights only; set false to allow pickle (.bin) checkpoints."
@@ -82,14 +84,14 @@ class ModelSpec(_Section):
 class GenerationSpec(_Section):
     """Sampling parameters, with the names Hugging Face `generate` uses."""
 
-    max_new_tokens: int = Field(128, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1, description="Most tokens generated per sequence.")
+    do_sample: bool = Field(False, description="Sample; false is greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Divides the logits before sampling.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the most likely tokens up to this mass.")
     top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
-    num_return_sequences: int = Field(1, ge=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    no_repeat_ngram_size: int = Field(0, ge=0)
+    num_return_sequences: int = Field(1, ge=1, description="Samples per row, numbered by sample_index 0..n-1.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalises tokens already in the prompt or output.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size; 0 disables.")
     stop: tuple[str, ...] = Field((), description="Strings that end a completion; not included in the text.")
     seed: int = Field(0, ge=0, description="With the row id and sample_index, fixes each row's sampled text.")
 
@@ -263,3 +265,38 @@ def load_spec(path: str | os.PathLike, overrides: list[str] = ()) -> JobSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping of sections (input, model, ...)")
     return spec_from_dict(apply_overrides(data, list(overrides)), source=str(path))
+
+
+def reference_markdown() -> str:
+    """The spec reference table in the README, generated from the field docs above."""
+    lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for section_name, section in JobSpec.model_fields.items():
+        model = section.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            lines.append(_reference_row(section_name, section))
+            continue
+        for name, f in model.model_fields.items():
+            lines.append(_reference_row(f"{section_name}.{name}", f))
+    return "\n".join(lines)
+
+
+def _reference_row(path: str, f) -> str:
+    choices = getattr(f.annotation, "__args__", ())
+    if getattr(f.annotation, "__origin__", None) is Literal:
+        kind = " or ".join(f"`{c}`" for c in choices)
+    elif getattr(f.annotation, "__origin__", None) is tuple:
+        kind = "list of str"
+    else:
+        kind = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        kind = kind.replace(" | ", " or ").replace("NoneType", "None")
+    if f.is_required():
+        default = "required"
+    elif f.default_factory is not None:
+        default = f"`{f.default_factory()!r}`"
+    else:
+        default = f"`{f.default!r}`"
+    return f"| `{path}` | {kind} | {default} | {f.description or ''} |"
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
