@@ -311,7 +311,13 @@ class _ReplicaPool:
 
         res = self.spec.resources
         actor = ray.remote(Replica).options(
-            num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0, max_task_retries=0
+            num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus,
+            max_restarts=0,
+            max_task_retries=0,
+            # Threads for the shards in flight (one reads or writes while one
+            # generates) and one for info().
+            max_concurrency=IN_FLIGHT_PER_REPLICA + 1,
         )
         replica = actor.remote(self.spec, self.file_metadata)
         self.starting[replica.info.remote()] = replica

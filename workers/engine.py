@@ -1,20 +1,22 @@
-"""The generation engine: batched decoding with a KV cache on any HF causal LM.
+"""The generation engine: continuous batching with a KV cache on any HF causal LM.
 
 Why our own decode loop instead of `model.generate`:
-- finished rows leave the batch at once, so a long-tail answer does not keep
-  the short ones computing;
+- a finished sequence leaves the running batch at once, and waiting ones are
+  prefilled and spliced in, so long-tail answers never idle the rest;
+- the batch is bounded by tokens (what the KV cache holds), not rows;
 - every sequence samples from its own seeded generator, so its text depends
-  on (job seed, row id, sample_index) only, not on which batch it shared;
-- stop strings, token counts and finish reasons are decided per row.
+  on (job seed, row id, sample_index) only, not on its neighbours;
+- stop strings, token counts and finish reasons are decided per sequence.
 
 The sampling semantics follow `transformers` (repetition penalty, no-repeat
-n-grams, temperature, top-k, top-p, applied in that order), and a test
-checks greedy output against `model.generate` token for token.
+n-grams, temperature, top-k, top-p, in that order); a test checks greedy
+output against `model.generate` token for token.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -37,7 +39,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Request:
-    key: int  # the caller's handle for this sequence
+    key: object  # the caller's handle for this sequence (hashable)
     prompt_ids: tuple[int, ...]
     seed: int  # seeds this sequence's own generator
     max_new_tokens: int  # may be below the job's, where the context is short
@@ -45,7 +47,7 @@ class Request:
 
 @dataclass(frozen=True)
 class Completion:
-    key: int
+    key: object
     token_ids: tuple[int, ...]  # generated tokens, end-of-sequence token excluded
     text: str
     finish_reason: str  # "stop" (eos or stop string) | "length" | "error"
@@ -58,7 +60,8 @@ class FatalDeviceError(RuntimeError):
 
 @dataclass
 class _Row:
-    """A sequence while it decodes."""
+    """A sequence while it decodes. Restarting it from scratch reproduces it
+    exactly (its generator is re-seeded), which is what makes eviction safe."""
 
     request: Request
     generator: torch.Generator
@@ -66,15 +69,36 @@ class _Row:
     ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
     finish_reason: str | None = None
 
+    @property
+    def final_width(self) -> int:
+        """Tokens this row may hold in the cache when it ends."""
+        return len(self.request.prompt_ids) + self.request.max_new_tokens
+
+
+@dataclass
+class _Batch:
+    """The running batch: rows, their KV cache and what the next forward needs."""
+
+    rows: list[_Row]
+    cache: object  # transformers DynamicCache, (B, heads, L, head_dim) per layer
+    mask: torch.Tensor  # (B, L) 1 where the cache holds a real token; left padding is 0
+    next_pos: torch.Tensor  # (B,) position of each row's next token
+    next_input: torch.Tensor  # (B,) each row's newest token, not yet in the cache
+    seen: torch.Tensor | None  # (B, V) tokens each row has seen, for the repetition penalty
+
 
 class Engine:
-    """Generates completions for batches of tokenized prompts on one model replica."""
+    """Generates completions on one model replica.
+
+    `submit` queues requests; each `step` admits waiting requests while the
+    budgets allow and decodes one token for every running sequence; finished
+    sequences come back from `step`. `generate` does it all for one list."""
 
     def __init__(self, model, tokenizer, params: SamplingParams, batch_size: int, max_batch_tokens: int):
         self.model = model
         self.tokenizer = tokenizer
         self.params = params
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # current limit; lowered after running out of memory
         self.max_batch_tokens = max_batch_tokens
         self.device = model.device
         self.pad_id = _pad_id(model, tokenizer)
@@ -82,84 +106,98 @@ class Engine:
         # Stop strings are found in the decoded tail of each sequence; a byte-level
         # token can be a quarter of a character, hence the factor 4.
         self.stop_window = 4 * max((len(s) for s in params.stop), default=0) + 4
+        self.waiting: deque[Request] = deque()
+        self.running: _Batch | None = None
+        self.splice = True  # refill a running batch; off for caches we cannot splice
+        self._healthy_batch_size = batch_size  # restored once a failing sequence is isolated
+        self.stats = {"forward_tokens": 0, "padded_tokens": 0, "steps": 0}
+
+    # -- public API -----------------------------------------------------------------
+
+    def submit(self, requests: Iterable[Request]) -> None:
+        """Queue requests; longest prompts first, so similar lengths are prefilled together
+        and a batch that does not fit in memory shows it early."""
+        self.waiting.extend(sorted(requests, key=lambda r: -len(r.prompt_ids)))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.running is not None
 
     def generate(self, requests: Iterable[Request]) -> list[Completion]:
-        """Complete every request; the result is in the requests' order.
-
-        A batch that runs out of memory is split in two and retried, and the
-        smaller size is kept for later batches. A batch that fails otherwise is
-        split down to single sequences, so only the sequence that fails is
-        returned as an error."""
+        """Complete every request; the result is in the requests' order."""
         requests = list(requests)
-        done: dict[int, Completion] = {}
-        pending = self.batches(requests)
-        while pending:
-            batch = pending.pop(0)
-            try:
-                completions = self._generate_batch(batch)
-            except torch.OutOfMemoryError:
-                if len(batch) == 1:
-                    completions = [_failed(batch[0], "out of memory for a single sequence")]
-                else:
-                    self.batch_size = max(1, len(batch) // 2)
-                    log.warning("out of memory at batch size %d; now at most %d", len(batch), self.batch_size)
-                    _free_device_memory()
-                    pending = self.batches(batch + [r for b in pending for r in b])
-                    continue
-            except Exception as e:
-                if _is_fatal_device_error(e):
-                    raise FatalDeviceError(str(e)) from e
-                if len(batch) == 1:
-                    completions = [_failed(batch[0], f"{type(e).__name__}: {e}")]
-                else:
-                    log.warning("batch of %d failed (%s: %s); retrying in halves", len(batch), type(e).__name__, e)
-                    pending[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
-                    continue
-            for c in completions:
+        self.submit(requests)
+        done: dict = {}
+        while self.has_work():
+            for c in self.step():
                 done[c.key] = c
         return [done[r.key] for r in requests]
 
-    def batches(self, requests: list[Request]) -> list[list[Request]]:
-        """Group requests of similar prompt length under the batch budgets.
-
-        Longest first, so a batch that does not fit in memory shows it early."""
-        ordered = sorted(requests, key=lambda r: (-len(r.prompt_ids), r.key))
-        batches: list[list[Request]] = []
-        for r in ordered:
-            if batches:
-                batch = batches[-1]
-                longest = max(len(batch[0].prompt_ids), len(r.prompt_ids))
-                new_tokens = max(max(b.max_new_tokens for b in batch), r.max_new_tokens)
-                if len(batch) < self.batch_size and (len(batch) + 1) * (longest + new_tokens) <= self.max_batch_tokens:
-                    batch.append(r)
-                    continue
-            batches.append([r])
-        return batches
-
     @torch.inference_mode()
-    def _generate_batch(self, batch: list[Request]) -> list[Completion]:
+    def step(self) -> list[Completion]:
+        """Admit what fits, decode one token for every running sequence; return the finished."""
+        finished: list[Completion] = []
+        try:
+            self._admit(finished)
+            if self.running is not None:
+                self._decode(finished)
+        except Exception as e:
+            self._recover(e, finished)
+        return finished
+
+    # -- admission and prefill -----------------------------------------------------------
+
+    def _admit(self, finished: list[Completion]) -> None:
+        running = self.running
+        if running is not None and not self.splice:
+            return
+        free = self.batch_size - (len(running.rows) if running else 0)
+        # Prefill in chunks worth the extra forward, not one row per step.
+        if not self.waiting or free <= 0 or (running is not None and free < max(1, self.batch_size // 4)):
+            return
+        width = max((r.final_width for r in running.rows), default=0) if running else 0
+        count = len(running.rows) if running else 0
+        chunk: list[Request] = []
+        while self.waiting and len(chunk) < free:
+            r = self.waiting[0]
+            new_width = max(width, len(r.prompt_ids) + r.max_new_tokens)
+            # The padded cache holds (rows x widest row) tokens; a single row always fits.
+            if (count + 1) * new_width > self.max_batch_tokens and count > 0:
+                break
+            chunk.append(self.waiting.popleft())
+            width, count = new_width, count + 1
+        if not chunk:
+            return
+        try:
+            batch = self._prefill(chunk, finished)
+        except Exception:
+            self.waiting.extendleft(reversed(chunk))
+            raise
+        if batch is not None:
+            self.running = batch if running is None else _merge(running, batch)
+
+    def _prefill(self, chunk: list[Request], finished: list[Completion]) -> _Batch | None:
         from transformers import DynamicCache
 
-        rows = [_Row(r, _generator(r.seed, self.device)) for r in batch]
+        rows = [_Row(r, _generator(r.seed, self.device)) for r in chunk]
         for row in rows:
             _index_ngrams(row.ngrams, list(row.request.prompt_ids), self.params.no_repeat_ngram_size)
-
         # (B, T) left-padded so the last column is every row's newest token.
-        width = max(len(r.prompt_ids) for r in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(batch):
+        width = max(len(r.prompt_ids) for r in chunk)
+        input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
             input_ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # (B, V) tokens each row has seen, for the repetition penalty.
         seen = None
         if self.params.repetition_penalty != 1.0:
-            seen = torch.zeros((len(batch), self.model.config.get_text_config().vocab_size), dtype=torch.bool)
-            seen = seen.to(self.device).scatter_(1, input_ids, mask.bool())
+            vocab = self.model.config.get_text_config().vocab_size
+            seen = torch.zeros((len(chunk), vocab), dtype=torch.bool, device=self.device)
+            seen.scatter_(1, input_ids, mask.bool())
 
         cache = DynamicCache(config=self.model.config)
+        self.splice = self.splice and _spliceable(cache)
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -168,40 +206,54 @@ class Engine:
             use_cache=True,
             logits_to_keep=1,
         )
-        logits = out.logits[:, -1, :].float()  # (B, V)
-        next_pos = positions[:, -1] + 1  # (B,)
+        self.stats["forward_tokens"] += int(mask.sum())
+        self.stats["padded_tokens"] += mask.numel()
+        self.splice = self.splice and _spliceable(cache)
+        batch = _Batch(rows, cache, mask, positions[:, -1] + 1, input_ids[:, -1], seen)
+        return self._sample_and_retire(batch, out.logits[:, -1, :].float(), finished)
 
-        active = rows  # rows still decoding, in batch order
-        while True:
-            tokens = self._next_tokens(logits, active, seen)  # (B,)
-            token_list = tokens.tolist()
-            keep = []
-            for i, (row, tok) in enumerate(zip(active, token_list)):
-                self._append(row, tok)
-                if row.finish_reason is None:
-                    keep.append(i)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                # Finished rows leave the batch: no more compute is spent on them.
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
-                seen = seen[index] if seen is not None else None
-                active = [active[i] for i in keep]
-            if seen is not None:
-                seen[torch.arange(len(active), device=self.device), tokens] = True
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            out = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1, :].float()
-            next_pos = next_pos + 1
-        return [self._completion(row) for row in rows]
+    # -- decoding ------------------------------------------------------------------------
+
+    def _decode(self, finished: list[Completion]) -> None:
+        b = self.running
+        if b.seen is not None:
+            b.seen[torch.arange(len(b.rows), device=self.device), b.next_input] = True
+        b.mask = torch.cat([b.mask, b.mask.new_ones((len(b.rows), 1))], dim=1)
+        out = self.model(
+            input_ids=b.next_input[:, None],
+            attention_mask=b.mask,
+            position_ids=b.next_pos[:, None],
+            past_key_values=b.cache,
+            use_cache=True,
+        )
+        self.stats["steps"] += 1
+        self.stats["forward_tokens"] += len(b.rows)
+        self.stats["padded_tokens"] += len(b.rows)
+        b.next_pos = b.next_pos + 1
+        self.running = self._sample_and_retire(b, out.logits[:, -1, :].float(), finished)
+
+    def _sample_and_retire(self, b: _Batch, logits: torch.Tensor, finished: list[Completion]) -> _Batch | None:
+        """Pick every row's next token; finished rows leave the batch (no more compute on them)."""
+        tokens = self._next_tokens(logits, b.rows, b.seen)  # (B,)
+        keep = []
+        for i, (row, tok) in enumerate(zip(b.rows, tokens.tolist())):
+            self._append(row, tok)
+            if row.finish_reason is None:
+                keep.append(i)
+            else:
+                finished.append(self._completion(row))
+        if not keep:
+            return None
+        b.next_input = tokens
+        if len(keep) < len(b.rows):
+            index = torch.tensor(keep, device=self.device)
+            b.cache.batch_select_indices(index)
+            b.rows = [b.rows[i] for i in keep]
+            b.mask, b.next_pos, b.next_input = b.mask[index], b.next_pos[index], b.next_input[index]
+            b.seen = b.seen[index] if b.seen is not None else None
+            if self.splice:
+                _trim_left_padding(b)
+        return b
 
     def _next_tokens(self, logits: torch.Tensor, rows: list[_Row], seen: torch.Tensor | None) -> torch.Tensor:
         """Pick each row's next token from its (V,) logits; returns (B,)."""
@@ -239,12 +291,13 @@ class Engine:
         if token in self.eos_ids:
             row.finish_reason = "stop"
             return
-        history_len = len(row.request.prompt_ids) + len(row.tokens)
         row.tokens.append(token)
         n = self.params.no_repeat_ngram_size
-        if n and history_len + 1 >= n:
-            history = (list(row.request.prompt_ids) + row.tokens)[-n:]
-            row.ngrams.setdefault(tuple(history[:-1]), set()).add(history[-1])
+        if n:
+            history = list(row.request.prompt_ids[-(n - 1) :] if n > 1 else ()) + row.tokens[-n:]
+            if len(history) >= n:
+                history = history[-n:]
+                row.ngrams.setdefault(tuple(history[:-1]), set()).add(history[-1])
         if self.params.stop:
             tail = self.tokenizer.decode(row.tokens[-self.stop_window :], skip_special_tokens=True)
             if any(s in tail for s in self.params.stop):
@@ -260,15 +313,89 @@ class Engine:
             text = text[:cut]
         return Completion(row.request.key, tuple(row.tokens), text, row.finish_reason or "length")
 
+    # -- failures ----------------------------------------------------------------------
 
-def _failed(request: Request, error: str) -> Completion:
-    return Completion(request.key, (), "", "error", error)
+    def _recover(self, error: Exception, finished: list[Completion]) -> None:
+        """Out of memory, or a sequence that breaks the model: restart the running
+        sequences in smaller batches (they reproduce exactly), until the one at
+        fault runs alone and comes back as an error."""
+        if _is_fatal_device_error(error):
+            raise FatalDeviceError(str(error)) from error
+        involved = [row.request for row in self.running.rows] if self.running else []
+        self.running = None
+        _free_device_memory()
+        if not involved:  # the failing prefill put its chunk back at the queue's head
+            involved = [self.waiting.popleft() for _ in range(min(self.batch_size, len(self.waiting)))]
+        if len(involved) == 1:
+            reason = "out of memory for a single sequence" if _is_oom(error) else f"{type(error).__name__}: {error}"
+            finished.append(Completion(involved[0].key, (), "", "error", reason))
+            if not _is_oom(error):
+                self.batch_size = self._healthy_batch_size
+            return
+        self.batch_size = max(1, len(involved) // 2)
+        if _is_oom(error):
+            self._healthy_batch_size = self.batch_size  # remembered for this replica
+        log.warning(
+            "%s with %d sequences; retrying at most %d at a time",
+            "out of memory" if _is_oom(error) else f"{type(error).__name__}: {error}",
+            len(involved),
+            self.batch_size,
+        )
+        self.waiting.extendleft(reversed(involved))
+
+
+def _merge(a: _Batch, b: _Batch) -> _Batch:
+    """One batch from two: left-pad the narrower cache and mask, stack the rows."""
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    for x in (a, b):
+        pad = width - x.mask.shape[1]
+        if pad:
+            x.mask = torch.nn.functional.pad(x.mask, (pad, 0))
+            for layer in x.cache.layers:
+                layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, pad, 0))
+                layer.values = torch.nn.functional.pad(layer.values, (0, 0, pad, 0))
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        la.keys = torch.cat([la.keys, lb.keys])
+        la.values = torch.cat([la.values, lb.values])
+    seen = torch.cat([a.seen, b.seen]) if a.seen is not None else None
+    return _Batch(
+        a.rows + b.rows,
+        a.cache,
+        torch.cat([a.mask, b.mask]),
+        torch.cat([a.next_pos, b.next_pos]),
+        torch.cat([a.next_input, b.next_input]),
+        seen,
+    )
+
+
+def _trim_left_padding(b: _Batch) -> None:
+    """Drop leading cache columns that no remaining row uses (their long neighbours left)."""
+    used = b.mask.any(dim=0)
+    first = int(used.float().argmax())
+    if first > 0:
+        b.mask = b.mask[:, first:]
+        for layer in b.cache.layers:
+            layer.keys = layer.keys[:, :, first:]
+            layer.values = layer.values[:, :, first:]
+
+
+def _spliceable(cache) -> bool:
+    # Rows can be spliced in and padding trimmed only where every layer is a
+    # plain growing cache; sliding-window and linear-attention layers keep
+    # state we do not rewrite, so those models decode batch by batch instead.
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _is_oom(e: Exception) -> bool:
+    return isinstance(e, torch.OutOfMemoryError)
 
 
 def _is_fatal_device_error(e: Exception) -> bool:
     # After a CUDA error (device-side assert, illegal address) the context is
     # unusable; only a new process recovers.
-    return isinstance(e, RuntimeError) and ("CUDA error" in str(e) or "CUBLAS_STATUS" in str(e))
+    return isinstance(e, RuntimeError) and not _is_oom(e) and ("CUDA error" in str(e) or "CUBLAS_STATUS" in str(e))
 
 
 def _free_device_memory() -> None:

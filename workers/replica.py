@@ -6,9 +6,11 @@ Rows travel storage -> replica -> storage; only small stats go back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -72,6 +74,7 @@ class Replica:
         res = spec.resources
         budget = res.max_batch_tokens or res.batch_size * (self.context or 2048)
         self.engine = Engine(self.model, self.tokenizer, params, res.batch_size, budget)
+        self.loop = EngineLoop(self.engine)
 
     def info(self) -> dict:
         """Facts about this replica for the job record (and for tests: its pid)."""
@@ -124,7 +127,7 @@ class Replica:
 
     def _generate(self, rows: list[dict], ids: list, samples: list) -> tuple[_OutputRows, _OutputRows]:
         """Output and dead-letter rows for the given sample indices of each row."""
-        from workers.engine import FatalDeviceError, Request
+        from workers.engine import Request
 
         inp, gen = self.spec.input, self.spec.generation
         prompts: dict[int, tuple[str, list[int]]] = {}
@@ -152,13 +155,7 @@ class Replica:
             for i, (_, token_ids) in prompts.items()
             for s in samples[i]
         ]
-        try:
-            completions = {c.key: c for c in self.engine.generate(requests)}
-        except FatalDeviceError:
-            # This process's device is unusable: end it, so the driver starts a
-            # fresh replica and requeues the shard.
-            log.exception("fatal device error; exiting so the replica is replaced")
-            os._exit(1)
+        completions = {c.key: c for c in self.loop.generate(requests)}
 
         out, err = _OutputRows(), _OutputRows()
         for i, row in enumerate(rows):
@@ -245,6 +242,77 @@ class Replica:
         ]
         fields += [input_schema.field(c) for c in _input_columns(self.spec) if c != id_field.name]
         return err.to_table(fields, self.file_metadata)
+
+
+class EngineLoop:
+    """Runs the engine in one background thread, fed by every shard in flight.
+
+    The replica takes two shards at a time (a threaded actor): while one is
+    read or written, the other's sequences decode, and the next shard's
+    sequences join the running batch as the last one's finish, so the model
+    never idles at a shard boundary."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._tickets: dict[int, _Ticket] = {}
+        self._thread: threading.Thread | None = None
+
+    def generate(self, requests: list) -> list:
+        """Completions for `requests`, in order; blocks until all are done."""
+        if not requests:
+            return []
+        ticket = _Ticket(len(requests))
+        with self._cv:
+            self._tickets[id(ticket)] = ticket
+            self.engine.submit([dataclasses.replace(r, key=(id(ticket), r.key)) for r in requests])
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        ticket.done.wait()
+        if ticket.error is not None:
+            raise ticket.error
+        return [ticket.results[r.key] for r in requests]
+
+    def _run(self) -> None:
+        from workers.engine import FatalDeviceError
+
+        while True:
+            with self._cv:
+                while not self.engine.has_work():
+                    self._cv.wait()
+                try:
+                    finished = self.engine.step()
+                except FatalDeviceError:
+                    # This process's device is unusable: end it, so the driver
+                    # starts a fresh replica and requeues its shards.
+                    log.exception("fatal device error; exiting so the replica is replaced")
+                    os._exit(1)
+                except BaseException as e:  # a bug: fail the shards in flight, keep serving
+                    log.exception("engine step failed")
+                    self.engine.waiting.clear()
+                    self.engine.running = None
+                    for ticket in self._tickets.values():
+                        ticket.error = e
+                        ticket.done.set()
+                    self._tickets.clear()
+                    continue
+                for c in finished:
+                    ticket_id, key = c.key
+                    ticket = self._tickets[ticket_id]
+                    ticket.results[key] = dataclasses.replace(c, key=key)
+                    if len(ticket.results) == ticket.expected:
+                        ticket.done.set()
+                        del self._tickets[ticket_id]
+
+
+@dataclasses.dataclass
+class _Ticket:
+    expected: int
+    results: dict = dataclasses.field(default_factory=dict)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
 class _OutputRows:
