@@ -94,6 +94,7 @@ def check_schema(spec: InputSpec, schema: pa.Schema, where: str) -> None:
         ("input.prompt_template", list(spec.source_columns()) if spec.prompt_template else []),
         ("input.id_column", [spec.id_column] if spec.id_column else []),
         ("input.pass_through", list(spec.pass_through)),
+        ("input.max_new_tokens_column", [spec.max_new_tokens_column] if spec.max_new_tokens_column else []),
     ]
     for field, columns in fields:
         missing = [c for c in columns if c not in names]
@@ -101,6 +102,11 @@ def check_schema(spec: InputSpec, schema: pa.Schema, where: str) -> None:
             raise ValueError(
                 f"{field} names column(s) {missing} that {where} does not have; its columns are {sorted(names)}"
             )
+    if spec.max_new_tokens_column and not pa.types.is_integer(schema.field(spec.max_new_tokens_column).type):
+        raise ValueError(
+            f"input.max_new_tokens_column {spec.max_new_tokens_column!r} in {where} has type "
+            f"{schema.field(spec.max_new_tokens_column).type}; expected integers"
+        )
     if spec.messages_column:
         kind = schema.field(spec.messages_column).type
         if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):

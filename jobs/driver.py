@@ -203,6 +203,7 @@ class _Run:
         self.out.write_json("_manifest.json", manifest)
         self.out.remove("_staging")
         self.record.set_state("succeeded")
+        self.record.runs[-1]["finished_at"] = time.time()
         self._write_record()
         self.out.write_json("_SUCCESS", {"finished_at": self.record.finished_at})
         return self.record
@@ -251,6 +252,8 @@ class _Run:
                         info = pool.started(ref)
                         if info and "replica" not in self.record.model:
                             self.record.model["replica"] = info
+                            # Where steady-state throughput starts: after cluster and model start-up.
+                            self.record.runs[-1]["first_replica_ready_at"] = time.time()
                         continue
                     replica, shard, method = in_flight.pop(ref)
                     pool.load[replica] -= 1

@@ -41,6 +41,9 @@ class InputSpec(_Section):
         None, description="Unique row id. Without it, ids are '<file relative to the input root>:<row index>'."
     )
     pass_through: tuple[str, ...] = Field((), description="Input columns copied to every output row.")
+    max_new_tokens_column: str | None = Field(
+        None, description="Integer column with a per-row limit on new tokens (capped by generation.max_new_tokens)."
+    )
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSpec:

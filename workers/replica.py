@@ -150,7 +150,7 @@ class Replica:
                 key=i * stride + s,
                 prompt_ids=tuple(token_ids),
                 seed=row_seed(gen.seed, ids[i], s),
-                max_new_tokens=min(gen.max_new_tokens, self.context - len(token_ids)) if self.context else gen.max_new_tokens,
+                max_new_tokens=self._max_new_tokens(rows[i], len(token_ids)),
             )
             for i, (_, token_ids) in prompts.items()
             for s in samples[i]
@@ -178,6 +178,14 @@ class Replica:
                     row=row,
                 )
         return out, err
+
+    def _max_new_tokens(self, row: dict, prompt_tokens: int) -> int:
+        """The job's limit, lowered by the row's own and by the room left in the context."""
+        limit = self.spec.generation.max_new_tokens
+        column = self.spec.input.max_new_tokens_column
+        if column and row[column] is not None:
+            limit = max(1, min(limit, row[column]))
+        return min(limit, self.context - prompt_tokens) if self.context else limit
 
     def _stage(
         self,
@@ -351,7 +359,9 @@ def read_shard_rows(spec: JobSpec, shard: Shard) -> pa.Table:
 
 def _input_columns(spec: JobSpec) -> list[str]:
     inp = spec.input
-    columns = ([inp.id_column] if inp.id_column else []) + list(inp.source_columns()) + list(inp.pass_through)
+    columns = [inp.id_column] if inp.id_column else []
+    columns += [*inp.source_columns(), *inp.pass_through]
+    columns += [inp.max_new_tokens_column] if inp.max_new_tokens_column else []
     return list(dict.fromkeys(columns))  # unique, in order
 
 
