@@ -108,7 +108,7 @@ def _cmd_resume(args) -> int:
 def _cmd_status(args) -> int:
     import json
 
-    from jobs.driver import RECORD
+    from jobs.driver import RECORD, driver_alive
     from jobs.output import OutputDir
     from jobs.record import JobRecord, format_status
 
@@ -119,6 +119,8 @@ def _cmd_status(args) -> int:
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
         print(format_status(JobRecord.from_json(doc), args.output_uri))
+        if doc.get("state") == "running" and not driver_alive(doc):
+            print("warning:  its driver is gone (killed?); `bulkgen resume` finishes the job")
     return 0 if doc.get("state") != "failed" else EXIT_FAILED
 
 

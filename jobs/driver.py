@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 RECORD = "_job.json"
 CANCEL_MARKER = "_CANCEL"
 IN_FLIGHT_PER_REPLICA = 2  # the next shard waits at the replica, so it never idles between shards
-RECORD_EVERY_S = 1.0
+RECORD_EVERY_S = 1.0  # at most this often on commits
+HEARTBEAT_S = 10.0  # the record is rewritten at least this often while running
 CANCEL_POLL_S = 2.0
 
 
@@ -64,6 +65,12 @@ def claim_output(spec: JobSpec, overwrite: bool) -> tuple[OutputDir, JobRecord]:
     """Open the output for this spec: resume its own record, or refuse another job's results."""
     out = OutputDir(spec.output.uri, spec.output.storage_options)
     existing = out.read_json(RECORD)
+    if existing and existing.get("state") == "running" and driver_alive(existing):
+        run = existing["runs"][-1]
+        raise OutputConflict(
+            f"{out.uri} is being written by a running driver (pid {run.get('pid')} on {run.get('host')}, "
+            f"record updated {existing.get('updated_at')}); `bulkgen cancel` it or wait for it"
+        )
     if existing and existing.get("fingerprint") != spec.fingerprint():
         committed = out.commit_records()
         if overwrite:
@@ -151,8 +158,8 @@ class _Run:
         c.prompt_tokens = sum(r["prompt_tokens"] for r in self.commits.values())
         c.completion_tokens = sum(r["completion_tokens"] for r in self.commits.values())
 
-    def _write_record(self, force: bool = True) -> None:
-        if force or time.monotonic() - self._last_record_write >= RECORD_EVERY_S:
+    def _write_record(self, force: bool = True, every: float = RECORD_EVERY_S) -> None:
+        if force or time.monotonic() - self._last_record_write >= every:
             self.record.updated_at = now()
             self.out.write_json(RECORD, self.record.to_json())
             self._last_record_write = time.monotonic()
@@ -177,6 +184,10 @@ class _Run:
             raise JobCancelled("interrupted; committed shards are kept, resume with `bulkgen resume`") from None
         except JobError as e:
             self.record.set_state("failed", {"message": str(e), "where": "running"})
+            self._write_record()
+            raise
+        except Exception as e:  # storage gone for good, a bug: still leave a true record
+            self.record.set_state("failed", {"message": f"{type(e).__name__}: {e}", "where": "driver"})
             self._write_record()
             raise
         return self._finalize()
@@ -229,6 +240,7 @@ class _Run:
         try:
             pool.start(self.spec.resources.replicas)
             while queue or in_flight:
+                self._write_record(force=False, every=HEARTBEAT_S)
                 if time.monotonic() >= next_cancel_poll:
                     if self.out.exists(CANCEL_MARKER):
                         raise JobCancelled(f"cancelled through {self.out.url(CANCEL_MARKER)}")
@@ -390,6 +402,26 @@ def _progress(record: JobRecord, enabled: bool):
 def _rate(tokens: int, bar) -> str:
     elapsed = bar.format_dict.get("elapsed") or 0
     return f"{tokens / elapsed:,.0f} tok/s" if elapsed else ""
+
+
+def driver_alive(doc: dict) -> bool:
+    """Whether the driver of a record that says running is still alive: by pid on
+    this host, elsewhere by a heartbeat younger than a few HEARTBEAT_S."""
+    import os
+    import socket
+    from datetime import datetime, timezone
+
+    run = (doc.get("runs") or [{}])[-1]
+    if run.get("host") == socket.gethostname() and run.get("pid"):
+        try:
+            os.kill(run["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return run["pid"] != os.getpid()
+    updated = datetime.fromisoformat(doc.get("updated_at", "1970-01-01T00:00:00+00:00"))
+    return (datetime.now(timezone.utc) - updated).total_seconds() < 6 * HEARTBEAT_S
 
 
 def resume_spec(output_uri: str, overrides: list[str] = ()) -> JobSpec:
