@@ -125,9 +125,9 @@ def check_unique_ids(spec: InputSpec, dataset: Dataset) -> None:
         return
     hashes = np.empty(dataset.num_rows, dtype=np.int64)
     filled = 0
-    for ids, file in _iter_ids(spec, dataset):
+    for ids, file, offset in _iter_ids(spec, dataset):
         if ids.null_count:
-            row = ids.to_pylist().index(None)
+            row = offset + ids.to_pylist().index(None)
             raise ValueError(f"input.id_column {spec.id_column!r} is null in {file.url} (a row near {row})")
         hashes[filled : filled + len(ids)] = [hash(v) for v in ids.to_pylist()]
         filled += len(ids)
@@ -137,7 +137,7 @@ def check_unique_ids(spec: InputSpec, dataset: Dataset) -> None:
     # A hash repeats: find the actual duplicate (hash collisions are possible, so confirm).
     suspects = set(order[1:][order[1:] == order[:-1]].tolist())
     seen: dict = {}
-    for ids, file in _iter_ids(spec, dataset):
+    for ids, file, _ in _iter_ids(spec, dataset):
         for value in ids.to_pylist():
             if hash(value) in suspects:
                 if value in seen:
@@ -152,5 +152,8 @@ def _iter_ids(spec: InputSpec, dataset: Dataset):
     for file in dataset.files:
         with fsspec.open(file.url, "rb", **spec.storage_options) as f:
             pf = pq.ParquetFile(f)
+            offset = 0  # of the row group in the file
             for group in range(pf.num_row_groups):
-                yield pf.read_row_group(group, columns=[spec.id_column]).column(0).combine_chunks(), file
+                ids = pf.read_row_group(group, columns=[spec.id_column]).column(0).combine_chunks()
+                yield ids, file, offset
+                offset += len(ids)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class SpecError(ValueError):
@@ -105,11 +105,12 @@ class GenerationSpec(_Section):
             raise ValueError("stop strings must not be empty")
         return stop
 
-    @model_validator(mode="after")
-    def _samples_need_sampling(self) -> GenerationSpec:
-        if self.num_return_sequences > 1 and not self.do_sample:
-            raise ValueError("num_return_sequences > 1 needs do_sample: true (greedy would repeat one text)")
-        return self
+    @field_validator("num_return_sequences")
+    @classmethod
+    def _samples_need_sampling(cls, n: int, info: ValidationInfo) -> int:
+        if n > 1 and not info.data.get("do_sample"):
+            raise ValueError(f"{n} samples per row need do_sample: true (greedy would repeat one text)")
+        return n
 
 
 class OutputSpec(_Section):
@@ -148,10 +149,16 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _columns_do_not_collide(self) -> JobSpec:
-        reserved = set(OUTPUT_COLUMNS) | {"prompt", "error_code", "error"}
-        clash = reserved & set(self.input.pass_through)
+        generated = set(OUTPUT_COLUMNS) | {"prompt", "error_code", "error"}
+        id_name = self.input.id_column or "id"
+        if id_name in generated:
+            raise ValueError(f"input.id_column {id_name!r} is the name of a column bulkgen writes; rename it")
+        clash = (generated | {id_name}) & set(self.input.pass_through)
         if clash:
-            raise ValueError(f"input.pass_through names output columns {sorted(clash)}; rename them")
+            raise ValueError(
+                f"input.pass_through names {sorted(clash)}, which the output already has "
+                "(the id column is always written); drop or rename them"
+            )
         return self
 
     def fingerprint(self) -> str:
@@ -189,9 +196,11 @@ def template_fields(template: str) -> tuple[str, ...]:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
         raise ValueError(f"prompt_template {template!r} does not parse: {e}") from None
-    for _, name, _, _ in parsed:
+    for _, name, format_spec, _ in parsed:
         if name is None:
             continue
+        if format_spec and "{" in format_spec:  # nested fields, e.g. {topic:>{width}}
+            names += [n for n in template_fields(format_spec) if n not in names]
         if not name.isidentifier():
             raise ValueError(f"prompt_template {template!r}: use named fields like {{topic}}, not {{{name}}}")
         if name not in names:

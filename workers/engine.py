@@ -169,9 +169,10 @@ class Engine:
             return
         try:
             batch = self._prefill(chunk, finished)
-        except Exception:
-            self.waiting.extendleft(reversed(chunk))
-            raise
+        except Exception as e:
+            # The chunk is at fault, not the running batch: that one decodes on.
+            self._isolate(chunk, e, finished)
+            return
         if batch is not None:
             self.running = batch if running is None else _merge(running, batch)
 
@@ -194,7 +195,9 @@ class Engine:
         if self.params.repetition_penalty != 1.0:
             vocab = self.model.config.get_text_config().vocab_size
             seen = torch.zeros((len(chunk), vocab), dtype=torch.bool, device=self.device)
-            seen.scatter_(1, input_ids, mask.bool())
+            # Padding points at the row's last real token, so every write is True
+            # (duplicate scatter indices with different values are undefined on CUDA).
+            seen.scatter_(1, torch.where(mask.bool(), input_ids, input_ids[:, -1:]), True)
 
         cache = DynamicCache(config=self.model.config)
         self.splice = self.splice and _spliceable(cache)
@@ -316,32 +319,33 @@ class Engine:
     # -- failures ----------------------------------------------------------------------
 
     def _recover(self, error: Exception, finished: list[Completion]) -> None:
-        """Out of memory, or a sequence that breaks the model: restart the running
-        sequences in smaller batches (they reproduce exactly), until the one at
-        fault runs alone and comes back as an error."""
-        if _is_fatal_device_error(error):
-            raise FatalDeviceError(str(error)) from error
+        """A decode step failed: out of memory, or a sequence that breaks the model."""
         involved = [row.request for row in self.running.rows] if self.running else []
         self.running = None
+        self._isolate(involved, error, finished)
+
+    def _isolate(self, suspects: list[Request], error: Exception, finished: list[Completion]) -> None:
+        """Restart the suspects in smaller batches (they reproduce exactly), until the
+        one at fault runs alone and comes back as an error."""
+        if _is_fatal_device_error(error):
+            raise FatalDeviceError(str(error)) from error
         _free_device_memory()
-        if not involved:  # the failing prefill put its chunk back at the queue's head
-            involved = [self.waiting.popleft() for _ in range(min(self.batch_size, len(self.waiting)))]
-        if len(involved) == 1:
+        if len(suspects) == 1:
             reason = "out of memory for a single sequence" if _is_oom(error) else f"{type(error).__name__}: {error}"
-            finished.append(Completion(involved[0].key, (), "", "error", reason))
+            finished.append(Completion(suspects[0].key, (), "", "error", reason))
             if not _is_oom(error):
                 self.batch_size = self._healthy_batch_size
             return
-        self.batch_size = max(1, len(involved) // 2)
+        self.batch_size = max(1, len(suspects) // 2)
         if _is_oom(error):
             self._healthy_batch_size = self.batch_size  # remembered for this replica
         log.warning(
             "%s with %d sequences; retrying at most %d at a time",
             "out of memory" if _is_oom(error) else f"{type(error).__name__}: {error}",
-            len(involved),
+            len(suspects),
             self.batch_size,
         )
-        self.waiting.extendleft(reversed(involved))
+        self.waiting.extendleft(reversed(suspects))
 
 
 def _merge(a: _Batch, b: _Batch) -> _Batch:

@@ -1,0 +1,284 @@
+"""Every bad input fails with a clear error before any model is loaded or any cluster is started."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import transformers
+
+from jobs.cli import main
+from jobs.driver import run_job, validate
+from jobs.spec import SpecError, load_spec, spec_from_dict
+from tests.conftest import job_dict, write_job, write_prompts
+
+
+@pytest.fixture
+def nothing_heavy_starts(monkeypatch):
+    """Fail the test if a model's weights are loaded or Ray is started; check Ray is left as found."""
+
+    def no_model(*args, **kwargs):
+        raise AssertionError(f"a model was loaded before the input was validated: {args}")
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the input was validated")
+
+    was_initialized = ray.is_initialized()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    monkeypatch.setattr(ray, "init", no_ray)
+    yield
+    assert ray.is_initialized() is was_initialized
+    if not was_initialized:
+        assert ray.is_initialized() is False
+
+
+def fails_early(spec, error: type[Exception], *fragments: str) -> str:
+    """Both entry points refuse the spec with `error`; returns the message, checked for `fragments`."""
+    with pytest.raises(error) as by_validate:
+        validate(spec)
+    with pytest.raises(error) as by_run:
+        run_job(spec, progress=False)
+    message = str(by_run.value)
+    assert str(by_validate.value) == message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    # The failure is recorded in the output's job record, and no results were staged or written.
+    out = Path(spec.output.uri)
+    record = json.loads((out / "_job.json").read_text())
+    assert record["state"] == "failed"
+    assert record["error"] == {"message": message, "where": "validating"}
+    written = {p.name for p in out.iterdir()}
+    assert not written & {"data", "errors", "_staging", "_commits", "_manifest.json", "_SUCCESS"}, written
+    return message
+
+
+def make_spec(tmp_path, model_path, model_fields: dict | None = None, **sections):
+    data = job_dict(str(tmp_path / "in"), str(tmp_path / "out"), model_path, **sections)
+    data["model"].update(model_fields or {})
+    return spec_from_dict(data)
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    write_prompts(tmp_path / "in" / "a.parquet", 6)
+    write_prompts(tmp_path / "in" / "b.parquet", 6, start=6)
+    return tmp_path / "in"
+
+
+# -- input files ----------------------------------------------------------------------------
+
+
+def test_missing_input_path(tmp_path, tiny_model, nothing_heavy_starts):
+    spec = make_spec(tmp_path, tiny_model)
+    fails_early(spec, FileNotFoundError, "input.uri", str(tmp_path / "in"), "does not exist")
+
+
+def test_directory_without_parquet_files(tmp_path, tiny_model, nothing_heavy_starts):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "prompts.csv").write_text("id,prompt\n1,hi\n")
+    (tmp_path / "in" / "_hidden.parquet").write_bytes(b"")  # hidden: not data
+    spec = make_spec(tmp_path, tiny_model)
+    fails_early(spec, FileNotFoundError, "input.uri", str(tmp_path / "in"), "no Parquet files")
+
+
+def test_glob_matching_nothing(tmp_path, tiny_model, prompts, nothing_heavy_starts):
+    spec = make_spec(tmp_path, tiny_model, input={"uri": str(prompts / "*.jsonl")})
+    fails_early(spec, FileNotFoundError, "*.jsonl", "no Parquet files")
+
+
+def test_file_that_is_not_parquet(tmp_path, tiny_model, prompts, nothing_heavy_starts):
+    (prompts / "c.parquet").write_text("id,prompt\n1,hi\n")
+    spec = make_spec(tmp_path, tiny_model)
+    fails_early(spec, ValueError, "c.parquet", "not readable Parquet")
+
+
+# -- columns -------------------------------------------------------------------------------------
+
+
+def test_missing_prompt_column(tmp_path, tiny_model, prompts, nothing_heavy_starts):
+    spec = make_spec(tmp_path, tiny_model, input={"prompt_column": "text"})
+    fails_early(spec, ValueError, "input.prompt_column", "'text'", "a.parquet", "'prompt'")
+
+
+def test_missing_column_in_a_later_file(tmp_path, tiny_model, prompts, nothing_heavy_starts):
+    pq.write_table(pa.table({"id": ["z-1"], "body": ["hi"], "topic": ["t"]}), prompts / "c.parquet")
+    spec = make_spec(tmp_path, tiny_model)
+    fails_early(spec, ValueError, "input.prompt_column", "c.parquet")
+
+
+def test_template_naming_an_absent_column(tmp_path, tiny_model, prompts, nothing_heavy_starts):
+    spec = make_spec(
+        tmp_path, tiny_model, input={"prompt_column": None, "prompt_template": "A {style} poem in a {mood} mood"}
+    )
+    message = fails_early(spec, ValueError, "input.prompt_template", "'mood'")
+    assert "'style'" not in message.split("does not have")[0]  # only the absent column is named
+
+
+def test_pass_through_column_absent(tmp_path, tiny_model, prompts, nothing_heavy_starts):
+    spec = make_spec(tmp_path, tiny_model, input={"pass_through": ["topic", "author"]})
+    fails_early(spec, ValueError, "input.pass_through", "'author'")
+
+
+def test_messages_column_that_is_not_a_list(tmp_path, tiny_model, prompts, nothing_heavy_starts):
+    spec = make_spec(tmp_path, tiny_model, input={"prompt_column": None, "messages_column": "prompt"})
+    fails_early(spec, ValueError, "input.messages_column", "'prompt'", "string")
+
+
+# -- ids -------------------------------------------------------------------------------------------
+
+
+def test_duplicate_ids_name_the_value_and_files(tmp_path, tiny_model, nothing_heavy_starts):
+    write_prompts(tmp_path / "in" / "a.parquet", 6)
+    write_prompts(tmp_path / "in" / "b.parquet", 6, start=3)  # row-00003..row-00005 again
+    spec = make_spec(tmp_path, tiny_model)
+    message = fails_early(spec, ValueError, "input.id_column", "'id'", "not unique", "a.parquet", "b.parquet")
+    assert any(f"'row-0000{i}'" in message for i in (3, 4, 5)), message
+
+
+def test_duplicate_ids_within_one_file(tmp_path, tiny_model, nothing_heavy_starts):
+    pq.write_table(
+        pa.table({"id": [1, 2, 3, 2], "prompt": ["a", "b", "c", "d"], "topic": ["t"] * 4}),
+        tmp_path / "in.parquet",
+        row_group_size=2,
+    )
+    spec = make_spec(tmp_path, tiny_model, input={"uri": str(tmp_path / "in.parquet")})
+    with pytest.raises(ValueError, match=r"not unique: 2 appears in .*in\.parquet"):
+        validate(spec)
+
+
+def test_null_id(tmp_path, tiny_model, nothing_heavy_starts):
+    pq.write_table(
+        pa.table({"id": ["a", "b", None, "d"], "prompt": ["p"] * 4, "topic": ["t"] * 4}), tmp_path / "in.parquet"
+    )
+    spec = make_spec(tmp_path, tiny_model, input={"uri": str(tmp_path / "in.parquet")})
+    fails_early(spec, ValueError, "input.id_column", "'id'", "null", "in.parquet", "near 2")
+
+
+def test_null_id_names_its_row_in_the_file(tmp_path, tiny_model):
+    ids = [f"r{i}" for i in range(8)]
+    ids[5] = None
+    pq.write_table(
+        pa.table({"id": ids, "prompt": ["p"] * 8, "topic": ["t"] * 8}), tmp_path / "in.parquet", row_group_size=2
+    )
+    spec = make_spec(tmp_path, tiny_model, input={"uri": str(tmp_path / "in.parquet")})
+    with pytest.raises(ValueError, match=r"null in .*in\.parquet \(a row near 5\)"):
+        validate(spec)
+
+
+# -- the spec itself ------------------------------------------------------------------------------
+
+
+def test_unknown_spec_field_in_yaml(tmp_path, tiny_model, prompts, nothing_heavy_starts):
+    data = job_dict(str(prompts), str(tmp_path / "out"), tiny_model)
+    data["generation"]["max_tokens"] = 16
+    path = write_job(tmp_path / "job.yaml", data)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(path) in str(info.value)
+    assert "generation.max_tokens: unknown field" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+# -- the model --------------------------------------------------------------------------------------
+
+
+def test_model_path_that_does_not_exist(tmp_path, prompts, nothing_heavy_starts):
+    missing = tmp_path / "models" / "not-there"
+    spec = make_spec(tmp_path, missing)
+    fails_early(spec, FileNotFoundError, "model.path", str(missing), "does not exist")
+
+
+def test_model_directory_without_config(tmp_path, prompts, nothing_heavy_starts):
+    (tmp_path / "empty-model").mkdir()
+    spec = make_spec(tmp_path, tmp_path / "empty-model")
+    fails_early(spec, FileNotFoundError, "model.path", "config.json")
+
+
+@pytest.fixture(scope="module")
+def model_without_chat_template(tiny_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "no-chat"
+    shutil.copytree(tiny_model, path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert transformers.AutoTokenizer.from_pretrained(path).chat_template is None
+    return path
+
+
+def test_messages_column_with_a_tokenizer_without_chat_template(
+    tmp_path, model_without_chat_template, nothing_heavy_starts
+):
+    messages = [[{"role": "user", "content": f"hello {i}"}] for i in range(3)]
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c"], "messages": messages, "topic": ["t"] * 3}), tmp_path / "chat.parquet"
+    )
+    spec = make_spec(
+        tmp_path,
+        model_without_chat_template,
+        input={"uri": str(tmp_path / "chat.parquet"), "prompt_column": None, "messages_column": "messages"},
+    )
+    fails_early(spec, ValueError, "input.messages_column", "no chat template", str(model_without_chat_template))
+
+
+@pytest.fixture(scope="module")
+def pickle_only_model(tiny_model, tmp_path_factory) -> Path:
+    import torch
+
+    path = tmp_path_factory.mktemp("models") / "pickle-only"
+    shutil.copytree(tiny_model, path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    return path
+
+
+def test_pickle_only_weights_are_refused_by_default(tmp_path, prompts, pickle_only_model, nothing_heavy_starts):
+    spec = make_spec(tmp_path, pickle_only_model)
+    assert spec.model.use_safetensors is True
+    fails_early(spec, ValueError, "model.path", "pickle", "model.use_safetensors: false")
+
+
+def test_pickle_only_weights_pass_when_allowed(tmp_path, prompts, pickle_only_model, nothing_heavy_starts):
+    spec = make_spec(tmp_path, pickle_only_model, model_fields={"use_safetensors": False})
+    checked = validate(spec)
+    assert checked.input_rows == 12
+    assert checked.model["weights_sha256"]
+
+
+def test_valid_input_passes_validation_without_loading_the_model(tmp_path, tiny_model, prompts, nothing_heavy_starts):
+    # The counterpart of every test above: the guard lets a good job through validation.
+    checked = validate(make_spec(tmp_path, tiny_model))
+    assert checked.input_rows == 12
+    assert [(s.relpath, s.start, s.stop) for s in checked.shards] == [("a.parquet", 0, 6), ("b.parquet", 0, 6)]
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+def test_cli_run_exits_2_with_the_message(tmp_path, tiny_model, prompts, capsys, nothing_heavy_starts):
+    data = job_dict(str(prompts), str(tmp_path / "out"), tiny_model, input={"prompt_column": "text"})
+    path = write_job(tmp_path / "job.yaml", data)
+    assert main(["run", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bulkgen: error: ")
+    assert "input.prompt_column" in err and "'text'" in err
+    assert "Traceback" not in err
+
+
+def test_cli_validate_exits_2_on_unknown_field(tmp_path, tiny_model, prompts, capsys, nothing_heavy_starts):
+    path = write_job(tmp_path / "job.yaml", job_dict(str(prompts), str(tmp_path / "out"), tiny_model, extra=1))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "bulkgen: error:" in err and "extra: unknown field" in err
+
+
+def test_cli_bad_override_exits_2(tmp_path, tiny_model, prompts, capsys, nothing_heavy_starts):
+    path = write_job(tmp_path / "job.yaml", job_dict(str(prompts), str(tmp_path / "out"), tiny_model))
+    assert main(["run", str(path), "--set", "generation.max_new_tokens=0", "--no-progress"]) == 2
+    assert "generation.max_new_tokens" in capsys.readouterr().err

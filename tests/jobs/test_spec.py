@@ -1,0 +1,367 @@
+"""The job spec: validated once when loaded, immutable after, errors that name the field and value."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+
+from jobs.spec import JobSpec, SpecError, apply_overrides, load_spec, spec_from_dict, template_fields
+
+
+def minimal(**sections) -> dict:
+    """The smallest valid spec as data; `sections` update its sections (None removes a key)."""
+    data = {
+        "input": {"uri": "/data/prompts.parquet", "prompt_column": "prompt"},
+        "model": {"path": "org/model"},
+        "output": {"uri": "/data/out"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            merged = {**data[section], **values}
+            data[section] = {k: v for k, v in merged.items() if v is not None}
+        else:
+            data[section] = values
+    return data
+
+
+def spec_error(data: dict) -> str:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data)
+    return str(info.value)
+
+
+# -- a valid spec ----------------------------------------------------------------
+
+
+def test_valid_spec_loads_with_defaults(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(minimal(generation={"max_new_tokens": 16, "stop": ["\n\n"]})))
+    spec = load_spec(path)
+    assert isinstance(spec, JobSpec)
+    assert spec.input.prompt_column == "prompt"
+    assert spec.generation.max_new_tokens == 16
+    assert spec.generation.stop == ("\n\n",)
+    assert spec.generation.do_sample is False
+    assert spec.resources.replicas == 1
+    assert spec.shards.rows_per_shard == 1000
+    assert spec.model.use_safetensors is True
+
+
+def test_loaded_spec_is_frozen():
+    spec = spec_from_dict(minimal())
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        spec.generation.max_new_tokens = 3
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        spec.input = spec.input
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        spec.model.path = "/elsewhere"
+    assert spec.generation.max_new_tokens == 128
+
+
+def test_spec_from_dict_does_not_mutate_its_argument():
+    data = minimal(input={"uri": "relative/prompts.parquet"})
+    before = yaml.safe_dump(data)
+    spec_from_dict(data)
+    assert yaml.safe_dump(data) == before
+
+
+def test_missing_spec_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_is_a_spec_error(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)
+
+
+def test_yaml_that_is_not_a_mapping_is_refused(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(path)
+
+
+# -- unknown fields ----------------------------------------------------------------
+
+
+def test_unknown_top_level_field_is_named():
+    message = spec_error({**minimal(), "generaton": {"max_new_tokens": 3}})
+    assert "generaton: unknown field" in message
+
+
+@pytest.mark.parametrize(
+    "section, field",
+    [("generation", "max_tokens"), ("input", "prompt_col"), ("model", "revison"), ("resources", "gpus")],
+)
+def test_unknown_nested_field_is_named_by_dotted_path(section, field):
+    message = spec_error(minimal(**{section: {field: 1}}))
+    assert f"{section}.{field}: unknown field" in message
+
+
+def test_every_bad_field_is_reported_at_once():
+    message = spec_error(minimal(generation={"max_new_tokens": 0, "top_p": 2.0}, shards={"rows_per_shard": 0}))
+    assert "generation.max_new_tokens" in message
+    assert "generation.top_p" in message
+    assert "shards.rows_per_shard" in message
+
+
+def test_missing_required_section_is_named():
+    data = minimal()
+    del data["model"]
+    assert "model: Field required" in spec_error(data)
+
+
+def test_spec_must_be_a_mapping():
+    with pytest.raises(SpecError, match="expected a mapping"):
+        spec_from_dict(["input"])  # type: ignore[arg-type]
+
+
+# -- prompt source ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"prompt_column": None},
+        {"prompt_template": "About {topic}"},
+        {"messages_column": "messages"},
+        {"prompt_column": None, "prompt_template": "About {topic}", "messages_column": "messages"},
+    ],
+)
+def test_exactly_one_prompt_source(given):
+    message = spec_error(minimal(input=given))
+    assert "input:" in message
+    assert "exactly one of prompt_column, prompt_template, messages_column" in message
+
+
+def test_each_single_prompt_source_is_accepted():
+    for given in (
+        {"prompt_column": "p"},
+        {"prompt_column": None, "prompt_template": "About {topic}"},
+        {"prompt_column": None, "messages_column": "messages"},
+    ):
+        spec = spec_from_dict(minimal(input=given))
+        assert len(spec.input.source_columns()) == 1
+
+
+def test_conflicting_sources_are_listed():
+    message = spec_error(minimal(input={"prompt_template": "About {topic}"}))
+    assert "prompt_column" in message and "prompt_template" in message
+    assert "none" in spec_error(minimal(input={"prompt_column": None}))
+
+
+# -- bad values name the field and the value ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "section, values, field, shown",
+    [
+        ("generation", {"max_new_tokens": -5}, "generation.max_new_tokens", "(got -5)"),
+        ("generation", {"max_new_tokens": "lots"}, "generation.max_new_tokens", "(got 'lots')"),
+        ("generation", {"top_p": 1.5}, "generation.top_p", "(got 1.5)"),
+        ("generation", {"temperature": 0}, "generation.temperature", "(got 0)"),
+        ("generation", {"top_k": -1}, "generation.top_k", "(got -1)"),
+        ("generation", {"stop": ["ok", ""]}, "generation.stop", "(got ['ok', ''])"),
+        ("resources", {"replicas": 0}, "resources.replicas", "(got 0)"),
+        ("shards", {"max_failed_fraction": 1.5}, "shards.max_failed_fraction", "(got 1.5)"),
+        ("model", {"dtype": "float8"}, "model.dtype", "(got 'float8')"),
+    ],
+)
+def test_bad_value_names_field_and_value(section, values, field, shown):
+    message = spec_error(minimal(**{section: values}))
+    line = next(line for line in message.splitlines() if field in line)
+    assert shown in line, line
+
+
+def test_empty_stop_string_says_why():
+    assert "stop strings must not be empty" in spec_error(minimal(generation={"stop": [""]}))
+
+
+def test_num_return_sequences_needs_sampling():
+    message = spec_error(minimal(generation={"num_return_sequences": 3}))
+    assert "num_return_sequences" in message
+    assert "do_sample" in message
+    spec = spec_from_dict(minimal(generation={"num_return_sequences": 3, "do_sample": True}))
+    assert spec.generation.num_return_sequences == 3
+
+
+def test_num_return_sequences_error_names_field_path_and_value():
+    message = spec_error(minimal(generation={"num_return_sequences": 3}))
+    line = next(line for line in message.splitlines() if "num_return_sequences" in line)
+    assert "generation.num_return_sequences" in line
+    assert "3" in line.replace("> 1", "")
+
+
+@pytest.mark.parametrize("template", ["Write {}", "Write {0} about {topic}", "About {topic.name}", "About {x[0]}"])
+def test_template_with_positional_or_attribute_fields_is_refused(template):
+    message = spec_error(minimal(input={"prompt_column": None, "prompt_template": template}))
+    assert "input.prompt_template" in message
+    assert repr(template) in message
+    assert "named fields" in message
+
+
+@pytest.mark.parametrize(
+    "template, why", [("no fields at all", "names no column"), ("bad {topic", "does not parse")]
+)
+def test_template_without_fields_or_unparsable_is_refused(template, why):
+    message = spec_error(minimal(input={"prompt_column": None, "prompt_template": template}))
+    assert "input.prompt_template" in message and why in message
+
+
+def test_template_fields_in_order_of_first_use():
+    assert template_fields("A {style} poem about {topic}, {style}!") == ("style", "topic")
+    assert template_fields("{{literal}} {topic!r:>10}") == ("topic",)
+
+
+def test_pass_through_may_not_shadow_output_columns():
+    message = spec_error(minimal(input={"pass_through": ["topic", "text", "finish_reason"]}))
+    assert "input.pass_through" in message
+    assert "'finish_reason'" in message and "'text'" in message
+
+
+# -- --set overrides -------------------------------------------------------------------
+
+
+def test_overrides_set_nested_keys_with_yaml_types():
+    data = minimal()
+    out = apply_overrides(
+        data,
+        [
+            "generation.max_new_tokens=64",
+            "generation.do_sample=true",
+            "generation.temperature=0.7",
+            'generation.stop=["\\n", "END"]',
+            "resources.replicas=4",  # a section the data does not have yet
+            "name=nightly",
+            "model.revision=",
+        ],
+    )
+    assert out["generation"] == {"max_new_tokens": 64, "do_sample": True, "temperature": 0.7, "stop": ["\n", "END"]}
+    assert out["resources"] == {"replicas": 4}
+    assert out["name"] == "nightly"
+    assert out["model"]["revision"] == ""
+    spec = spec_from_dict(out)
+    assert spec.generation.max_new_tokens == 64 and spec.generation.stop == ("\n", "END")
+
+
+def test_override_value_may_contain_equals_and_urls():
+    out = apply_overrides(minimal(), ["input.uri=s3://bucket/a=b/prompts.parquet"])
+    assert out["input"]["uri"] == "s3://bucket/a=b/prompts.parquet"
+
+
+def test_overrides_do_not_mutate_their_input():
+    data = minimal(generation={"max_new_tokens": 8})
+    apply_overrides(data, ["generation.max_new_tokens=64", "input.storage_options.anon=true"])
+    assert data["generation"]["max_new_tokens"] == 8
+    assert "storage_options" not in data["input"]
+
+
+@pytest.mark.parametrize("bad", ["generation.max_new_tokens", "=5", "", "input.uri.deeper=1"])
+def test_bad_override_form_raises(bad):
+    with pytest.raises(SpecError, match="--set"):
+        apply_overrides(minimal(), [bad])
+
+
+def test_load_spec_applies_overrides_before_validating(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    assert load_spec(path, ["generation.max_new_tokens=7"]).generation.max_new_tokens == 7
+    with pytest.raises(SpecError, match=r"generation.max_new_tokens.*\(got 0\)"):
+        load_spec(path, ["generation.max_new_tokens=0"])
+    with pytest.raises(SpecError, match="generation.bogus: unknown field"):
+        load_spec(path, ["generation.bogus=1"])
+
+
+# -- fingerprint and redaction -----------------------------------------------------------
+
+
+def test_fingerprint_ignores_resources_storage_options_and_name():
+    base = spec_from_dict(minimal()).fingerprint()
+    same = [
+        minimal(resources={"replicas": 8, "num_gpus": 1, "batch_size": 4}),
+        minimal(input={"storage_options": {"key": "k", "secret": "s"}}),
+        minimal(output={"storage_options": {"anon": True}}),
+        minimal(name="renamed"),
+        minimal(shards={"max_attempts": 9, "max_failed_fraction": 0.5}),
+    ]
+    for data in same:
+        assert spec_from_dict(data).fingerprint() == base, data
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"generation": {"temperature": 0.5}},
+        {"generation": {"max_new_tokens": 9}},
+        {"generation": {"seed": 1}},
+        {"generation": {"stop": ["x"]}},
+        {"model": {"path": "org/other"}},
+        {"input": {"uri": "/data/other.parquet"}},
+        {"input": {"pass_through": ["topic"]}},
+        {"shards": {"rows_per_shard": 7}},
+    ],
+)
+def test_fingerprint_changes_with_what_decides_the_output(change):
+    assert spec_from_dict(minimal(**change)).fingerprint() != spec_from_dict(minimal()).fingerprint()
+
+
+def test_fingerprint_is_stable():
+    assert spec_from_dict(minimal()).fingerprint() == spec_from_dict(minimal()).fingerprint()
+    assert len(spec_from_dict(minimal()).fingerprint()) == 16
+
+
+def test_redacted_hides_storage_option_values():
+    spec = spec_from_dict(
+        minimal(
+            input={"storage_options": {"key": "AKIA-SECRET", "client_kwargs": {"endpoint_url": "http://h"}}},
+            output={"storage_options": {"token": "tok-123"}},
+        )
+    )
+    red = spec.redacted()
+    assert red["input"]["storage_options"] == {"key": "<redacted>", "client_kwargs": "<redacted>"}
+    assert red["output"]["storage_options"] == {"token": "<redacted>"}
+    text = repr(red)
+    for secret in ("AKIA-SECRET", "tok-123", "http://h"):
+        assert secret not in text
+    # Redaction is a copy: the spec itself keeps its credentials.
+    assert spec.input.storage_options["key"] == "AKIA-SECRET"
+    assert red["generation"]["max_new_tokens"] == spec.generation.max_new_tokens
+
+
+# -- paths -------------------------------------------------------------------------------
+
+
+def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    spec = spec_from_dict(
+        minimal(input={"uri": "data/prompts.parquet"}, output={"uri": "out"}, model={"path": "models/tiny"})
+    )
+    assert spec.input.uri == str(tmp_path / "data" / "prompts.parquet")
+    assert spec.output.uri == str(tmp_path / "out")
+    assert spec.model.path == str(tmp_path / "models" / "tiny")
+    assert all(os.path.isabs(p) for p in (spec.input.uri, spec.output.uri, spec.model.path))
+
+
+def test_home_relative_paths_are_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = spec_from_dict(minimal(input={"uri": "~/prompts.parquet"}))
+    assert spec.input.uri == str(tmp_path / "prompts.parquet")
+
+
+def test_urls_and_hub_ids_are_left_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = spec_from_dict(
+        minimal(input={"uri": "s3://bucket/prompts/"}, output={"uri": "memory://out"}, model={"path": "org/model"})
+    )
+    assert spec.input.uri == "s3://bucket/prompts/"
+    assert spec.output.uri == "memory://out"
+    assert spec.model.path == "org/model"
+    assert not Path(spec.model.path).is_absolute()

@@ -1,0 +1,353 @@
+"""The replica in-process (no Ray): a shard in, a staged output file out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from jobs.dataset import open_dataset
+from jobs.plan import plan
+from jobs.spec import spec_from_dict
+from tests.conftest import job_dict, write_prompts
+from workers.replica import Replica, row_seed
+
+MAX_NEW = 8
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    # Replica sets torch's thread count for its process; this test process gets its own back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def make_spec(tmp_path: Path, model: Path, input_uri: str | None = None, **sections):
+    sections.setdefault("generation", {})
+    sections["generation"] = {"max_new_tokens": MAX_NEW, **sections["generation"]}
+    data = job_dict(input_uri or str(tmp_path / "in"), str(tmp_path / "out"), model, **sections)
+    return spec_from_dict(data)
+
+
+def run_shards(spec, file_metadata=None, attempt="attempt-0-test"):
+    """Every shard of the input through one in-process replica; returns (results, staged tables)."""
+    replica = Replica(spec, file_metadata or {})
+    shards = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
+    results = [replica.process(shard, attempt) for shard in shards]
+    return shards, results
+
+
+def read(url: str) -> pa.Table:
+    return pq.read_table(url)
+
+
+def input_rows(path) -> dict:
+    return {r["id"]: r for r in pq.read_table(path).to_pylist()}
+
+
+# -- one shard, staged ------------------------------------------------------------------
+
+
+def test_process_stages_one_row_per_id_and_sample(tmp_path, tiny_model, tokenizer):
+    write_prompts(tmp_path / "in" / "prompts.parquet", 7)
+    spec = make_spec(tmp_path, tiny_model, generation={"num_return_sequences": 2, "do_sample": True})
+    [shard], [result] = run_shards(spec)
+
+    staged = tmp_path / "out" / "_staging" / "part-00000" / "attempt-0-test" / "data.parquet"
+    assert result.data_url == str(staged)
+    assert result.errors_url is None
+    assert (result.shard, result.attempt, result.samples_ok, result.samples_failed) == (0, "attempt-0-test", 14, 0)
+    # Staged only: nothing is committed by the replica.
+    assert not (tmp_path / "out" / "data").exists()
+
+    table = read(result.data_url)
+    assert table.column_names == [
+        "id", "sample_index", "text", "finish_reason", "prompt_tokens", "completion_tokens", "topic"
+    ]
+    assert table.schema.field("sample_index").type == pa.int32()
+    rows = table.to_pylist()
+    source = input_rows(tmp_path / "in" / "prompts.parquet")
+    keys = [(r["id"], r["sample_index"]) for r in rows]
+    assert sorted(keys) == sorted((i, s) for i in source for s in (0, 1))
+
+    for r in rows:
+        assert r["topic"] == source[r["id"]]["topic"]
+        assert r["prompt_tokens"] == len(tokenizer(source[r["id"]]["prompt"]).input_ids)
+        assert 0 <= r["completion_tokens"] <= MAX_NEW
+        assert r["finish_reason"] in ("stop", "length")
+        # No stop strings here: a row ends at eos ("stop") or at the budget ("length").
+        assert (r["finish_reason"] == "length") == (r["completion_tokens"] == MAX_NEW)
+    assert result.prompt_tokens == sum(r["prompt_tokens"] for r in rows)
+    assert result.completion_tokens == sum(r["completion_tokens"] for r in rows)
+    # Two samples of one row are two draws, not one text twice.
+    texts = {}
+    for r in rows:
+        texts.setdefault(r["id"], []).append(r["text"])
+    assert sum(a != b for a, b in texts.values()) >= 5
+
+
+def test_greedy_output_is_what_the_engine_decodes(tmp_path, tiny_model, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    write_prompts(tmp_path / "in" / "prompts.parquet", 3)
+    spec = make_spec(tmp_path, tiny_model)
+    _, [result] = run_shards(spec)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    source = input_rows(tmp_path / "in" / "prompts.parquet")
+    for r in read(result.data_url).to_pylist():
+        ids = tokenizer(source[r["id"]]["prompt"]).input_ids
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=0)
+        new = out[0, len(ids) :].tolist()
+        if 0 in new:
+            new = new[: new.index(0)]
+        assert r["text"] == tokenizer.decode(new, skip_special_tokens=True)
+        assert r["completion_tokens"] == len(new)
+
+
+def test_schema_metadata_carries_the_job_facts(tmp_path, tiny_model):
+    write_prompts(tmp_path / "in" / "prompts.parquet", 4)
+    spec = make_spec(tmp_path, tiny_model)
+    facts = {"fingerprint": spec.fingerprint(), "generation": spec.generation.model_dump(mode="json")}
+    _, [result] = run_shards(spec, file_metadata={"bulkgen": json.dumps(facts)})
+    metadata = pq.read_schema(result.data_url).metadata
+    assert b"bulkgen" in metadata
+    assert json.loads(metadata[b"bulkgen"]) == facts
+
+
+def test_include_prompt_adds_the_rendered_prompt(tmp_path, tiny_model):
+    write_prompts(tmp_path / "in" / "prompts.parquet", 4)
+    spec = make_spec(
+        tmp_path,
+        tiny_model,
+        input={"prompt_column": None, "prompt_template": "A {style} note on {topic}", "pass_through": []},
+        output={"include_prompt": True},
+    )
+    _, [result] = run_shards(spec)
+    table = read(result.data_url)
+    assert "prompt" in table.column_names and "topic" not in table.column_names
+    source = input_rows(tmp_path / "in" / "prompts.parquet")
+    for r in table.to_pylist():
+        assert r["prompt"] == f"A {source[r['id']]['style']} note on {source[r['id']]['topic']}"
+
+
+# -- row ranges and derived ids ------------------------------------------------------------------
+
+
+def test_each_shard_reads_its_own_row_range_with_derived_ids(tmp_path, tiny_model, tokenizer):
+    # Small row groups, so a shard starts and ends inside them.
+    write_prompts(tmp_path / "in" / "prompts.parquet", 10, row_group_size=3)
+    spec = make_spec(tmp_path, tiny_model, input={"id_column": None}, shards={"rows_per_shard": 4})
+    shards, results = run_shards(spec)
+    assert [(s.start, s.stop) for s in shards] == [(0, 4), (4, 8), (8, 10)]
+    source = list(pq.read_table(tmp_path / "in" / "prompts.parquet").to_pylist())
+    for shard, result in zip(shards, results):
+        assert result.data_url.endswith(f"/_staging/{shard.name}/attempt-0-test/data.parquet")
+        rows = read(result.data_url).to_pylist()
+        assert sorted(r["id"] for r in rows) == sorted(f"prompts.parquet:{i}" for i in range(shard.start, shard.stop))
+        for r in rows:
+            i = int(r["id"].split(":")[1])
+            assert r["topic"] == source[i]["topic"]
+            assert r["prompt_tokens"] == len(tokenizer(source[i]["prompt"]).input_ids)
+
+
+def test_derived_ids_use_the_path_relative_to_the_input_root(tmp_path, tiny_model):
+    write_prompts(tmp_path / "in" / "day=1" / "a.parquet", 2)
+    spec = make_spec(tmp_path, tiny_model, input={"id_column": None})
+    _, [result] = run_shards(spec)
+    assert sorted(read(result.data_url).column("id").to_pylist()) == ["day=1/a.parquet:0", "day=1/a.parquet:1"]
+
+
+# -- dead letters ---------------------------------------------------------------------------------
+
+
+def test_bad_rows_become_typed_dead_letters(tmp_path, tiny_model):
+    path = tmp_path / "in" / "prompts.parquet"
+    path.parent.mkdir(parents=True)
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 30  # over the 128-token context
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["ok-1", "null", "blank", "long", "ok-2"],
+                "prompt": ["Write a poem", None, "   ", long_prompt, "Raise ValueError"],
+                "topic": ["a", "b", "c", "d", "e"],
+            }
+        ),
+        path,
+    )
+    spec = make_spec(tmp_path, tiny_model, generation={"num_return_sequences": 2, "do_sample": True})
+    _, [result] = run_shards(spec)
+    assert (result.samples_ok, result.samples_failed) == (4, 6)
+    assert result.errors_url.endswith("/_staging/part-00000/attempt-0-test/errors.parquet")
+    data = read(result.data_url).to_pylist()
+    assert sorted((r["id"], r["sample_index"]) for r in data) == [("ok-1", 0), ("ok-1", 1), ("ok-2", 0), ("ok-2", 1)]
+    errors = read(result.errors_url)
+    assert errors.column_names[:4] == ["id", "sample_index", "error_code", "error"]
+    assert {"prompt", "topic"} <= set(errors.column_names)  # the input row, to inspect or retry
+    by_key = {(r["id"], r["sample_index"]): r for r in errors.to_pylist()}
+    assert sorted(by_key) == [(i, s) for i in ("blank", "long", "null") for s in (0, 1)]
+    assert by_key[("null", 0)]["error_code"] == "empty_prompt" and "null" in by_key[("null", 0)]["error"]
+    assert by_key[("blank", 1)]["error_code"] == "empty_prompt"
+    assert by_key[("long", 0)]["error_code"] == "prompt_too_long" and "128" in by_key[("long", 0)]["error"]
+    assert by_key[("long", 1)]["prompt"] == long_prompt and by_key[("long", 1)]["topic"] == "d"
+
+
+def test_prompt_near_the_context_gets_only_the_room_left(tmp_path, tiny_model, tokenizer):
+    # 124 prompt tokens in a 128-token context: at most 4 new tokens, whatever max_new_tokens says.
+    words = ("The quick brown fox jumps over the lazy dog. " * 40).split(" ")
+    prompt = next(
+        " ".join(words[:k]) for k in range(len(words)) if len(tokenizer(" ".join(words[:k])).input_ids) >= 124
+    )
+    n = len(tokenizer(prompt).input_ids)
+    assert 124 <= n < 128
+    path = tmp_path / "in" / "p.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["x"], "prompt": [prompt], "topic": ["t"]}), path)
+    spec = make_spec(tmp_path, tiny_model, generation={"max_new_tokens": 16})
+    _, [result] = run_shards(spec)
+    [row] = read(result.data_url).to_pylist()
+    assert row["prompt_tokens"] == n
+    assert row["completion_tokens"] <= 128 - n
+
+
+def test_per_row_max_new_tokens_column(tmp_path, tiny_model):
+    write_prompts(tmp_path / "in" / "p.parquet", 4, budget=pa.array([2, None, 5, 100], pa.int32()))
+    spec = make_spec(tmp_path, tiny_model, input={"max_new_tokens_column": "budget"})
+    _, [result] = run_shards(spec)
+    got = {r["id"]: r for r in read(result.data_url).to_pylist()}
+    limits = {"row-00000": 2, "row-00001": MAX_NEW, "row-00002": 5, "row-00003": MAX_NEW}
+    for key, limit in limits.items():
+        assert got[key]["completion_tokens"] <= limit
+        assert (got[key]["finish_reason"] == "length") == (got[key]["completion_tokens"] == limit)
+
+
+# -- output columns do not collide --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "id_column, pass_through",
+    [(None, ["id", "topic"]), ("id", ["id", "topic"]), ("text", ["topic"])],
+    ids=["derived-id-and-input-id", "id-column-passed-through", "id-column-named-text"],
+)
+def test_output_column_names_are_unique(tmp_path, tiny_model, id_column, pass_through):
+    write_prompts(tmp_path / "in" / "p.parquet", 3, text=["t-0", "t-1", "t-2"])
+    try:
+        spec = make_spec(tmp_path, tiny_model, input={"id_column": id_column, "pass_through": pass_through})
+    except ValueError:
+        return  # refusing the spec is a fix too
+    _, [result] = run_shards(spec)
+    names = pq.read_schema(result.data_url).names
+    assert len(names) == len(set(names)), names
+    assert read(result.data_url).num_rows == 3
+
+
+# -- seeds --------------------------------------------------------------------------------------
+
+
+def test_row_seed_is_a_function_of_seed_id_and_sample_index():
+    base = row_seed(0, "row-1", 0)
+    assert row_seed(0, "row-1", 0) == base
+    assert row_seed(1, "row-1", 0) != base
+    assert row_seed(0, "row-2", 0) != base
+    assert row_seed(0, "row-1", 1) != base
+    seeds = {row_seed(s, f"r{i}", k) for s in range(3) for i in range(50) for k in range(3)}
+    assert len(seeds) == 450
+    assert all(0 <= s < 2**63 for s in seeds)
+    # Pinned: a change here changes every sampled text of every job, and a resumed
+    # job would mix texts drawn under two seed schemes.
+    assert row_seed(0, "row-1", 0) == 7580321426454909084
+    assert row_seed(42, "a", 3) == 7466740623622855618
+
+
+def test_sampled_text_depends_on_the_row_not_on_its_shard_or_batch(tmp_path, tiny_model):
+    gen = {"num_return_sequences": 2, "do_sample": True, "seed": 11, "temperature": 1.0}
+    write_prompts(tmp_path / "a" / "in" / "p.parquet", 9)
+    # The same rows, in another order, in another layout, decoded in other batches.
+    table = pq.read_table(tmp_path / "a" / "in" / "p.parquet")
+    (tmp_path / "b" / "in").mkdir(parents=True)
+    pq.write_table(table.take(list(range(8, -1, -1))), tmp_path / "b" / "in" / "p.parquet")
+
+    def texts(root, rows_per_shard, batch_size, seed=11):
+        spec = make_spec(
+            root, tiny_model, generation={**gen, "seed": seed},
+            shards={"rows_per_shard": rows_per_shard}, resources={"batch_size": batch_size},
+        )
+        _, results = run_shards(spec)
+        return {(r["id"], r["sample_index"]): r["text"] for res in results for r in read(res.data_url).to_pylist()}
+
+    first = texts(tmp_path / "a", 9, 8)
+    assert len(first) == 18
+    assert texts(tmp_path / "b", 2, 3) == first
+    other_seed = texts(tmp_path / "a", 9, 8, seed=12)
+    assert sum(other_seed[k] != first[k] for k in first) >= 9
+
+
+# -- shards in flight together ----------------------------------------------------------------------
+
+
+def test_two_shards_in_flight_at_once_give_the_same_files(tmp_path, tiny_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    write_prompts(tmp_path / "in" / "p.parquet", 12)
+    spec = make_spec(
+        tmp_path, tiny_model, generation={"do_sample": True, "seed": 3}, shards={"rows_per_shard": 4},
+        resources={"batch_size": 4},
+    )
+    replica = Replica(spec, {})
+    shards = plan(open_dataset(spec.input).files, 4)
+    one_by_one = [read(replica.process(s, "attempt-0-seq").data_url) for s in shards]
+    # A threaded actor runs up to two shards at once; their sequences share the engine's batch.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        together = list(pool.map(lambda s: replica.process(s, "attempt-0-par"), shards))
+    for shard, result, expected in zip(shards, together, one_by_one):
+        assert result.shard == shard.index
+        assert read(result.data_url).equals(expected)
+
+
+# -- retrying a committed shard's dead letters ------------------------------------------------------------
+
+
+def test_retry_failed_regenerates_dead_letters_and_keeps_the_rest(tmp_path, tiny_model):
+    path = tmp_path / "in" / "p.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c", "d"], "prompt": ["Write a poem", None, "Raise it", "The quick fox"],
+                  "topic": ["ta", "tb", "tc", "td"]}),
+        path,
+    )
+    spec = make_spec(tmp_path, tiny_model)
+    replica = Replica(spec, {})
+    [shard] = plan(open_dataset(spec.input).files, 10)
+    first = replica.process(shard, "attempt-0-a")
+    data, errors = read(first.data_url), read(first.errors_url)
+    assert sorted(data.column("id").to_pylist()) == ["a", "c", "d"]
+    # Commit it as if row "c" had failed for a passing reason (say, out of memory at the time).
+    out = tmp_path / "out"
+    (out / "data").mkdir()
+    (out / "errors").mkdir()
+    keep = pc.not_equal(data.column("id"), "c")
+    pq.write_table(data.filter(keep), out / "data" / f"{shard.name}.parquet")
+    c_row = {"id": "c", "sample_index": 0, "error_code": "generation_error", "error": "out of memory",
+             "prompt": "Raise it", "topic": "tc"}
+    failed = pa.concat_tables([errors, pa.Table.from_pylist([c_row], schema=errors.schema)])
+    pq.write_table(failed, out / "errors" / f"{shard.name}.parquet")
+
+    again = replica.retry_failed(shard, "attempt-1-b")
+    regenerated = read(again.data_url)
+    assert sorted(regenerated.column("id").to_pylist()) == ["a", "c", "d"]
+    assert regenerated.sort_by("id").equals(data.sort_by("id"))  # the same text: same seed, same row
+    still = read(again.errors_url).to_pylist()
+    assert [(r["id"], r["sample_index"], r["error_code"]) for r in still] == [("b", 0, "empty_prompt")]
+    assert (again.samples_ok, again.samples_failed) == (3, 1)
