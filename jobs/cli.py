@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as e:
         print(f"bulkgen: job failed: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except ConnectionError as e:  # ray.init could not join the cluster
+        print(
+            f"bulkgen: error: {e}\n  a cluster with token auth needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
+            "(or RAY_AUTH_TOKEN) in the driver's environment; see cluster/README.md",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Starting Ray clusters for bulkgen: a local one for trying `--address` (local_cluster.py)."""

@@ -1,0 +1,1 @@
+"""bulkgen's driver side: job spec, dataset checks, planning, dispatch, commits, job record, CLI."""

@@ -1,0 +1,1 @@
+"""bulkgen's replica side: the Ray actor, the generation engine, prompts and storage I/O."""
