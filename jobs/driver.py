@@ -87,7 +87,11 @@ def claim_output(spec: JobSpec, overwrite: bool) -> tuple[OutputDir, JobRecord]:
         existing = None
     elif not existing and not out.is_empty() and not overwrite:
         raise OutputConflict(f"{out.uri} is not empty and was not written by bulkgen; use another output.uri")
-    record = JobRecord.from_json(existing) if existing else JobRecord(spec.redacted(), spec.fingerprint(), spec.name)
+    if existing:
+        record = JobRecord.from_json(existing)
+    else:
+        record = JobRecord(spec.redacted(), spec.fingerprint(), spec.name)  # state pending
+        out.write_json(RECORD, record.to_json())  # claims the output for this spec
     out.remove(CANCEL_MARKER)
     return out, record
 
