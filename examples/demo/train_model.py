@@ -7,8 +7,11 @@ every Python install are a free, license-clean, deterministic English corpus, so
 resulting model writes readable "Python documentation"-flavoured text.
 
 Usage:
-    python examples/demo/train_model.py                  # ~4 min on 2 CPU cores
-    python examples/demo/train_model.py --minutes 1 --out /tmp/model
+    python examples/demo/train_model.py                  # ~4 min on 2 idle CPU cores
+    python examples/demo/train_model.py --minutes 1 --out /tmp/model   # quick smoke test
+
+Training stops after --max-steps (600) or --minutes (5), whichever comes first. On an
+idle 2-core machine the step budget ends it, so the result does not depend on speed.
 
 The result is written to --out (default examples/demo/model/) and loads with:
     AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
@@ -197,8 +200,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
 def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1) -> float:
     """Linear warmup then cosine decay to floor*peak.
 
-    The schedule follows the fraction of the *time* budget used (not a step count),
-    because how many steps fit into --minutes depends on the machine.
+    `progress` is the fraction of the budget used (see train()), in [0, 1].
     """
     if progress < warmup:
         return peak * progress / warmup
@@ -228,12 +230,17 @@ def train(model, ids: torch.Tensor, args) -> float:
         betas=(0.9, 0.95),
     )
 
+    # Two budgets, whichever runs out first: --max-steps makes the run reproducible on
+    # a machine fast enough to reach it; --minutes bounds the wall time on a slow or busy
+    # one. The learning-rate schedule follows the larger of the two fractions, so it
+    # always decays fully by the end whichever budget ends the run.
     budget = args.minutes * 60.0
     model.train()
     start = time.time()
     step, ema = 0, None
-    while (elapsed := time.time() - start) < budget:
-        lr = lr_at(elapsed / budget, args.lr)
+    while (progress := max(step / args.max_steps, (time.time() - start) / budget)) < 1.0:
+        elapsed = time.time() - start
+        lr = lr_at(progress, args.lr)
         for group in opt.param_groups:
             group["lr"] = lr
         x = batch(train_ids, args.batch_size)
@@ -259,7 +266,9 @@ def train(model, ids: torch.Tensor, args) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "model"), help="output model directory")
-    parser.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    parser.add_argument("--minutes", type=float, default=5.0, help="training time budget (cap)")
+    parser.add_argument("--max-steps", type=int, default=600,
+                        help="step budget (training stops at whichever budget ends first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -287,7 +296,8 @@ def main() -> None:
 
     model = build_model(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters; training for {args.minutes:g} min ...")
+    print(f"model: {n_params / 1e6:.2f}M parameters; "
+          f"training for {args.max_steps} steps or {args.minutes:g} min ...")
     train(model, ids, args)
 
     out = Path(args.out)
