@@ -236,7 +236,9 @@ class _Run:
         queue: deque[tuple[Shard, str]] = deque(todo)
         # memory:// lives in this process only: rows and files travel through Ray instead.
         inline_input = process_local(self.spec.input.uri, self.spec.input.storage_options)
-        attempts: Counter[int] = Counter()
+        attempts: Counter[int] = Counter()  # failures charged to each shard
+        tries: Counter[int] = Counter()  # dispatches of each shard
+        suspects: set[int] = set()  # shards in flight on a replica that died
         in_flight: dict = {}  # ObjectRef -> (replica, shard, method)
         bar = _progress(self.record, self.show_progress)
         tokens_before = self.record.counts.completion_tokens
@@ -252,9 +254,10 @@ class _Run:
                 # Only replicas whose model has loaded get work: a replacement that
                 # waits for resources must not sit on shards a live replica could run.
                 for replica in pool.ready:
-                    while queue and pool.load[replica] < IN_FLIGHT_PER_REPLICA:
-                        shard, method = queue.popleft()
-                        attempt = f"attempt-{attempts[shard.index]}-{uuid.uuid4().hex[:8]}"
+                    while (item := _next_for(replica, queue, pool, suspects)) is not None:
+                        shard, method = item
+                        tries[shard.index] += 1
+                        attempt = f"attempt-{tries[shard.index]}-{uuid.uuid4().hex[:8]}"
                         if method == "process":
                             rows = read_shard_rows(self.spec, shard) if inline_input else None
                             ref = replica.process.remote(shard, attempt, rows)
@@ -262,6 +265,8 @@ class _Run:
                             ref = replica.retry_failed.remote(shard, attempt)
                         in_flight[ref] = (replica, shard, method)
                         pool.load[replica] += 1
+                        if shard.index in suspects:
+                            pool.solo.add(replica)
                 done, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=1.0)
                 for ref in done:
                     if ref in pool.starting:
@@ -276,12 +281,22 @@ class _Run:
                     try:
                         result = ray.get(ref)
                     except ray.exceptions.RayActorError as e:
+                        if replica in pool.solo or shard.index in suspects:
+                            # It ran alone on that replica: its own fault (or its node's).
+                            # It stays a suspect, so it keeps running alone.
+                            self._retry(shard, method, attempts, queue, f"replica died: {_cause(e)}")
+                        else:
+                            # Which of the replica's shards killed it is unknown: each
+                            # runs alone next, and only a death while alone is charged.
+                            suspects.add(shard.index)
+                            self.record.counts.shards_retried += 1
+                            queue.appendleft((shard, method))
                         pool.replace(replica)
-                        self._retry(shard, method, attempts, queue, f"replica died: {_cause(e)}")
                     except ray.exceptions.RayError as e:
                         self._retry(shard, method, attempts, queue, _cause(e))
                     else:
-                        self._commit(shard, result, attempts[shard.index])
+                        suspects.discard(shard.index)
+                        self._commit(shard, result, tries[shard.index])
                         bar.update(result.samples_ok + result.samples_failed)
                         bar.set_postfix_str(_rate(self.record.counts.completion_tokens - tokens_before, bar), refresh=False)
         finally:
@@ -300,13 +315,13 @@ class _Run:
                 f"{len(self.commits)} committed shards are kept; fix the cause and resume"
             )
         log.warning("shard %s attempt %d failed, retrying: %s", shard.name, attempts[shard.index], error)
-        queue.appendleft((shard, method))
+        queue.append((shard, method))  # last: the healthy shards first
         self._write_record(force=False)
 
-    def _commit(self, shard: Shard, result, attempt_number: int) -> None:
+    def _commit(self, shard: Shard, result, tries: int) -> None:
         for url, data in (result.inline_files or {}).items():
             write_bytes(url, data, self.spec.output.storage_options)
-        extra = {"input": shard.url, "input_start": shard.start, "input_stop": shard.stop, "attempts": attempt_number + 1}
+        extra = {"input": shard.url, "input_start": shard.start, "input_stop": shard.stop, "attempts": tries}
         self.commits[shard.index] = self.out.commit(result, extra)
         self._recount()
         self._write_record(force=False)
@@ -321,6 +336,7 @@ class _ReplicaPool:
         self.ready: list = []  # replicas whose model has loaded
         self.starting: dict = {}  # info() ObjectRef -> replica still loading
         self.load: Counter = Counter()  # shards in flight per replica
+        self.solo: set = set()  # replicas running a suspect shard, alone
         self.failed_starts = 0  # in a row, with no replica starting in between
 
     def _launch(self) -> None:
@@ -370,6 +386,7 @@ class _ReplicaPool:
         if dead in self.ready:
             self.ready.remove(dead)
             self.load.pop(dead, None)
+            self.solo.discard(dead)
             self._launch()
 
     def stop(self) -> None:
@@ -378,6 +395,22 @@ class _ReplicaPool:
         for replica in [*self.ready, *self.starting.values()]:
             ray.kill(replica, no_restart=True)
         self.ready, self.starting = [], {}
+
+
+def _next_for(replica, queue: deque, pool: _ReplicaPool, suspects: set[int]) -> tuple[Shard, str] | None:
+    """The next queued shard for `replica`, if it should take one now.
+
+    A suspect shard (it was in flight when a replica died) runs only on an
+    idle replica and alone, so a shard that kills replicas is found out
+    without charging the shards that happened to share its replica."""
+    if pool.load[replica] >= IN_FLIGHT_PER_REPLICA or replica in pool.solo and pool.load[replica]:
+        return None
+    pool.solo.discard(replica)
+    for i, (shard, method) in enumerate(queue):
+        if shard.index not in suspects or pool.load[replica] == 0:
+            del queue[i]
+            return shard, method
+    return None
 
 
 def _cause(error: Exception) -> str:

@@ -85,18 +85,16 @@ class OutputDir:
         record_name = f"_commits/{name}.json"
         data_path, errors_path = self._path("data", f"{name}.parquet"), self._path("errors", f"{name}.parquet")
 
-        def publish() -> None:
-            # A shard committed earlier (retry-failed rewrites one) is uncommitted
-            # first, so no crash can leave a half-replaced pair counted as done.
-            if self.fs.exists(self._path(record_name)):
-                self.fs.rm(self._path(record_name))
-            if result.errors_url:
-                self._move(result.errors_url, errors_path)
-            elif self.fs.exists(errors_path):
-                self.fs.rm(errors_path)  # left by an earlier, uncommitted attempt
-            self._move(result.data_url, data_path)
-
-        with_retries(publish, f"committing {name}")
+        # Each step is retried on its own and is idempotent, so a transient
+        # failure half-way never repeats a move that already happened.
+        # A shard committed earlier (retry-failed rewrites one) is uncommitted
+        # first, so no crash can leave a half-replaced pair counted as done.
+        self.remove(record_name)
+        if result.errors_url:
+            self._move(result.errors_url, errors_path)
+        else:
+            self.remove(f"errors/{name}.parquet")  # left by an earlier, uncommitted attempt
+        self._move(result.data_url, data_path)
         record = {
             "shard": result.shard,
             "name": name,
@@ -114,9 +112,16 @@ class OutputDir:
         return record
 
     def _move(self, staged_url: str, final_path: str) -> None:
+        """Publish one staged file under its final name (a whole file, never a partial one)."""
         _, staged = fsspec.core.url_to_fs(staged_url, **self.storage_options)
-        self.fs.makedirs(posixpath.dirname(final_path), exist_ok=True)
-        self.fs.mv(staged, final_path)
+
+        def move() -> None:
+            if not self.fs.exists(staged) and self.fs.exists(final_path):
+                return  # moved by an earlier try whose reply was lost
+            self.fs.makedirs(posixpath.dirname(final_path), exist_ok=True)
+            self.fs.mv(staged, final_path)
+
+        with_retries(move, f"publishing {staged_url}")
 
     def commit_records(self) -> dict[int, dict]:
         """Every committed shard's record, by shard index."""

@@ -126,13 +126,6 @@ def test_shard_always_fails(fault_ray, faults, tiny_model, tmp_path, ray_tmpdirs
     assert len(result.record["runs"]) == 2
 
 
-@pytest.mark.xfail(
-    reason="BUG: jobs/driver.py _Run._dispatch charges an attempt (via _retry) to every shard in flight on a "
-    "replica that died, not only to the one that killed it; a shard that always kills its replica takes the "
-    "shard dispatched beside it (IN_FLIGHT_PER_REPLICA=2) down in every round, so that innocent shard is "
-    "never committed and may be the one the JobError names",
-    strict=True,
-)
 def test_shard_kills_its_replica(fault_ray, faults, tiny_model, tmp_path):
     """A shard whose replica process exits whenever it runs: the job fails naming that shard,
     and the shards that merely shared the dying replica are still committed."""
@@ -160,12 +153,6 @@ def test_shard_kills_its_replica(fault_ray, faults, tiny_model, tmp_path):
     assert "part-00000" in message, f"the job blamed another shard: {message}"
 
 
-@pytest.mark.xfail(
-    reason="BUG: jobs/output.py OutputDir.commit retries publish() as a whole; when the errors-file move "
-    "succeeded and the data-file move then failed transiently, the retry moves the errors file again from "
-    "its (now empty) staging path and FileNotFoundError (permanent) escapes run_job",
-    strict=True,
-)
 def test_storage_flaky(fault_ray, faults, tiny_model, tmp_path, monkeypatch):
     # Every path's first write, and every destination's first move, resets the connection.
     monkeypatch.setenv(hooks.FAULT_DIR_ENV, str(faults.dir))
