@@ -56,6 +56,7 @@ def validate(spec: JobSpec) -> Validated:
     dataset = open_dataset(spec.input)
     check_unique_ids(spec.input, dataset)
     preflight.check_model_source(spec)
+    preflight.check_model_loadable(spec)
     preflight.check_tokenizer(spec, preflight.load_tokenizer(spec))
     shards = plan(dataset.files, spec.shards.rows_per_shard)
     return Validated(shards, dataset.num_rows, preflight.model_identity(spec))

@@ -68,3 +68,49 @@ def model_identity(spec: JobSpec) -> dict:
                         digest.update(chunk)
         identity["weights_sha256"] = digest.hexdigest()
     return identity
+
+
+def check_model_loadable(spec: JobSpec) -> int | None:
+    """Check config, architecture and weight headers without loading weights; returns the context length."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = spec.model
+    try:
+        config = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.path {m.path!r}: cannot load its config: {e}") from e
+    try:
+        with torch.device("meta"):  # shapes and names only, no memory
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    except ValueError as e:
+        raise ValueError(f"model.path {m.path!r} is not a causal language model: {e}") from e
+    _check_safetensors_headers(m.path, model)
+    text_config = config.get_text_config()
+    return getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+
+
+def _check_safetensors_headers(path: str, model) -> None:
+    from safetensors import safe_open
+
+    if not os.path.isdir(path):
+        return  # a hub id: its files are checked when a replica downloads them
+    stored: set[str] = set()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:  # reads the header only
+                stored.update(st.keys())
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise ValueError(f"model weights {f} are unreadable: {e}") from e
+    if not stored:
+        return
+    # Older checkpoints (the original gpt2, say) store names without the base model prefix.
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    stored |= {f"{prefix}{n}" for n in stored}
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    expected = {name for name, _ in model.named_parameters()} - tied
+    missing = sorted(expected - stored)
+    if missing:
+        raise ValueError(
+            f"model weights in {path} lack {len(missing)} parameters the architecture needs, e.g. {missing[:3]}"
+        )
