@@ -108,12 +108,28 @@ def test_prompts_of_different_lengths_are_padded_in_one_batch(lm):
     lengths = [len(ids) for ids in prompt_ids(lm)]
     assert len(set(lengths)) == 3, lengths
     engine = make_engine(lm)
+    engine.prefill_pad_limit = 1.0  # any padding allowed: one prefill for all
     engine.submit(requests(lm))
     engine.step()  # prefill all three together, and the first token
     assert engine.running is not None and len(engine.running.rows) == 3
     assert not engine.waiting
     # Left padding: the prefill held more positions than prompt tokens.
     assert engine.stats["padded_tokens"] - engine.stats["forward_tokens"] == sum(max(lengths) - n for n in lengths)
+
+
+def test_prefill_padding_is_bounded_and_output_unchanged(lm):
+    model, tokenizer = lm
+    # A long prompt among short ones: one prefill would be mostly padding.
+    texts = ["Return the number of items in the list. " * 5, "Write", "The quick", "Raise"]
+    reqs = [Request(i, tuple(tokenizer(t).input_ids), 0, 6) for i, t in enumerate(texts)]
+    bounded = make_engine(lm)
+    out = bounded.generate(reqs)
+    padding = bounded.stats["padded_tokens"] - bounded.stats["forward_tokens"]
+    assert 0 < padding <= bounded.prefill_pad_limit * bounded.stats["prefill_positions"]
+    unbounded = make_engine(lm)
+    unbounded.prefill_pad_limit = 1.0
+    assert [c.token_ids for c in out] == [c.token_ids for c in unbounded.generate(reqs)]
+    assert unbounded.stats["padded_tokens"] > bounded.stats["padded_tokens"]
 
 
 def test_greedy_equals_generate_token_for_token(lm):
