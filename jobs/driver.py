@@ -272,10 +272,13 @@ class _Run:
                 for ref in done:
                     if ref in pool.starting:
                         info = pool.started(ref)
+                        run = self.record.runs[-1]
                         if info and "replica" not in self.record.model:
                             self.record.model["replica"] = info
                             # Where steady-state throughput starts: after cluster and model start-up.
-                            self.record.runs[-1]["first_replica_ready_at"] = time.time()
+                            run["first_replica_ready_at"] = time.time()
+                        if len(pool.ready) == self.spec.resources.replicas and "all_replicas_ready_at" not in run:
+                            run["all_replicas_ready_at"] = time.time()
                         continue
                     replica, shard, method = in_flight.pop(ref)
                     pool.load[replica] -= 1
