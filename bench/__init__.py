@@ -1,0 +1,1 @@
+"""Throughput benchmark: bulkgen against the loops people write by hand (see README.md)."""

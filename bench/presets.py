@@ -1,0 +1,91 @@
+"""What each preset runs: model, workload sizes, batch sizes, bulkgen resources.
+
+Sizes are set by the slowest system, the one-prompt-at-a-time loop: on the
+2-core CPU preset the whole benchmark must finish in under 15 minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.model import CPU_SHAPE, GPU_SHAPE, ModelShape
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    device: str
+    dtype: str
+    shape: ModelShape
+    uniform: tuple[int, int, int]  # rows, prompt tokens, new tokens
+    long_tail_rows: int  # prompts 8-512 tokens (log-uniform), limits 1-256 (uniform)
+    sampling: tuple[int, int, int, int]  # rows, prompt tokens, new tokens, num_return_sequences
+    static_batch_sizes: tuple[int, ...]  # sequences per batch, tried on every workload
+    cb_max_requests: int  # transformers continuous batching: requests per batch (sizes its cache)
+    cb_batch_tokens: int  # transformers continuous batching: most tokens per forward (at least the longest sequence)
+    bulkgen_layouts: tuple[tuple[int, int], ...]  # (replicas, torch threads) tried on long-tail
+    bulkgen_sequences: int  # sequences one replica generates together (engine batch_size)
+    naive_every: int = 1  # the naive loop runs every k-th prompt (1: all of them)
+    peak_matmul: int = 2048  # n of the (n x n) @ (n x n) matmul that measures peak FLOP/s
+
+
+CPU = Preset(
+    name="cpu",
+    device="cpu",
+    dtype="float32",
+    shape=CPU_SHAPE,
+    uniform=(64, 64, 48),
+    long_tail_rows=64,
+    sampling=(16, 64, 64, 4),
+    static_batch_sizes=(8, 16, 32),
+    cb_max_requests=32,
+    cb_batch_tokens=512,
+    # The question the benchmark answers on 2 cores: one replica with 2 threads,
+    # or 2 replicas with 1 thread each. The faster one runs the other workloads.
+    bulkgen_layouts=((1, 2), (2, 1)),
+    bulkgen_sequences=32,
+)
+
+GPU = Preset(
+    name="gpu",
+    device="cuda",
+    dtype="bfloat16",
+    shape=GPU_SHAPE,
+    uniform=(256, 128, 128),
+    long_tail_rows=512,
+    sampling=(64, 128, 128, 4),
+    static_batch_sizes=(64, 128, 256),
+    cb_max_requests=256,
+    cb_batch_tokens=8192,
+    bulkgen_layouts=((1, 1),),  # one GPU, one replica
+    bulkgen_sequences=256,
+    # One prompt at a time runs at tens of tokens/s whatever the GPU (kernel
+    # launches); 1 prompt in 16 keeps it to a few minutes, with the same length mix.
+    naive_every=16,
+    peak_matmul=8192,
+)
+
+# A few seconds end to end: checks the code paths, measures nothing.
+SMOKE_SHAPE = ModelShape(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_positions=1024)
+
+
+def smoke(preset: Preset) -> Preset:
+    return Preset(
+        name=f"{preset.name}-smoke",
+        device=preset.device,
+        dtype=preset.dtype,
+        shape=SMOKE_SHAPE,
+        uniform=(6, 16, 8),
+        long_tail_rows=8,
+        sampling=(3, 16, 8, 2),
+        static_batch_sizes=(2, 4),
+        cb_max_requests=4,
+        cb_batch_tokens=preset.cb_batch_tokens,
+        bulkgen_layouts=preset.bulkgen_layouts,
+        bulkgen_sequences=4,
+        naive_every=2,
+        peak_matmul=256,
+    )
+
+
+PRESETS = {"cpu": CPU, "gpu": GPU}
