@@ -254,8 +254,8 @@ class _Run:
                     next_cancel_poll = time.monotonic() + CANCEL_POLL_S
                 # Only replicas whose model has loaded get work: a replacement that
                 # waits for resources must not sit on shards a live replica could run.
-                for replica in pool.ready:
-                    while (item := _next_for(replica, queue, pool, suspects)) is not None:
+                for replica, depth in _offers(pool, queue):
+                    while pool.load[replica] < depth and (item := _next_for(replica, queue, pool, suspects)):
                         shard, method = item
                         tries[shard.index] += 1
                         attempt = f"attempt-{tries[shard.index]}-{uuid.uuid4().hex[:8]}"
@@ -399,6 +399,18 @@ class _ReplicaPool:
         for replica in [*self.ready, *self.starting.values()]:
             ray.kill(replica, no_restart=True)
         self.ready, self.starting = [], {}
+
+
+def _offers(pool: _ReplicaPool, queue: deque):
+    """(replica, how many shards it may hold): first one shard for every replica,
+    then a second (to overlap its I/O with generation) only while the queue
+    still has a shard for every replica, so the last shards go to whichever
+    replica frees up first instead of waiting behind a busy one."""
+    for depth in range(1, IN_FLIGHT_PER_REPLICA + 1):
+        for replica in list(pool.ready):
+            if depth > 1 and len(queue) <= len(pool.ready):
+                return
+            yield replica, depth
 
 
 def _next_for(replica, queue: deque, pool: _ReplicaPool, suspects: set[int]) -> tuple[Shard, str] | None:
