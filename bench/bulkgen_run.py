@@ -115,6 +115,11 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
     ready = run["first_replica_ready_at"]
     for key in ("created_at", "first_step_at", "idle_at"):
         stats[key] = sorted(t - ready for t in stats.get(key, []))
+    # forward_tokens counts each prompt once and each decode step's rows: what is left over
+    # the prompts, per step, is how full the decode batches were.
+    prompts = wl.num_return_sequences * sum(len(p) for p in wl.prompt_ids)
+    if stats.get("steps"):
+        stats["mean_decode_batch"] = (stats["forward_tokens"] - prompts) / stats["steps"]
     return Result(
         cfg.label(),
         wl.name,

@@ -85,14 +85,11 @@ def command(preset: Preset) -> str:
     return "python -m bench.run" + ("" if base == "cpu" else f" --preset {base}") + (" --smoke" if smoke else "")
 
 
-def calibration_note(calibration: dict[int, float], chosen: int) -> str:
+def calibration_note(calibration: dict[int, float]) -> str:
     if not calibration:
         return ""
     timings = ", ".join(f"{t} thread{'s' if t > 1 else ''} {s:.2f}s" for t, s in sorted(calibration.items(), reverse=True))
-    note = f" (a short generate: {timings})"
-    if chosen < max(calibration):
-        note += "; WARNING: fewer threads were faster, so the machine is busy with other work: ratios are less reliable"
-    return note
+    return f" (a short generate: {timings})"
 
 
 def _best_static(results: list[Result]) -> Result | None:
@@ -106,6 +103,12 @@ def _bulkgen(results: list[Result]) -> Result | None:
     return max(runs, key=lambda r: r.tokens_per_s) if runs else None
 
 
+def _threads(r: Result) -> str:
+    if "config" in r.extra:
+        return f"{r.extra['config'].replicas} x {r.extra['config'].torch_threads}"
+    return str(r.extra.get("threads", "-"))
+
+
 def _ratio(a: float, b: float | None) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
@@ -114,12 +117,12 @@ def _table(results: list[Result], peak: float) -> list[str]:
     naive = next((r for r in results if r.system == "naive"), None)
     best = _best_static(results)
     rows = [
-        "| system | new tokens | seconds | tokens/s | vs (a) naive | vs best (b) | padding waste | MFU | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | new tokens | seconds | tokens/s | vs (a) naive | vs best (b) | padding waste | MFU | threads | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if not r.completion_tokens:
-            rows.append(f"| {r.system} | - | - | - | - | - | - | - | {r.notes} |")
+            rows.append(f"| {r.system} | - | - | - | - | - | - | - | - | {r.notes} |")
             continue
         variants = [(r.system, r.seconds)]
         if r.end_to_end_seconds:
@@ -133,12 +136,13 @@ def _table(results: list[Result], peak: float) -> list[str]:
             rows.append(
                 f"| {label} | {r.completion_tokens:,} | {seconds:.1f} | {rate:,.1f} | "
                 f"{_ratio(rate, naive.tokens_per_s if naive else None)} | "
-                f"{_ratio(rate, best.tokens_per_s if best else None)} | {waste} | {mfu:.2%} | {r.extra.get('load', 0):.1f} |"
+                f"{_ratio(rate, best.tokens_per_s if best else None)} | {waste} | {mfu:.2%} | {_threads(r)} | "
+                f"{r.extra.get('load', 0):.1f} |"
             )
     return rows
 
 
-def render(env: dict, preset: Preset, results: dict[str, list[Result]], peak: float, scale: dict, elapsed: float, threads: int) -> str:
+def render(env: dict, preset: Preset, results: dict[str, list[Result]], peak: float, scale: dict, elapsed: float) -> str:
     load_end = os.getloadavg()
     lines = [
         f"# bulkgen benchmark results ({preset.name} preset)",
@@ -148,7 +152,6 @@ def render(env: dict, preset: Preset, results: dict[str, list[Result]], peak: fl
         "```",
         header(env, preset),
         f"load average at end:   {' / '.join(f'{x:.1f}' for x in load_end)}",
-        f"torch threads for (a), (b), (d): {threads}" + calibration_note(env.get("calibration", {}), threads),
         f"matmul peak: {peak / 1e9:,.1f} GFLOP/s ({preset.dtype}, {preset.peak_matmul}^3, all cores, best of this run)",
         f"benchmark wall time: {elapsed / 60:.1f} min",
         "```",
@@ -173,11 +176,16 @@ def render(env: dict, preset: Preset, results: dict[str, list[Result]], peak: fl
     naive = next((r for r in lt if r.system == "naive"), None)
     if naive and naive.completion_tokens:
         mfu = naive.extra["flops"] / naive.seconds / peak
+        best = max(
+            (r for rs in results.values() for r in rs if r.completion_tokens),
+            key=lambda r: r.extra["flops"] / r.seconds,
+        )
         lines += [
             "",
             f"On long-tail the naive loop already runs at {mfu:.1%} MFU: its prefills are batches of a whole prompt. "
             f"No system can beat it by more than {1 / mfu:.1f}x on this machine (100% MFU); 10x needs "
-            f"{10 * mfu:.0%} MFU.",
+            f"{10 * mfu:.0%} MFU. The best any system reached in this run is "
+            f"{best.extra['flops'] / best.seconds / peak:.0%} ({best.system}, {best.workload}).",
         ]
     lines += ["", "## Results", ""]
     for name, rs in results.items():
@@ -191,7 +199,8 @@ def render(env: dict, preset: Preset, results: dict[str, list[Result]], peak: fl
                     f"- {r.system}: {cfg.replicas} replica(s) x {cfg.torch_threads} torch thread(s), batch_size "
                     f"{cfg.batch_size}, max_batch_tokens {cfg.max_batch_tokens}, rows_per_shard {cfg.rows_per_shard}; "
                     f"engine: {e.get('steps', 0)} decode steps, {e.get('forward_tokens', 0):,} token positions "
-                    f"({e.get('padded_tokens', 0):,} with padding); replicas' engines went idle at "
+                    f"({e.get('padded_tokens', 0):,} with padding), {e.get('mean_decode_batch', 0):.1f} sequences per "
+                    f"decode step on average; replicas' engines went idle at "
                     + ", ".join(f"{t:.1f}" for t in e.get("idle_at", []))
                     + f" s of the {r.seconds:.1f} s steady state"
                 )
@@ -221,9 +230,9 @@ def render(env: dict, preset: Preset, results: dict[str, list[Result]], peak: fl
         "",
         "- Every system generates the same prompts (same text, same token ids) with the same per-row new-token",
         "  limits and stops at the end-of-text token; tokens counted are new tokens within each row's limit.",
-        f"- (a), (b) and (d) run in the benchmark process with torch set to {threads} thread(s): the whole machine,",
-        "  unless a short calibration found fewer threads faster (a busy machine); bulkgen's replicas together",
-        "  get the same cores.",
+        "- (a), (b) and (d) run in the benchmark process on all cores or on one torch thread, whichever a short",
+        "  generate (one prompt for (a), 16 for (b) and (d)) ran faster just before the workload: their best,",
+        "  on a machine that may be shared. threads: torch threads (bulkgen: replicas x threads each).",
         "- (b) sorts prompts by length, left-pads, and generates each batch to its largest row limit, then cuts",
         "  every row to its own limit: what a static batch costs when answers vary. Batch sizes count sequences.",
         "- (c) steady state: completion tokens / (job finished - first replica ready), from the job record;",

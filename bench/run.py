@@ -47,43 +47,40 @@ def prepare_model(preset: Preset, out: Path) -> Path:
     return path
 
 
-def calibrate_threads(model, tokenizer, preset: Preset, sync) -> tuple[int, dict[int, float]]:
-    """Threads for the in-process baselines: the whole machine, unless one thread is clearly
-    faster on this model right now (on a machine shared with other work, torch's spinning
-    thread pool can slow many-fold; that would flatter bulkgen's one-thread replicas)."""
+def calibrate_threads(model, tokenizer, preset: Preset, batch: int, sync) -> tuple[int, dict[int, float]]:
+    """Threads for an in-process baseline: all cores or one, whichever generates a batch of
+    `batch` prompts faster right now. One prompt at a time is often faster on one thread,
+    and on a machine shared with other work torch's spinning thread pool can slow
+    many-fold; either way the baselines get their best, not a handicap."""
     import torch
 
     cores = os.cpu_count() or 1
     if preset.device != "cpu" or cores == 1:
         return cores, {}
-    x = torch.randint(10, preset.shape.vocab - 1, (8, 64))
+    x = torch.randint(10, preset.shape.vocab - 1, (batch, 64))
     best: dict[int, float] = {}
     with torch.inference_mode():
         for _ in range(2):
             for threads in (cores, 1):
                 torch.set_num_threads(threads)
                 started = time.perf_counter()
-                for batch in (x, x[:1]):  # a batch, and one prompt at a time
-                    model.generate(
-                        batch, attention_mask=torch.ones_like(batch), max_new_tokens=16, min_new_tokens=16,
-                        do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                    )
+                model.generate(
+                    x, attention_mask=torch.ones_like(x), max_new_tokens=16, min_new_tokens=16,
+                    do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                )  # fmt: skip
                 sync()
                 best[threads] = min(best.get(threads, math.inf), time.perf_counter() - started)
-    chosen = 1 if best[1] * 1.1 < best[cores] else cores
+    chosen = min(best, key=best.get)
     torch.set_num_threads(chosen)
     return chosen, best
 
 
-def machine_peak(preset: Preset, threads: int) -> float:
-    """The matmul peak with every core (what the whole machine can do), then back to `threads`."""
+def machine_peak(preset: Preset) -> float:
+    """The matmul peak with every core: what the whole machine can do."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        return matmul_peak(preset.device, preset.dtype, preset.peak_matmul)
-    finally:
-        torch.set_num_threads(threads)
+    return matmul_peak(preset.device, preset.dtype, preset.peak_matmul)
 
 
 def workload_flops(preset: Preset, wl: Workload) -> float:
@@ -131,15 +128,21 @@ def run_workload(preset: Preset, wl: Workload, model, tokenizer, model_dir: Path
         return r
 
     sub = subset(wl, preset.naive_every)
+    threads, calibration = calibrate_threads(model, tokenizer, preset, 1, sync)
+    say(f"   torch threads for (a): {threads}" + report.calibration_note(calibration))
     r = naive(model, tokenizer, sub, sync)
+    r.extra["threads"] = threads
     if sub is not wl:
         r.notes = f"measured on 1 in {preset.naive_every} prompts ({sub.rows} of {wl.rows}), same length mix"
         r.extra["flops"] = workload_flops(preset, sub)
     record(r)
+    threads, calibration = calibrate_threads(model, tokenizer, preset, 16, sync)
+    say(f"   torch threads for (b), (d): {threads}" + report.calibration_note(calibration))
     for b in preset.static_batch_sizes:
-        record(static_batches(model, tokenizer, wl, b, sync))
+        record(static_batches(model, tokenizer, wl, b, sync)).extra["threads"] = threads
     try:
-        record(hf_continuous_batching(model, tokenizer, wl, preset.cb_max_requests, preset.cb_batch_tokens, sync))
+        r = hf_continuous_batching(model, tokenizer, wl, preset.cb_max_requests, preset.cb_batch_tokens, sync)
+        record(r).extra["threads"] = threads
     except Exception as e:  # report it and go on: (d) is "where it runs"
         say(f"   transformers continuous batching failed: {type(e).__name__}: {e}")
         results.append(Result("transformers CB", wl.name, 0, math.nan, notes=f"failed: {type(e).__name__}: {e}"))
@@ -200,11 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = prepare_model(preset, args.out)
     model, tokenizer = load_model(model_dir, preset.device, preset.dtype)
     sync = torch.cuda.synchronize if preset.device.startswith("cuda") else (lambda: None)
-    # The in-process baselines get the whole machine, as bulkgen's replicas together do.
-    threads, calibration = calibrate_threads(model, tokenizer, preset, sync)
-    env["threads"], env["calibration"] = threads, calibration
-    say(f"torch threads for (a), (b), (d): {threads}" + report.calibration_note(calibration, threads))
-    peak = machine_peak(preset, threads)
+    peak = machine_peak(preset)
     say(f"matmul peak ({preset.dtype}, {preset.peak_matmul}^3, {os.cpu_count()} threads): {peak / 1e9:,.1f} GFLOP/s")
 
     u_rows, u_prompt, u_new = preset.uniform
@@ -227,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = best.extra["config"]
             layouts = ((cfg.replicas, cfg.torch_threads),)
             say(f"   -> {cfg.replicas} replica(s) x {cfg.torch_threads} thread(s) is faster; the other workloads use it")
-    peak = max(peak, machine_peak(preset, threads))
+    peak = max(peak, machine_peak(preset))
     elapsed = time.perf_counter() - started
-    text = report.render(env, preset, all_results, peak, scale, elapsed, threads)
+    text = report.render(env, preset, all_results, peak, scale, elapsed)
     say("\n" + text)
     results_path.write_text(text)
     say(f"\nwrote {results_path} ({elapsed / 60:.1f} min)")
