@@ -77,7 +77,9 @@ def naive(model, tokenizer, wl: Workload, sync=lambda: None) -> Result:
     with torch.inference_mode():
         for ids, limit in zip(wl.prompt_ids, wl.limits):
             x = torch.tensor([ids], device=model.device)
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=limit, **_gen_kwargs(wl, tokenizer))
+            out = model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=limit, **_gen_kwargs(wl, tokenizer)
+            )
             for row in out[:, len(ids) :].tolist():
                 useful = _useful(row, limit, eos)
                 tokens += useful

@@ -74,7 +74,12 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
     spec = spec_from_dict(
         {
             "name": name,
-            "input": {"uri": str(data), "prompt_column": "prompt", "id_column": "id", "max_new_tokens_column": "max_new_tokens"},
+            "input": {
+                "uri": str(data),
+                "prompt_column": "prompt",
+                "id_column": "id",
+                "max_new_tokens_column": "max_new_tokens",
+            },
             "model": {"path": str(model_dir), "dtype": cfg.dtype},
             "generation": {
                 "max_new_tokens": wl.max_new_tokens,

@@ -88,7 +88,8 @@ def command(preset: Preset) -> str:
 def calibration_note(calibration: dict[int, float]) -> str:
     if not calibration:
         return ""
-    timings = ", ".join(f"{t} thread{'s' if t > 1 else ''} {s:.2f}s" for t, s in sorted(calibration.items(), reverse=True))
+    runs = sorted(calibration.items(), reverse=True)
+    timings = ", ".join(f"{t} thread{'s' if t > 1 else ''} {s:.2f}s" for t, s in runs)
     return f" (a short generate: {timings})"
 
 
@@ -117,7 +118,8 @@ def _table(results: list[Result], peak: float) -> list[str]:
     naive = next((r for r in results if r.system == "naive"), None)
     best = _best_static(results)
     rows = [
-        "| system | new tokens | seconds | tokens/s | vs (a) naive | vs best (b) | padding waste | MFU | threads | load |",
+        "| system | new tokens | seconds | tokens/s | vs (a) naive | vs best (b) | padding waste | MFU "
+        "| threads | load |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -142,7 +144,9 @@ def _table(results: list[Result], peak: float) -> list[str]:
     return rows
 
 
-def render(env: dict, preset: Preset, results: dict[str, list[Result]], peak: float, scale: dict, elapsed: float) -> str:
+def render(
+    env: dict, preset: Preset, results: dict[str, list[Result]], peak: float, scale: dict, elapsed: float
+) -> str:
     load_end = os.getloadavg()
     lines = [
         f"# bulkgen benchmark results ({preset.name} preset)",

@@ -116,7 +116,9 @@ def bulkgen_config(preset: Preset, wl: Workload, replicas: int, threads: int) ->
     )
 
 
-def run_workload(preset: Preset, wl: Workload, model, tokenizer, model_dir: Path, work: Path, layouts, sync) -> list[Result]:
+def run_workload(
+    preset: Preset, wl: Workload, model, tokenizer, model_dir: Path, work: Path, layouts, sync
+) -> list[Result]:
     say(f"\n== {wl.name}: {wl.describe()}")
     results: list[Result] = []
 
@@ -163,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model and workloads: checks the code paths only")
     parser.add_argument("--device", help="override the preset's device (e.g. cuda:1)")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="scratch directory (gitignored)")
-    parser.add_argument("--only", action="append", help="run only this workload (long-tail, uniform, sampling); repeatable")
-    parser.add_argument("--results", type=Path, help="results file (default bench/RESULTS.md; smoke runs: OUT/RESULTS.md)")
+    parser.add_argument(
+        "--only", action="append", help="run only this workload (long-tail, uniform, sampling); repeatable"
+    )
+    parser.add_argument(
+        "--results", type=Path, help="results file (default bench/RESULTS.md; smoke runs: OUT/RESULTS.md)"
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -182,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         preset = Preset(**{**preset.__dict__, "device": args.device})
     if preset.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("--preset gpu needs a CUDA device (torch.cuda.is_available() is False); use --device cpu to try it here")
+        sys.exit(
+            "--preset gpu needs a CUDA device (torch.cuda.is_available() is False); use --device cpu to try it here"
+        )
     results_path = args.results or (args.out / "RESULTS.md" if args.smoke else HERE / "RESULTS.md")
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / f"work-{preset.name}"
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             best = max((r for r in all_results[wl.name] if "config" in r.extra), key=lambda r: r.tokens_per_s)
             cfg = best.extra["config"]
             layouts = ((cfg.replicas, cfg.torch_threads),)
-            say(f"   -> {cfg.replicas} replica(s) x {cfg.torch_threads} thread(s) is faster; the other workloads use it")
+            say(f"   -> {cfg.replicas} replica(s) x {cfg.torch_threads} thread(s) is faster; the rest use it")
     peak = max(peak, machine_peak(preset))
     elapsed = time.perf_counter() - started
     text = report.render(env, preset, all_results, peak, scale, elapsed)
