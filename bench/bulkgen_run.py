@@ -1,19 +1,26 @@
-"""(c) bulkgen end to end: Parquet in, a local Ray started from this process, Parquet out."""
+"""(c) bulkgen end to end: Parquet in, a local Ray started from this process, Parquet out.
+
+Everything measured comes from the job record (`_job.json`) the driver writes:
+its timestamps, and each replica's engine counters and busy times as the
+replica's last shard result reported them (runs[-1]["replicas"])."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-from bench import hooks
 from bench.baselines import Result
 from bench.workloads import Workload
 
-REPO = Path(__file__).resolve().parent.parent
+# A replica's cumulative engine counters in the record (summed over replicas) and its
+# times (one per replica): model loaded, first engine step, engine last idle.
+COUNTERS = ("forward_tokens", "padded_tokens", "prefill_positions", "steps")
+TIMES = ("loaded_at", "first_step_at", "idle_at")
 
 
 @dataclass(frozen=True)
@@ -30,9 +37,8 @@ class BulkgenConfig:
         return f"bulkgen {self.replicas}x{self.torch_threads}t b={self.batch_size}"
 
 
-def start_ray(temp_dir: str, stats_dir: str, num_gpus: int) -> None:
-    """ray.init on loopback (like tests/conftest.start_local_ray), its files under `temp_dir`,
-    with the stats hook in every worker."""
+def start_ray(temp_dir: str, num_gpus: int) -> None:
+    """ray.init on loopback (like tests/conftest.start_local_ray), its files under `temp_dir`."""
     import ray
 
     ray.init(
@@ -43,16 +49,30 @@ def start_ray(temp_dir: str, stats_dir: str, num_gpus: int) -> None:
         include_dashboard=False,
         configure_logging=False,
         log_to_driver=False,
-        runtime_env={
-            "worker_process_setup_hook": hooks.SETUP_HOOK,
-            # PYTHONPATH: the hook is imported before Ray adds the driver's paths.
-            "env_vars": {
-                hooks.STATS_DIR_ENV: stats_dir,
-                "PYTHONPATH": str(REPO),
-                "TOKENIZERS_PARALLELISM": "false",
-            },
-        },
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
     )
+
+
+def _seconds(start: str, end: str) -> float:
+    """Seconds between two of the record's ISO 8601 timestamps."""
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def engine_stats(run: dict, wl: Workload) -> dict:
+    """The replicas' engine counters summed, and their times in seconds after the first
+    replica was ready (sorted lists, one per replica): start spread and tail imbalance."""
+    replicas = list(run.get("replicas", {}).values())
+    stats: dict = {k: sum(r.get(k, 0) for r in replicas) for k in COUNTERS}
+    stats["replicas"] = len(replicas)
+    ready = run["first_replica_ready_at"]
+    for key in TIMES:
+        stats[key] = sorted(_seconds(ready, r[key]) for r in replicas if r.get(key))
+    # forward_tokens counts each prompt once and each decode step's rows: what is left over
+    # the prompts, per step, is how full the decode batches were.
+    prompts = wl.num_return_sequences * sum(len(p) for p in wl.prompt_ids)
+    if stats["steps"]:
+        stats["mean_decode_batch"] = (stats["forward_tokens"] - prompts) / stats["steps"]
+    return stats
 
 
 def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfig) -> Result:
@@ -63,8 +83,10 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
     model loading: from just before ray.init to the job's end."""
     import ray
 
+    from jobs.core.layout import RECORD
+    from jobs.core.spec import spec_from_dict
+    from jobs.core.times import now
     from jobs.driver import run_job
-    from jobs.spec import spec_from_dict
 
     name = f"{wl.name}-{cfg.replicas}x{cfg.torch_threads}"
     data = wl.write_parquet(work_dir / "input" / f"{wl.name}.parquet")
@@ -99,40 +121,29 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
             "shards": {"rows_per_shard": cfg.rows_per_shard},
         }
     )
-    stats_dir = tempfile.mkdtemp(prefix="stats-", dir=work_dir)
     # Short: Ray's Unix socket paths live under it.
     ray_dir = tempfile.mkdtemp(prefix="bgb-ray-", dir="/tmp")
-    started = time.time()
+    started = now()
     try:
-        start_ray(ray_dir, stats_dir, num_gpus=int(cfg.num_gpus and 1) * cfg.replicas)
-        record = run_job(spec, progress=False)
+        start_ray(ray_dir, num_gpus=int(cfg.num_gpus and 1) * cfg.replicas)
+        run_job(spec, progress=False)
     finally:
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(ray_dir, ignore_errors=True)
-    run = record.runs[-1]
-    c = record.counts
-    if c.rows_failed:
-        raise RuntimeError(f"bulkgen job {name}: {c.rows_failed} rows failed; see {output}/errors")
-    stats = hooks.read_stats(stats_dir)
-    shutil.rmtree(stats_dir, ignore_errors=True)
-    # Engine timestamps relative to the first replica being ready: start spread and tail imbalance.
-    ready = run["first_replica_ready_at"]
-    for key in ("created_at", "first_step_at", "idle_at"):
-        stats[key] = sorted(t - ready for t in stats.get(key, []))
-    # forward_tokens counts each prompt once and each decode step's rows: what is left over
-    # the prompts, per step, is how full the decode batches were.
-    prompts = wl.num_return_sequences * sum(len(p) for p in wl.prompt_ids)
-    if stats.get("steps"):
-        stats["mean_decode_batch"] = (stats["forward_tokens"] - prompts) / stats["steps"]
+    record = json.loads((output / RECORD).read_text())  # what the driver left: the job's record
+    run = record["runs"][-1]
+    c = record["counts"]
+    if c["rows_failed"]:
+        raise RuntimeError(f"bulkgen job {name}: {c['rows_failed']} rows failed; see {output}/errors")
+    stats = engine_stats(run, wl)
     return Result(
         cfg.label(),
         wl.name,
-        c.completion_tokens,
-        run["finished_at"] - run["first_replica_ready_at"],
-        stats.get("padded_tokens"),
-        stats.get("forward_tokens"),
-        end_to_end_seconds=run["finished_at"] - started,
+        c["completion_tokens"],
+        _seconds(run["first_replica_ready_at"], run["finished_at"]),
+        stats["padded_tokens"] or None,
+        stats["forward_tokens"] or None,
+        end_to_end_seconds=_seconds(started, run["finished_at"]),
         extra={"engine": stats, "config": cfg},
     )
-

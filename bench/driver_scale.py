@@ -65,9 +65,9 @@ def measure(where: Path) -> dict:
     import resource
     import tracemalloc
 
+    from jobs.core.plan import plan
+    from jobs.core.spec import InputSpec
     from jobs.dataset import open_dataset
-    from jobs.plan import plan
-    from jobs.spec import InputSpec
 
     spec = InputSpec(uri=str(where), prompt_column="prompt")
     rss_before = _status_kib("VmRSS")

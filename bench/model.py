@@ -115,7 +115,7 @@ def save_model(path: Path, shape: ModelShape, dtype: str = "float32", device: st
 
 
 def load_model(path: Path, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) loaded the way bulkgen's replica loads them."""
+    """(model, tokenizer) loaded the way bulkgen's replica loads them (TransformersEngine.from_spec)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

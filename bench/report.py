@@ -224,7 +224,7 @@ def render(
         "## Driver scale: planning 10 million rows",
         "",
         f"{scale['rows']:,} rows in {scale['files']:,} Parquet files (local temp dir, footers only) through "
-        f"`jobs.dataset.open_dataset` + `jobs.plan.plan` (rows_per_shard {scale['rows_per_shard']:,}) -> "
+        f"`jobs.dataset.open_dataset` + `jobs.core.plan.plan` (rows_per_shard {scale['rows_per_shard']:,}) -> "
         f"{scale['shards']:,} shards: **{scale['wall_s']:.2f} s** wall ({scale['open_dataset_s']:.2f} s listing and "
         f"footers, {scale['plan_s']:.3f} s planning), **peak RSS +{scale['peak_rss_increase_mib']:.1f} MiB** over "
         f"{scale['rss_before_mib']:.0f} MiB (Python heap peak {scale['python_heap_peak_mib']:.1f} MiB). "
@@ -243,7 +243,7 @@ def render(
         "  with start-up: from just before `ray.init` to the job's end (Ray, validation, model load included).",
         "- Padding waste: share of the token positions pushed through the model that were padding or past a",
         "  row's limit (prefill + decode; attention over padded cache columns is not counted). bulkgen's comes",
-        "  from its engine's counters (read through a Ray worker setup hook, bench/hooks.py).",
+        "  from its engine's counters, which each replica reports with its shard results and the job record keeps.",
         "- MFU: model FLOPs the workload needs (2 x body parameters per token position, plus attention",
         "  2 x layers x context x hidden, plus the lm_head where a token is picked; prompts counted once per",
         "  returned sequence) / seconds / the matmul peak measured in this run.",

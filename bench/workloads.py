@@ -1,7 +1,7 @@
 """The workloads: prompts of chosen token lengths with per-row new-token limits.
 
 Every system gets the same prompt text and tokenizes it the same way
-(`workers.prompts.tokenize_prompt`, what a bulkgen replica does), so all of
+(`jobs.core.prompts.tokenize_prompt`, what a bulkgen replica does), so all of
 them prefill the same token ids. Random weights rarely emit the end-of-text
 token, so answer lengths are set by the per-row limits, the same on any machine.
 """
@@ -65,8 +65,8 @@ class Workload:
 
 def make_prompts(tokenizer, lengths: list[int], seed: int) -> tuple[list[str], list[tuple[int, ...]]]:
     """Prompt texts whose token counts are (within a token or two) `lengths`."""
-    from jobs.spec import InputSpec
-    from workers.prompts import tokenize_prompt
+    from jobs.core.prompts import tokenize_prompt
+    from jobs.core.spec import InputSpec
 
     spec = InputSpec(uri="unused", prompt_column="prompt")
     rng = random.Random(seed)

@@ -1,6 +1,7 @@
 """`bulkgen` command line: run, resume, status, cancel, validate, retry-failed.
 
-Exit codes: 0 success, 1 the job failed, 2 bad input or usage, 130 cancelled.
+Exit codes: 0 success, 1 the job failed (or an internal error: its traceback
+is in the log), 2 bad input or usage (jobs.core.errors.BadInput), 130 cancelled.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import logging
 import sys
 import textwrap
 
-from jobs.spec import SpecError, load_spec
+from jobs.core.errors import BadInput
+from jobs.core.spec import load_spec
 
 log = logging.getLogger("bulkgen")
 
@@ -24,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from jobs.driver import JobCancelled, JobError, OutputConflict
+    from jobs.driver import JobCancelled, JobError
 
     try:
         return args.func(args)
-    except (SpecError, OutputConflict, FileNotFoundError, ValueError) as e:
+    except BadInput as e:
         print(f"bulkgen: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except JobCancelled as e:
@@ -37,13 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as e:
         print(f"bulkgen: job failed: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except ConnectionError as e:  # ray.init could not join the cluster
-        print(
-            f"bulkgen: error: {e}\n  a cluster with token auth needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
-            "(or RAY_AUTH_TOKEN) in the driver's environment; see cluster/README.md",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
+    except Exception as e:  # a bug, or storage that failed for good: not the user's input
+        log.exception("internal error")
+        print(f"bulkgen: internal error: {type(e).__name__}: {e} (traceback above)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,20 +114,18 @@ def _cmd_resume(args) -> int:
 def _cmd_status(args) -> int:
     import json
 
-    from jobs.driver import RECORD, driver_alive
-    from jobs.output import OutputDir
-    from jobs.record import JobRecord, format_status
+    from jobs.output import read_record
+    from jobs.record import JobState, driver_alive, format_status
 
-    doc = OutputDir(args.output_uri, {}).read_json(RECORD)
-    if doc is None:
-        raise FileNotFoundError(f"no job record ({RECORD}) under {args.output_uri}")
+    record = read_record(args.output_uri)
+    doc = record.to_json()
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        print(format_status(JobRecord.from_json(doc), args.output_uri))
-        if doc.get("state") == "running" and not driver_alive(doc):
+        print(format_status(record, args.output_uri))
+        if record.state is JobState.RUNNING and not driver_alive(doc):
             print("warning:  its driver is gone (killed?); `bulkgen resume` finishes the job")
-    return 0 if doc.get("state") != "failed" else EXIT_FAILED
+    return EXIT_FAILED if record.state is JobState.FAILED else 0
 
 
 def _cmd_cancel(args) -> int:
@@ -157,23 +154,27 @@ def _cmd_retry_failed(args) -> int:
 
 
 def _print_done(uri: str, storage_options: dict, record) -> None:
+    from jobs.core.layout import DATA, ERRORS
+
     c = record.counts
     print(f"\nsucceeded: {c.rows_done} rows generated, {c.rows_failed} failed, in {c.shards_total} shards")
-    print(f"results:   {uri.rstrip('/')}/data/")
+    print(f"results:   {uri.rstrip('/')}/{DATA}/")
     if c.rows_failed:
-        print(f"errors:    {uri.rstrip('/')}/errors/")
+        print(f"errors:    {uri.rstrip('/')}/{ERRORS}/")
     for sample in _samples(uri, storage_options, 3):
         print("\n" + textwrap.indent(sample, "  "))
 
 
 def _samples(uri: str, storage_options: dict, k: int) -> list[str]:
+    from jobs.core.layout import MANIFEST
+    from jobs.core.storage import read_parquet
     from jobs.output import OutputDir
-    from workers.storage import read_parquet
 
-    manifest = OutputDir(uri, storage_options).read_json("_manifest.json") or {}
+    out = OutputDir(uri, storage_options)
+    manifest = out.read_json(MANIFEST) or {}
     samples = []
     for entry in manifest.get("shards", []):
-        table = read_parquet(f"{uri.rstrip('/')}/{entry['data']}", storage_options)
+        table = read_parquet(out.url(entry["data"]), storage_options)
         for row in table.slice(0, k - len(samples)).to_pylist():
             samples.append(f"{row.get('prompt', '[prompt not included]')}\n  -> {row['text']}")
         if len(samples) >= k:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+
+from jobs.core.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
@@ -14,22 +17,32 @@ def connect(address: str | None) -> bool:
     Returns whether this call started Ray, so the caller knows to shut it down."""
     import ray
 
-    import jobs
-    import workers
-
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # Ship our own two packages with the job, so a cluster whose image has
         # torch and transformers but not bulkgen can still run it.
-        ray.init(
-            address=address,
-            runtime_env={"py_modules": [jobs, workers]},
-            logging_level=logging.WARNING,
-        )
+        try:
+            ray.init(
+                address=address,
+                runtime_env={"py_modules": [_package_dir("jobs"), _package_dir("workers")]},
+                logging_level=logging.WARNING,
+            )
+        except ConnectionError as e:
+            raise ClusterError(
+                f"cannot join the Ray cluster at {address}: {e}\n  a cluster with token auth needs "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) in the driver's environment; "
+                "see cluster/README.md"
+            ) from e
         log.info("joined Ray cluster at %s", address)
     else:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
         log.info("started a local Ray instance")
     return True
+
+
+def _package_dir(name: str) -> str:
+    """Where a top-level package of ours lives, found without importing it (the
+    driver runs none of the replica side's code; it only ships it)."""
+    return importlib.util.find_spec(name).submodule_search_locations[0]

@@ -1,7 +1,9 @@
 """The input dataset as the driver sees it: file list, footers and schema checks.
 
 The driver reads Parquet footers (row counts, schema) and, when an id column
-is given, that one column to check ids are unique. It never holds the rows.
+is given, that one column to check ids are unique; it holds no prompt rows
+(except `bulkgen validate`'s scan, a shard at a time, and memory:// input,
+which only the driver's process can read).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.plan import InputFile
-from jobs.spec import InputSpec
+from jobs.core import storage
+from jobs.core.errors import InputError
+from jobs.core.plan import InputFile
+from jobs.core.spec import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +41,28 @@ class Dataset:
 def list_parquet_files(uri: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     """Resolve `uri` (file, directory or glob) to (fs, root, sorted file paths)."""
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    if any(c in path for c in _GLOB_CHARS):
+    if is_glob(path):
         paths = [p for p in fs.glob(path) if fs.isfile(p)]
-        root = path[: min(path.find(c) for c in _GLOB_CHARS if c in path)].rsplit("/", 1)[0]
+        root = glob_root(path)
     elif fs.isdir(path):
         root = path.rstrip("/")
         paths = [p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(posixpath.relpath(p, root))]
     elif fs.isfile(path):
         root, paths = posixpath.dirname(path), [path]
     else:
-        raise FileNotFoundError(f"input.uri {uri!r} does not exist")
+        raise InputError(f"input.uri {uri!r} does not exist")
     if not paths:
-        raise FileNotFoundError(f"input.uri {uri!r} matches no Parquet files")
+        raise InputError(f"input.uri {uri!r} matches no Parquet files")
     return fs, root, sorted(paths)
+
+
+def is_glob(path: str) -> bool:
+    return any(c in path for c in _GLOB_CHARS)
+
+
+def glob_root(path: str) -> str:
+    """The directory a glob's matches are relative to: the one above its first wildcard."""
+    return path[: min(path.find(c) for c in _GLOB_CHARS if c in path)].rsplit("/", 1)[0]
 
 
 def _hidden(relpath: str) -> bool:
@@ -66,7 +79,7 @@ def read_footers(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> 
             with fs.open(path, "rb") as f:
                 meta = pq.read_metadata(f)
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
-            raise ValueError(f"input file {fs.unstrip_protocol(path)} is not readable Parquet: {e}") from e
+            raise InputError(f"input file {fs.unstrip_protocol(path)} is not readable Parquet: {e}") from e
         relpath = posixpath.relpath(path, root) if root else path
         return InputFile(fs.unstrip_protocol(path), relpath, meta.num_rows), meta.schema.to_arrow_schema()
 
@@ -77,7 +90,8 @@ def read_footers(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> 
 
 def open_dataset(spec: InputSpec) -> Dataset:
     """List and check the input; raises before any model or cluster is touched."""
-    fs, root, paths = list_parquet_files(spec.uri, spec.storage_options)
+    with storage.reaching("input.uri", spec.uri, InputError):
+        fs, root, paths = list_parquet_files(spec.uri, spec.storage_options)
     files, schemas = read_footers(fs, root, paths)
     for f, schema in zip(files, schemas):
         check_schema(spec, schema, f.url)
@@ -99,25 +113,52 @@ def check_schema(spec: InputSpec, schema: pa.Schema, where: str) -> None:
     for field, columns in fields:
         missing = [c for c in columns if c not in names]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{field} names column(s) {missing} that {where} does not have; its columns are {sorted(names)}"
             )
-    if spec.max_new_tokens_column and not pa.types.is_integer(schema.field(spec.max_new_tokens_column).type):
-        raise ValueError(
-            f"input.max_new_tokens_column {spec.max_new_tokens_column!r} in {where} has type "
-            f"{schema.field(spec.max_new_tokens_column).type}; expected integers"
+    _check_type(spec, schema, where)
+
+
+def _check_type(spec: InputSpec, schema: pa.Schema, where: str) -> None:
+    """The columns the prompt and the ids come from must hold what bulkgen reads from them."""
+
+    def refuse(field: str, column: str, expected: str) -> None:
+        raise InputError(
+            f"{field} {column!r} in {where} has type {schema.field(column).type}; expected {expected}"
         )
-    if spec.messages_column:
-        kind = schema.field(spec.messages_column).type
-        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
-            raise ValueError(
-                f"input.messages_column {spec.messages_column!r} in {where} has type {kind}; "
-                "expected a list of {role, content} structs"
-            )
+
+    if spec.prompt_column and not _is_text(schema.field(spec.prompt_column).type):
+        refuse("input.prompt_column", spec.prompt_column, "text (string)")
+    if spec.messages_column and not _is_messages(schema.field(spec.messages_column).type):
+        refuse("input.messages_column", spec.messages_column, "a list of {role, content} structs of strings")
+    if spec.id_column and _is_nested(schema.field(spec.id_column).type):
+        refuse("input.id_column", spec.id_column, "scalar ids (strings or integers), not lists, structs or maps")
+    if spec.max_new_tokens_column and not pa.types.is_integer(schema.field(spec.max_new_tokens_column).type):
+        refuse("input.max_new_tokens_column", spec.max_new_tokens_column, "integers")
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def _is_messages(kind: pa.DataType) -> bool:
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        return False
+    item = kind.value_type
+    if not pa.types.is_struct(item):
+        return False
+    fields = {item.field(i).name: item.field(i).type for i in range(item.num_fields)}
+    return all(name in fields and _is_text(fields[name]) for name in ("role", "content"))
+
+
+def _is_nested(kind: pa.DataType) -> bool:
+    return pa.types.is_nested(kind) or pa.types.is_null(kind)
 
 
 def check_unique_ids(spec: InputSpec, dataset: Dataset) -> None:
-    """Raise ValueError naming a duplicated or null id.
+    """Raise InputError naming a duplicated or null id.
 
     Streams the id column one row group at a time and keeps 8 bytes per row
     (a hash), so memory stays far below the dataset's."""
@@ -128,7 +169,7 @@ def check_unique_ids(spec: InputSpec, dataset: Dataset) -> None:
     for ids, file, offset in _iter_ids(spec, dataset):
         if ids.null_count:
             row = offset + ids.to_pylist().index(None)
-            raise ValueError(f"input.id_column {spec.id_column!r} is null in {file.url} (a row near {row})")
+            raise InputError(f"input.id_column {spec.id_column!r} is null in {file.url} (a row near {row})")
         hashes[filled : filled + len(ids)] = [hash(v) for v in ids.to_pylist()]
         filled += len(ids)
     order = np.sort(hashes[:filled])
@@ -141,7 +182,7 @@ def check_unique_ids(spec: InputSpec, dataset: Dataset) -> None:
         for value in ids.to_pylist():
             if hash(value) in suspects:
                 if value in seen:
-                    raise ValueError(
+                    raise InputError(
                         f"input.id_column {spec.id_column!r} is not unique: {value!r} appears in {seen[value]} "
                         f"and {file.url}"
                     )

@@ -1,12 +1,4 @@
-"""The job's output directory and its commit protocol.
-
-    _job.json                  job record (jobs/record.py)
-    data/part-NNNNN.parquet    generated rows of shard NNNNN
-    errors/part-NNNNN.parquet  its dead letters, when it has any
-    _commits/part-NNNNN.json   the shard's commit record, written last
-    _manifest.json             all commit records, written at the end
-    _SUCCESS                   written last, only when the job succeeded
-    _staging/                  attempts' files before commit; removed at the end
+"""The job's output directory and its commit protocol (paths: jobs/core/layout.py).
 
 Only the driver commits. Replicas write to their own attempt directory under
 _staging/, so a zombie attempt can never touch data/ or errors/. A commit
@@ -26,21 +18,31 @@ from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 
-from jobs.plan import shard_name
-from workers.replica import ShardResult
-from workers.storage import read_bytes, with_retries, write_bytes
+from jobs.core import layout
+from jobs.core.errors import OutputError
+from jobs.core.layout import CANCEL, RECORD, OutputLayout
+from jobs.core.plan import shard_name
+from jobs.core.protocol import ShardResult
+from jobs.core.spec import JobSpec
+from jobs.core.storage import move, read_bytes, with_retries, write_bytes
+from jobs.record import JobRecord, JobState, driver_alive
 
 log = logging.getLogger(__name__)
 
 
+class OutputConflict(OutputError):
+    """The output holds another job's committed results, or a live driver writes it."""
+
+
 class OutputDir:
     def __init__(self, uri: str, storage_options: dict):
-        self.uri = uri.rstrip("/")
+        self.layout = OutputLayout(uri)
+        self.uri = self.layout.uri
         self.storage_options = storage_options
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options)
 
-    def url(self, *parts: str) -> str:
-        return "/".join([self.uri, *parts])
+    def url(self, relpath: str) -> str:
+        return self.layout.url(relpath)
 
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -74,65 +76,92 @@ class OutputDir:
 
     def wipe(self) -> None:
         """Delete everything this job wrote (for --overwrite)."""
-        for name in ("_SUCCESS", "_manifest.json", "_commits", "data", "errors", "_staging", "_job.json"):
+        for name in layout.JOB_ENTRIES:
             self.remove(name)
 
     # -- shard commits ---------------------------------------------------------
 
     def commit(self, result: ShardResult, extra: dict) -> dict:
         """Publish a shard attempt's staged files under their final names, then its commit record."""
-        name = shard_name(result.shard)
-        record_name = f"_commits/{name}.json"
-        data_path, errors_path = self._path("data", f"{name}.parquet"), self._path("errors", f"{name}.parquet")
-
+        shard, paths = result.shard, self.layout
         # Each step is retried on its own and is idempotent, so a transient
         # failure half-way never repeats a move that already happened.
         # A shard committed earlier (retry-failed rewrites one) is uncommitted
         # first, so no crash can leave a half-replaced pair counted as done.
-        self.remove(record_name)
+        self.remove(paths.commit(shard))
         if result.errors_url:
-            self._move(result.errors_url, errors_path)
+            move(result.errors_url, self.url(paths.errors(shard)), self.storage_options)
         else:
-            self.remove(f"errors/{name}.parquet")  # left by an earlier, uncommitted attempt
-        self._move(result.data_url, data_path)
+            self.remove(paths.errors(shard))  # left by an earlier, uncommitted attempt
+        move(result.data_url, self.url(paths.data(shard)), self.storage_options)
         record = {
-            "shard": result.shard,
-            "name": name,
+            "shard": shard,
+            "name": shard_name(shard),
             "attempt": result.attempt,
-            "data": f"data/{name}.parquet",
-            "errors": f"errors/{name}.parquet" if result.errors_url else None,
+            "data": paths.data(shard),
+            "errors": paths.errors(shard) if result.errors_url else None,
             "rows_done": result.samples_ok,
             "rows_failed": result.samples_failed,
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
             **extra,
         }
-        self.write_json(record_name, record)
-        self.remove(f"_staging/{name}")
+        self.write_json(paths.commit(shard), record)
+        self.remove(paths.staging(shard))
         return record
-
-    def _move(self, staged_url: str, final_path: str) -> None:
-        """Publish one staged file under its final name (a whole file, never a partial one)."""
-        _, staged = fsspec.core.url_to_fs(staged_url, **self.storage_options)
-
-        def move() -> None:
-            if not self.fs.exists(staged) and self.fs.exists(final_path):
-                return  # moved by an earlier try whose reply was lost
-            self.fs.makedirs(posixpath.dirname(final_path), exist_ok=True)
-            self.fs.mv(staged, final_path)
-
-        with_retries(move, f"publishing {staged_url}")
 
     def commit_records(self) -> dict[int, dict]:
         """Every committed shard's record, by shard index."""
 
         def listing() -> list[str]:
             try:
-                return [p for p in self.fs.ls(self._path("_commits"), detail=False) if p.endswith(".json")]
+                return [p for p in self.fs.ls(self._path(layout.COMMITS), detail=False) if p.endswith(".json")]
             except FileNotFoundError:
                 return []
 
-        paths = with_retries(listing, f"listing {self.url('_commits')}")
+        paths = with_retries(listing, f"listing {self.url(layout.COMMITS)}")
         with ThreadPoolExecutor(max_workers=16) as pool:
             docs = pool.map(lambda p: json.loads(with_retries(lambda: self.fs.cat_file(p), f"reading {p}")), paths)
             return {doc["shard"]: doc for doc in docs}
+
+
+def claim_output(spec: JobSpec, overwrite: bool) -> tuple[OutputDir, JobRecord]:
+    """Open the output for this spec: resume its own record, or refuse another job's results."""
+    out = OutputDir(spec.output.uri, spec.output.storage_options)
+    existing = out.read_json(RECORD)
+    if existing and existing.get("state") == JobState.RUNNING.value and driver_alive(existing):
+        run = existing["runs"][-1]
+        raise OutputConflict(
+            f"{out.uri} is being written by a running driver (pid {run.get('pid')} on {run.get('host')}, "
+            f"record updated {existing.get('updated_at')}); `bulkgen cancel` it or wait for it"
+        )
+    if existing and existing.get("fingerprint") != spec.fingerprint():
+        committed = out.commit_records()
+        if overwrite:
+            log.warning("--overwrite: deleting the previous job's output in %s", out.uri)
+            out.wipe()
+        elif committed:
+            raise OutputConflict(
+                f"{out.uri} holds {len(committed)} committed shards of a different job spec "
+                f"(fingerprint {existing.get('fingerprint')}, this spec is {spec.fingerprint()}); "
+                "use another output.uri, or --overwrite to delete them"
+            )
+        else:
+            out.wipe()  # nothing committed to lose (e.g. an earlier spec failed validation)
+        existing = None
+    elif not existing and not out.is_empty() and not overwrite:
+        raise OutputConflict(f"{out.uri} is not empty and was not written by bulkgen; use another output.uri")
+    if existing:
+        record = JobRecord.from_json(existing)
+    else:
+        record = JobRecord(spec.redacted(), spec.fingerprint(), spec.name)  # state pending
+        out.write_json(RECORD, record.to_json())  # claims the output for this spec
+    out.remove(CANCEL)
+    return out, record
+
+
+def read_record(output_uri: str) -> JobRecord:
+    doc = OutputDir(output_uri, {}).read_json(RECORD)
+    if doc is None:
+        raise OutputError(f"no job record ({RECORD}) under {output_uri}")
+    return JobRecord.from_json(doc)

@@ -6,7 +6,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from jobs.spec import JobSpec
+from jobs.core.errors import ModelError
+from jobs.core.model import context_length
+from jobs.core.spec import JobSpec
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -19,37 +21,25 @@ def check_model_source(spec: JobSpec) -> None:
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
     if not os.path.exists(path):
         if looks_local:
-            raise FileNotFoundError(f"model.path {path!r} does not exist")
+            raise ModelError(f"model.path {path!r} does not exist")
         return  # a hub id; its loading errors come from the replica
     if not os.path.isdir(path):
-        raise ValueError(f"model.path {path!r} is a file; give the checkpoint's directory")
+        raise ModelError(f"model.path {path!r} is a file; give the checkpoint's directory")
     files = [p.name for p in Path(path).iterdir()]
     if "config.json" not in files:
-        raise FileNotFoundError(f"model.path {path!r} has no config.json; is it a transformers checkpoint?")
+        raise ModelError(f"model.path {path!r} has no config.json; is it a transformers checkpoint?")
     if spec.model.use_safetensors and not any(f.endswith(".safetensors") for f in files):
         if any(f.endswith(_WEIGHT_SUFFIXES) for f in files):
-            raise ValueError(
+            raise ModelError(
                 f"model.path {path!r} has only pickle weights (.bin/.pt), which can run code when loaded; "
                 "convert them to safetensors, or set model.use_safetensors: false if you trust the file"
             )
-        raise FileNotFoundError(f"model.path {path!r} has no weight files")
-
-
-def load_tokenizer(spec: JobSpec):
-    from transformers import AutoTokenizer
-
-    m = spec.model
-    try:
-        return AutoTokenizer.from_pretrained(
-            m.tokenizer or m.path, revision=m.revision, trust_remote_code=m.trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        raise ValueError(f"model.tokenizer: cannot load a tokenizer from {m.tokenizer or m.path!r}: {e}") from e
+        raise ModelError(f"model.path {path!r} has no weight files")
 
 
 def check_tokenizer(spec: JobSpec, tokenizer) -> None:
     if spec.input.messages_column and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise ModelError(
             f"input.messages_column is set but the tokenizer of {spec.model.path!r} has no chat template; "
             "use prompt_column or prompt_template, or a chat model"
         )
@@ -79,15 +69,14 @@ def check_model_loadable(spec: JobSpec) -> int | None:
     try:
         config = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ValueError(f"model.path {m.path!r}: cannot load its config: {e}") from e
+        raise ModelError(f"model.path {m.path!r}: cannot load its config: {e}") from e
     try:
         with torch.device("meta"):  # shapes and names only, no memory
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
     except ValueError as e:
-        raise ValueError(f"model.path {m.path!r} is not a causal language model: {e}") from e
+        raise ModelError(f"model.path {m.path!r} is not a causal language model: {e}") from e
     _check_safetensors_headers(m.path, model)
-    text_config = config.get_text_config()
-    return getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    return context_length(config)
 
 
 def _check_safetensors_headers(path: str, model) -> None:
@@ -101,7 +90,7 @@ def _check_safetensors_headers(path: str, model) -> None:
             with safe_open(str(f), framework="pt") as st:  # reads the header only
                 stored.update(st.keys())
         except Exception as e:  # safetensors raises its own SafetensorError
-            raise ValueError(f"model weights {f} are unreadable: {e}") from e
+            raise ModelError(f"model weights {f} are unreadable: {e}") from e
     if not stored:
         return
     # Older checkpoints (the original gpt2, say) store names without the base model prefix.
@@ -111,6 +100,6 @@ def _check_safetensors_headers(path: str, model) -> None:
     expected = {name for name, _ in model.named_parameters()} - tied
     missing = sorted(expected - stored)
     if missing:
-        raise ValueError(
+        raise ModelError(
             f"model weights in {path} lack {len(missing)} parameters the architecture needs, e.g. {missing[:3]}"
         )

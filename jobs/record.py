@@ -1,7 +1,8 @@
 """The job record, _job.json: what `bulkgen status` reports, true while a job runs.
 
-States: pending -> validating -> running -> finalizing -> succeeded | failed | cancelled.
-Counts are in output rows, one per (id, sample_index).
+States move only along TRANSITIONS; `RecordKeeper.move_to` is the one way a
+state changes, and it persists the record. Counts are in output rows, one
+per (id, sample_index). Every timestamp is ISO 8601 UTC (jobs.core.times).
 """
 
 from __future__ import annotations
@@ -10,16 +11,46 @@ import getpass
 import os
 import platform
 import socket
+import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from enum import Enum
 from importlib import metadata
 
-STATES = ("pending", "validating", "running", "finalizing", "succeeded", "failed", "cancelled")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+from jobs.core.layout import RECORD
+from jobs.core.times import age_seconds, now
+
+HEARTBEAT_S = 10.0  # a running job's record is rewritten at least this often
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+class JobState(str, Enum):
+    PENDING = "pending"
+    VALIDATING = "validating"
+    RUNNING = "running"
+    FINALIZING = "finalizing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+# A new run (run, resume, retry-failed) starts at PENDING from any state: a
+# finished job, or one whose driver died mid-way.
+TRANSITIONS: dict[JobState, set[JobState]] = {
+    JobState.PENDING: {JobState.VALIDATING, JobState.FAILED, JobState.CANCELLED},
+    JobState.VALIDATING: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED, JobState.PENDING},
+    JobState.RUNNING: {JobState.FINALIZING, JobState.FAILED, JobState.CANCELLED, JobState.PENDING},
+    JobState.FINALIZING: {JobState.SUCCEEDED, JobState.FAILED, JobState.PENDING},
+    JobState.SUCCEEDED: {JobState.PENDING},
+    JobState.FAILED: {JobState.PENDING},
+    JobState.CANCELLED: {JobState.PENDING},
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A bug: the driver tried to move a job along a transition that does not exist."""
 
 
 def library_versions() -> dict[str, str]:
@@ -46,55 +77,108 @@ class Counts:
 
 
 @dataclass
+class JobFailure:
+    message: str
+    where: str  # the state the job was in: validating, running, finalizing
+
+
+@dataclass
+class Run:
+    """One driver run of the job (the first, or a resume)."""
+
+    started_at: str = field(default_factory=now)
+    host: str = field(default_factory=socket.gethostname)
+    user: str = field(default_factory=lambda: _user())
+    pid: int = field(default_factory=os.getpid)
+    ray_address: str = "local"
+    first_replica_ready_at: str | None = None  # where steady-state throughput starts
+    all_replicas_ready_at: str | None = None
+    finished_at: str | None = None
+    replicas: dict[str, dict] = field(default_factory=dict)  # pid -> latest engine counters
+
+
+@dataclass
 class JobRecord:
     spec: dict  # redacted: storage option values hidden
     fingerprint: str
     name: str | None = None
-    state: str = "pending"
+    state: JobState = JobState.PENDING
     counts: Counts = field(default_factory=Counts)
-    model: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)  # identity (path, revision, weights hash) and the replica's facts
     versions: dict = field(default_factory=library_versions)
     created_at: str = field(default_factory=now)
     updated_at: str = field(default_factory=now)
     started_at: str | None = None
     finished_at: str | None = None
-    runs: list[dict] = field(default_factory=list)  # one entry per driver run (resumes)
-    error: dict | None = None  # {"message", "where", "shard"?} when failed
+    runs: list[Run] = field(default_factory=list)
+    error: JobFailure | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        doc = asdict(self)
+        doc["state"] = self.state.value
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict) -> JobRecord:
-        doc = dict(doc)
-        doc["counts"] = Counts(**doc.get("counts", {}))
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in doc.items() if k in known})
+        doc = _known(cls, doc)
+        doc["state"] = JobState(doc.get("state", "pending"))
+        doc["counts"] = Counts(**_known(Counts, doc.get("counts", {})))
+        doc["runs"] = [Run(**_known(Run, run)) for run in doc.get("runs", [])]
+        doc["error"] = JobFailure(**_known(JobFailure, doc["error"])) if doc.get("error") else None
+        return cls(**doc)
 
-    def set_state(self, state: str, error: dict | None = None) -> None:
-        if state not in STATES:
-            raise ValueError(f"unknown job state {state!r}; expected one of {STATES}")
+    @property
+    def run(self) -> Run:
+        return self.runs[-1]
+
+    def set_state(self, state: JobState, error: JobFailure | None = None) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"job state {self.state.value} -> {state.value} is not allowed")
         self.state = state
         self.updated_at = now()
-        if state == "running" and self.started_at is None:
+        if state is JobState.RUNNING and self.started_at is None:
             self.started_at = self.updated_at
-        if state in FINAL_STATES:
+        if state.final:
             self.finished_at = self.updated_at
         if error is not None:
             self.error = error
 
     def start_run(self, address: str | None) -> None:
-        self.runs.append(
-            {
-                "started_at": now(),
-                "host": socket.gethostname(),
-                "user": _user(),
-                "pid": os.getpid(),
-                "ray_address": address or "local",
-            }
-        )
+        """A new driver run begins: back to PENDING, the last run's error cleared."""
+        if self.runs or self.state is not JobState.PENDING:
+            self.set_state(JobState.PENDING)
+        self.runs.append(Run(ray_address=address or "local"))
         self.error = None
         self.finished_at = None
+
+
+class RecordKeeper:
+    """Owns a job's record and persists it to the output: on every state change,
+    and at most every `every` seconds otherwise."""
+
+    def __init__(self, out, record: JobRecord):
+        self.out, self.record = out, record
+        self._last_write = 0.0
+
+    def move_to(self, state: JobState, error: JobFailure | None = None) -> None:
+        self.record.set_state(state, error)
+        self.save()
+
+    def fail(self, message: str) -> None:
+        """Mark the job failed in the state it was in."""
+        self.move_to(JobState.FAILED, JobFailure(message, self.record.state.value))
+
+    def save(self, every: float = 0.0) -> None:
+        if every and time.monotonic() - self._last_write < every:
+            return
+        self.record.updated_at = now()
+        self.out.write_json(RECORD, self.record.to_json())
+        self._last_write = time.monotonic()
+
+
+def _known(cls, doc: dict) -> dict:
+    # Fields a later version no longer writes are dropped, so an old output still resumes.
+    return {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
 
 
 def _user() -> str:
@@ -111,14 +195,27 @@ def format_status(record: JobRecord, uri: str) -> str:
     lines = [
         f"job:      {record.name or '(unnamed)'}  [{record.fingerprint}]",
         f"output:   {uri}",
-        f"state:    {record.state}",
+        f"state:    {record.state.value}",
         f"rows:     {c.rows_done + c.rows_failed}/{c.rows_total} ({pct:.1f}%)  done {c.rows_done}  failed {c.rows_failed}",
         f"shards:   {c.shards_committed}/{c.shards_total} committed  ({c.shards_retried} retried)",
         f"tokens:   {c.prompt_tokens} prompt, {c.completion_tokens} generated",
         f"updated:  {record.updated_at}",
     ]
     if record.error:
-        where = record.error.get("where", "")
-        lines.append(f"error:    {record.error.get('message')}" + (f"  (in {where})" if where else ""))
+        lines.append(f"error:    {record.error.message}  (in {record.error.where})")
     return "\n".join(lines)
 
+
+def driver_alive(doc: dict) -> bool:
+    """Whether the driver of a record that says running is still alive: by pid on
+    this host, elsewhere by a heartbeat younger than a few HEARTBEAT_S."""
+    run = (doc.get("runs") or [{}])[-1]
+    if run.get("host") == socket.gethostname() and run.get("pid"):
+        try:
+            os.kill(run["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return run["pid"] != os.getpid()
+    return age_seconds(doc.get("updated_at", "1970-01-01T00:00:00+00:00")) < 6 * HEARTBEAT_S

@@ -1,20 +1,105 @@
-"""`bulkgen validate`: everything that can be checked before a GPU is held.
+"""Everything that can be checked before a replica starts (`bulkgen validate`, and `run` before Ray).
 
-Spec, input files and schema, id uniqueness (jobs.driver.validate), then a
-scan of the prompts: rendered and tokenized on this machine, measured
-against the model's context, and the model checked loadable without loading
-its weights (config, architecture, safetensors headers against the model's
-parameter names).
+The output (reachable, a directory or creatable, not inside the input), the
+input (files, schema, column types, unique ids), the model (files, config,
+architecture and weight names on the meta device, tokenizer), and for
+`bulkgen validate` a scan of the prompts: rendered and tokenized on this
+machine, measured against the model's context. Failures raise BadInput.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+import fsspec
 import numpy as np
 
-from jobs.spec import JobSpec
+from jobs import preflight
+from jobs.core import storage
+from jobs.core.errors import OutputError
+from jobs.core.model import load_tokenizer
+from jobs.core.plan import Shard, plan
+from jobs.core.prompts import RowError, build_prompt
+from jobs.core.rows import read_shard_rows, row_ids
+from jobs.core.spec import JobSpec
+from jobs.dataset import check_unique_ids, glob_root, is_glob, open_dataset
+
+
+@dataclass(frozen=True)
+class Validated:
+    shards: list[Shard]
+    input_rows: int
+    model: dict  # identity: path, revision, dtype, weights hash
+    context: int | None
+
+
+def validate(spec: JobSpec) -> Validated:
+    """Every check that needs no replica: output, input, ids, model files, tokenizer."""
+    check_output_usable(spec)
+    return check_input_and_model(spec)
+
+
+def check_input_and_model(spec: JobSpec) -> Validated:
+    """The checks after the output is known usable (`run` claims it in between, to record a failure)."""
+    dataset = open_dataset(spec.input)
+    check_unique_ids(spec.input, dataset)
+    preflight.check_model_source(spec)
+    context = preflight.check_model_loadable(spec)
+    preflight.check_tokenizer(spec, load_tokenizer(spec.model))
+    shards = plan(dataset.files, spec.shards.rows_per_shard)
+    return Validated(shards, dataset.num_rows, preflight.model_identity(spec), context)
+
+
+def check_output_usable(spec: JobSpec) -> None:
+    """The output must be reachable and a directory, or creatable as one, and apart from the input.
+    Runs before the output is claimed, so a refused output gets nothing written, not even _job.json."""
+    uri = spec.output.uri
+    with storage.reaching("output.uri", uri, OutputError):
+        fs, path = fsspec.core.url_to_fs(uri, **spec.output.storage_options)
+        if fs.isfile(path):
+            raise OutputError(f"output.uri {uri!r} is a file; give a directory for data/, errors/ and _job.json")
+        if not fs.isdir(path):
+            _check_creatable(fs, path, uri)
+    check_output_apart(spec)
+
+
+def check_output_apart(spec: JobSpec) -> None:
+    """The output must be neither the input nor inside a directory (or glob) input's root.
+    Decided from the URIs alone: a file has nothing inside it, so an output under input.uri
+    means a directory input (or one that does not exist, which the input checks report)."""
+    uri = spec.output.uri
+    fs, path = fsspec.core.url_to_fs(uri, **spec.output.storage_options)
+    output_url = fs.unstrip_protocol(path).rstrip("/")
+    try:
+        in_fs, in_path = fsspec.core.url_to_fs(spec.input.uri, **spec.input.storage_options)
+    except Exception:
+        return  # an input that cannot be resolved is reported (and recorded) by the input checks
+    root = in_fs.unstrip_protocol(glob_root(in_path) if is_glob(in_path) else in_path).rstrip("/")
+    # A directory or glob input would list the output's own Parquet files on the next run.
+    if output_url == root or output_url.startswith(root + "/"):
+        raise OutputError(
+            f"output.uri {uri!r} is inside the input's root {root!r}, where the next run would read "
+            "its results as prompts; put the output elsewhere"
+        )
+
+
+def _check_creatable(fs, path: str, uri: str) -> None:
+    """An output that does not exist yet: its nearest existing ancestor must be a writable directory."""
+    parent = path
+    while not fs.exists(parent):
+        up = fs._parent(parent)
+        if up in (parent, "", fs.root_marker):
+            raise OutputError(f"output.uri {uri!r}: neither it nor any directory above it exists (no such bucket?)")
+        parent = up
+    if not fs.isdir(parent):
+        raise OutputError(f"output.uri {uri!r} cannot be created: {fs.unstrip_protocol(parent)} is a file")
+    if "file" in fs.protocol and not os.access(parent, os.W_OK):
+        raise OutputError(f"output.uri {uri!r} cannot be created: {parent} is not writable")
+
+
+# -- the report of `bulkgen validate` --------------------------------------------------
 
 
 @dataclass
@@ -51,34 +136,27 @@ class Report:
 
 
 def validate_report(spec: JobSpec, max_rows: int | None = None) -> Report:
-    from jobs.driver import validate
-    from jobs.preflight import check_model_loadable, load_tokenizer
-    from workers.prompts import PROMPT_TOO_LONG, RowError, render_prompt, tokenize_prompt
-    from workers.replica import read_shard_rows
-
-    checked = validate(spec)  # includes the model checks; this repeats one to learn the context
-    context = check_model_loadable(spec)
-    tokenizer = load_tokenizer(spec)
+    """validate(), then every prompt (up to max_rows) built as a replica would build it."""
+    checked = validate(spec)
+    tokenizer = load_tokenizer(spec.model)
     report = Report(
         rows=checked.input_rows,
         shards=len(checked.shards),
         files=len({s.url for s in checked.shards}),
-        context=context,
+        context=checked.context,
         model=spec.model.path,
     )
     for shard in checked.shards:
-        table = read_shard_rows(spec, shard)
+        table = read_shard_rows(spec.input, shard)  # one shard's rows at a time
+        ids = row_ids(spec.input, shard, table)
         for i, row in enumerate(table.to_pylist()):
             if max_rows is not None and report.scanned >= max_rows:
                 return report
             report.scanned += 1
-            row_id = row[spec.input.id_column] if spec.input.id_column else f"{shard.relpath}:{shard.start + i}"
             try:
-                n_tokens = len(tokenize_prompt(spec.input, render_prompt(spec.input, row, tokenizer), tokenizer))
-                if context and n_tokens >= context:
-                    raise RowError(PROMPT_TOO_LONG, f"prompt is {n_tokens} tokens; the model's context is {context}")
-                report.prompt_tokens.append(n_tokens)
+                _, token_ids = build_prompt(spec.input, row, tokenizer, checked.context)
+                report.prompt_tokens.append(len(token_ids))
             except RowError as e:
                 report.would_fail[e.code] += 1
-                report.examples.setdefault(e.code, (row_id, str(e)))
+                report.examples.setdefault(e.code, (ids[i], str(e)))
     return report

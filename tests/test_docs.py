@@ -2,7 +2,7 @@
 
 import re
 
-from jobs.spec import load_spec, reference_markdown
+from jobs.core.spec import load_spec, reference_markdown
 from tests.conftest import REPO
 
 
@@ -10,7 +10,7 @@ def test_readme_spec_reference_is_generated_from_the_spec():
     readme = (REPO / "README.md").read_text()
     block = re.search(r"<!-- spec-reference:start -->\n(.*)\n<!-- spec-reference:end -->", readme, re.S)
     assert block, "README lost its spec reference markers"
-    assert block.group(1) == reference_markdown(), "README spec reference is stale: paste `python -m jobs.spec`"
+    assert block.group(1) == reference_markdown(), "README spec reference is stale: paste `python -m jobs.core.spec`"
 
 
 def test_demo_job_loads():

@@ -1,5 +1,6 @@
-"""Fault-test helpers: a Ray instance with the fault hooks, process control, and the
-exactly-once checker every fault test ends with."""
+"""Fault-test helpers: a Ray instance whose workers see a fault directory, fault rules
+written there (jobs/core/faults.py), process control, and the exactly-once checker
+every fault test ends with."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.core.faults import ENV as FAULTS_ENV
 from tests.conftest import REPO, start_local_ray
-from tests.faults import hooks
 
 PART = re.compile(r"part-\d{5}\.parquet")
 
@@ -122,49 +123,88 @@ def check_output(
 
 
 class Faults:
-    """Switches the hooks' faults on and off through files in their fault directory."""
+    """Fault rules for the product's fault points (jobs/core/faults.py), written as files
+    DIR/POINT.json into the fault directory that every process of the job is given in
+    BULKGEN_FAULTS; and what the points traced there (DIR/trace.jsonl)."""
 
     def __init__(self, directory: Path):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def slow(self, seconds_per_batch: float) -> None:
-        (self.dir / "slow").write_text(str(seconds_per_batch))
+    def rule(self, point: str, **rule) -> None:
+        """Set the rule for `point`: written whole under another name, then renamed, so a
+        process never reads half of it."""
+        tmp = self.dir / f".{point}.json.tmp"
+        tmp.write_text(json.dumps(rule))
+        tmp.replace(self.dir / f"{point}.json")
+
+    def slow(self, seconds_per_sequence: float) -> None:
+        """Every prefill sleeps this long per sequence, so shards take long enough to be killed mid-way."""
+        self.rule("engine.prefill", action="sleep", seconds=seconds_per_sequence, per="sequences")
 
     def poison(self) -> None:
-        (self.dir / "poison").write_text("")
+        """A prefill holding a prompt that contains "POISON" raises, as a bad input would break a forward."""
+        self.rule("engine.prefill", action="raise", when={"prompts": {"contains": "POISON"}})
 
     def fail_shard(self, index: int, mode: str = "raise") -> None:
-        (self.dir / "fail_shard").write_text(json.dumps({"index": index, "mode": mode}))
+        """On shard `index` the replica raises at once ("raise"), dies ("exit"), or raises
+        after generating and staging it ("raise_after")."""
+        if mode == "raise_after":
+            self.rule("replica.shard_end", action="raise", when={"shard": index})
+        elif mode in ("raise", "exit"):
+            self.rule("replica.shard_start", action=mode, when={"shard": index})
+        else:
+            raise ValueError(f"unknown fail_shard mode {mode!r}")
 
     def hold(self, from_shard: int) -> None:
         """Shards from `from_shard` on wait in the replica until release(): the job stays
         partly done for as long as the test needs."""
-        (self.dir / "hold").write_text(json.dumps({"from_shard": from_shard}))
+        self.rule("replica.shard_start", action="hold", when={"shard": {"min": from_shard}})
 
     def release(self) -> None:
-        (self.dir / "release").write_text("")
+        (self.dir / "replica.shard_start.release").touch()
+
+    def flaky_storage(self) -> None:
+        """Like a flaky object store: the first write of each path, and the first move onto
+        each destination, resets the connection (once across all processes)."""
+        self.rule("storage.write", action="fail_once", key="path")
+        self.rule("storage.move", action="fail_once", key="path")
+
+    def flaky_failures(self) -> list[dict]:
+        """{"point", "key", "pid"} of every storage operation that failed once."""
+        markers = self.dir / "failed_once"
+        if not markers.is_dir():
+            return []
+        return [json.loads(p.read_text()) for p in sorted(markers.iterdir())]
 
     def clear(self) -> None:
-        for name in ("slow", "poison", "fail_shard", "hold", "release"):
-            (self.dir / name).unlink(missing_ok=True)
-        for sub in ("events", "flaky"):
-            shutil.rmtree(self.dir / sub, ignore_errors=True)
+        for path in self.dir.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
-    def events(self) -> list[tuple[str, int, str, int]]:
-        """(kind, shard, attempt, pid) of every shard start/end the replicas reported."""
+    def trace(self) -> list[dict]:
+        """Every fault point passed so far, in the order they were written."""
         try:
-            names = os.listdir(self.dir / "events")
+            lines = (self.dir / "trace.jsonl").read_text().splitlines()
         except FileNotFoundError:
             return []
         out = []
-        for name in names:
-            kind, shard, attempt, pid = name.split("~")
-            out.append((kind, int(shard), attempt, int(pid)))
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # being appended right now; the next poll sees it whole
         return out
 
+    def events(self) -> list[tuple[str, int, str, int]]:
+        """(kind, shard, attempt, pid) of every shard start/end the replicas passed."""
+        kinds = {"replica.shard_start": "start", "replica.shard_end": "end"}
+        return [(kinds[e["point"]], e["shard"], e["attempt"], e["pid"]) for e in self.trace() if e["point"] in kinds]
+
     def running(self) -> list[tuple[int, str, int]]:
-        """(shard, attempt, pid) of shards a replica started and has not returned."""
+        """(shard, attempt, pid) of shards a replica started and has not finished."""
         events = self.events()
         ended = {(s, a) for k, s, a, _ in events if k == "end"}
         return [(s, a, p) for k, s, a, p in events if k == "start" and (s, a) not in ended]
@@ -199,8 +239,8 @@ def _fault_ray_owner():
 
 @pytest.fixture
 def fault_ray(_fault_ray_owner, fault_dir, tmp_path_factory):
-    """A local Ray (2 CPUs, loopback) whose workers run hooks.setup; started once and shared
-    by the fault tests. Any other Ray this process runs is shut down first."""
+    """A local Ray (2 CPUs, loopback) whose workers are given the fault directory; started
+    once and shared by the fault tests. Any other Ray this process runs is shut down first."""
     import ray
 
     if ray.is_initialized() and not _OURS["ray"]:
@@ -208,11 +248,7 @@ def fault_ray(_fault_ray_owner, fault_dir, tmp_path_factory):
     if not ray.is_initialized():
         start_local_ray(
             tmp_path_factory.mktemp("fr"),
-            runtime_env={
-                "worker_process_setup_hook": hooks.SETUP_HOOK,
-                # PYTHONPATH: the setup hook is imported before Ray adds the driver's paths.
-                "env_vars": {hooks.FAULT_DIR_ENV: str(fault_dir), "PYTHONPATH": str(REPO)},
-            },
+            runtime_env={"env_vars": {FAULTS_ENV: str(fault_dir)}},
         )
         _OURS["ray"] = True
     return ray
@@ -283,17 +319,16 @@ def bulkgen_command(*args: str) -> list[str]:
 
 
 def cli_env(ray_tmpdir: Path | None = None, fault_dir: Path | None = None) -> dict:
-    """Environment for a `bulkgen` subprocess: its own local Ray under `ray_tmpdir`,
-    and with `fault_dir` the fault hooks in its Ray workers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != hooks.FAULT_DIR_ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    """Environment for a `bulkgen` subprocess: its own local Ray under `ray_tmpdir`, and
+    with `fault_dir` the fault rules there, for the driver and (the local Ray it starts
+    inherits its environment) its Ray workers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != FAULTS_ENV}
     env["HF_HUB_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     if ray_tmpdir is not None:
         env["RAY_TMPDIR"] = str(ray_tmpdir)
     if fault_dir is not None:
-        env[hooks.FAULT_DIR_ENV] = str(fault_dir)
-        env["RAY_RUNTIME_ENV_HOOK"] = "tests.faults.hooks.runtime_env_hook"
+        env[FAULTS_ENV] = str(fault_dir)
     return env
 
 

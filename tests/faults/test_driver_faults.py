@@ -1,6 +1,6 @@
 """The driver dies, is cancelled, or gets Ctrl-C: `bulkgen run` subprocesses, each with
-its own local Ray under a short RAY_TMPDIR and the fault hooks in its workers, which hold
-shards 1 and up so the job is partly done when the driver is hit."""
+its own local Ray under a short RAY_TMPDIR and a fault rule that holds shards 1 and up in
+the replicas, so the job is partly done when the driver is hit."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """A worker node lost mid-job: a head with no CPUs and two one-CPU nodes on this machine,
-`bulkgen run --address` as the driver; one node's whole process group is SIGKILLed."""
+`bulkgen run --address` as the driver; one node's whole process group is SIGKILLed.
+
+The nodes are started with BULKGEN_FAULTS in their environment, which their Ray workers
+inherit: the replicas on a cluster the driver joins get the fault directory that way."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import os
 
 import pytest
 
+from jobs.core.faults import ENV as FAULTS_ENV
 from tests.conftest import job_dict, write_job, write_prompts
 from tests.faults.conftest import Faults, check_output, cli_env, commit_records, wait_for
 
@@ -14,13 +18,20 @@ pytestmark = [pytest.mark.ray, pytest.mark.faults]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster_faults(tmp_path_factory) -> Faults:
+    return Faults(tmp_path_factory.mktemp("cf"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, cluster_faults):
     from cluster.local_cluster import LocalCluster
 
     with pytest.MonkeyPatch.context() as env:
-        # Notice a dead node in seconds, not the default half minute (the nodes copy this env).
+        # The nodes copy this env: notice a dead node in seconds, not the default half
+        # minute, and give every worker the fault directory.
         env.setenv("RAY_health_check_period_ms", "1000")
         env.setenv("RAY_health_check_failure_threshold", "5")
+        env.setenv(FAULTS_ENV, str(cluster_faults.dir))
         c = LocalCluster(tmp_path_factory.mktemp("lc"), num_cpus=0, timeout=120)
         try:
             c.start_head()
@@ -38,7 +49,7 @@ def _session(pid: int) -> int | None:
         return None
 
 
-def test_node_lost(cluster, bulkgen_procs, tiny_model, tmp_path):
+def test_node_lost(cluster, cluster_faults, bulkgen_procs, tiny_model, tmp_path):
     write_prompts(tmp_path / "in" / "p.parquet", 60)
     out = str(tmp_path / "out")
     job = write_job(
@@ -51,7 +62,8 @@ def test_node_lost(cluster, bulkgen_procs, tiny_model, tmp_path):
             resources={"replicas": 2, "batch_size": 2, "num_cpus": 1},
         ),
     )
-    faults = Faults(tmp_path / "faults")
+    faults = cluster_faults
+    faults.clear()
     faults.slow(0.15)
     env = {**cli_env(fault_dir=faults.dir), **cluster.env}
     workers = {n.pgid: n for n in cluster.nodes if n.name != "head"}

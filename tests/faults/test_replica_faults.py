@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.core.faults import ENV as FAULTS_ENV
+from jobs.core.spec import spec_from_dict
 from jobs.driver import JobError
-from jobs.spec import spec_from_dict
 from tests.conftest import job_dict, write_job, write_prompts
-from tests.faults import hooks
 from tests.faults.conftest import (
     check_output,
     cli_env,
@@ -42,7 +42,7 @@ def test_replica_killed(fault_ray, faults, job_threads, tiny_model, tmp_path):
             resources={"replicas": 2, "batch_size": 2, "num_cpus": 1},
         )
     )
-    faults.slow(0.15)  # per row: a shard takes over a second, long enough to be caught mid-way
+    faults.slow(0.15)  # per sequence: a shard takes over a second, long enough to be caught mid-way
     job = job_threads(spec)
 
     def victim():
@@ -58,7 +58,7 @@ def test_replica_killed(fault_ray, faults, job_threads, tiny_model, tmp_path):
     shard, attempt, pid = wait_for(victim, 120, "a committed shard and a replica in the middle of another")
     replica = psutil.Process(pid)
     # Ours, and a replica: our Ray gave it the fault dir, and Ray named it after the actor.
-    assert replica.environ().get(hooks.FAULT_DIR_ENV) == str(faults.dir)
+    assert replica.environ().get(FAULTS_ENV) == str(faults.dir)
     assert replica.cmdline()[0].startswith("ray::Replica"), replica.cmdline()
     replica.kill()
     replica.wait(10)
@@ -96,11 +96,11 @@ def test_shard_always_fails(fault_ray, faults, tiny_model, tmp_path, ray_tmpdirs
         run_job(spec, progress=False)
     message = str(failure.value)
     assert "part-00002" in message and "3 times" in message, message
-    assert "RuntimeError: injected failure on shard part-00002" in message, message
+    assert "RuntimeError: injected fault at replica.shard_end" in message, message
 
     record = read_record(out)
     assert record["state"] == "failed"
-    assert "part-00002" in record["error"]["message"] and "injected failure" in record["error"]["message"]
+    assert "part-00002" in record["error"]["message"] and "injected fault" in record["error"]["message"]
     assert record["counts"]["shards_retried"] >= 2
     committed = commit_records(out)
     assert 2 not in committed
@@ -114,7 +114,7 @@ def test_shard_always_fails(fault_ray, faults, tiny_model, tmp_path, ray_tmpdirs
     failing_starts = [e for e in faults.events() if e[0] == "start" and e[1] == 2]
     assert len(failing_starts) == 3
 
-    # The fault gone (a new Ray, started by `bulkgen run`, without the hook): the same spec resumes.
+    # The fault gone (a new Ray, started by `bulkgen run`, without the fault directory): the same spec resumes.
     faults.clear()
     done = run_cli("run", str(write_job(tmp_path / "job.yaml", data)), "--no-progress", env=cli_env(ray_tmpdirs()))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -154,18 +154,19 @@ def test_shard_kills_its_replica(fault_ray, faults, tiny_model, tmp_path):
 
 
 def test_storage_flaky(fault_ray, faults, tiny_model, tmp_path, monkeypatch):
-    # Every path's first write, and every destination's first move, resets the connection.
-    monkeypatch.setenv(hooks.FAULT_DIR_ENV, str(faults.dir))
-    hooks.register_flaky()
+    # Every path's first write, and every destination's first move, resets the connection:
+    # in the replicas (the fault Ray's workers) and in the driver (this process).
+    faults.flaky_storage()
+    monkeypatch.setenv(FAULTS_ENV, str(faults.dir))
     table = pq.read_table(write_prompts(tmp_path / "in" / "p.parquet", 30))
     prompts = table.column("prompt").to_pylist()
     prompts[3] = None  # an error row, so shard 0 has an errors/ file to write and move
     table = table.set_column(table.schema.get_field_index("prompt"), "prompt", pa.array(prompts, pa.string()))
     pq.write_table(table, tmp_path / "in" / "p.parquet")
-    out = f"flaky://{tmp_path}/out"
+    out = str(tmp_path / "out")
     spec = spec_from_dict(
         job_dict(
-            f"flaky://{tmp_path}/in",
+            str(tmp_path / "in"),
             out,
             tiny_model,
             generation={"max_new_tokens": 8},
@@ -182,21 +183,21 @@ def test_storage_flaky(fault_ray, faults, tiny_model, tmp_path, monkeypatch):
     assert [(r["id"], r["error_code"]) for r in result.errors] == [("row-00003", "empty_prompt")]
     assert result.record["counts"]["rows_failed"] == 1
 
-    failed = hooks.flaky_failures()
+    failed = faults.flaky_failures()
     root = f"{tmp_path}/out/"
 
-    def failed_on(op: str, suffix: str) -> list[str]:
-        return [f["path"] for f in failed if f["op"] == op and f["path"].startswith(root) and f["path"].endswith(suffix)]
+    def failed_on(point: str, suffix: str) -> list[str]:
+        return [f["key"] for f in failed if f["point"] == point and f["key"].startswith(root) and f["key"].endswith(suffix)]
 
     # Each kind of write really failed once and was retried: the replicas' staged files,
     # the driver's moves into data/ and errors/, the commit records and the job record.
-    assert len(failed_on("write", "/data.parquet")) >= 3, failed
-    assert len(failed_on("write", "/errors.parquet")) >= 1, failed
-    assert sorted(failed_on("mv", ".parquet")) == sorted(
+    assert len(failed_on("storage.write", "/data.parquet")) >= 3, failed
+    assert len(failed_on("storage.write", "/errors.parquet")) >= 1, failed
+    assert sorted(failed_on("storage.move", ".parquet")) == sorted(
         [f"{root}data/part-0000{i}.parquet" for i in range(3)] + [f"{root}errors/part-00000.parquet"]
     )
-    assert len(failed_on("write", ".json")) >= 3 + 1  # three commit records and the job record at least
-    assert failed_on("write", "_job.json") and failed_on("write", "_commits/part-00002.json")
+    assert len(failed_on("storage.write", ".json")) >= 3 + 1  # three commit records and the job record at least
+    assert failed_on("storage.write", "_job.json") and failed_on("storage.write", "_commits/part-00002.json")
     # Failures came from both sides: the driver (this process) and the replicas.
     import os
 

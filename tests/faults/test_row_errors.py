@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.core.spec import spec_from_dict
 from jobs.driver import JobError, run_job
-from jobs.spec import spec_from_dict
 from tests.conftest import job_dict, write_prompts
 from tests.faults.conftest import check_output, cli_env, commit_records, read_record, run_cli
 
@@ -79,7 +79,7 @@ def test_bad_rows(fault_ray, faults, tiny_model, tmp_path):
         assert e["error"], e
     assert got == {i: {(0, code), (1, code)} for i, code in expected.items()}
     generation_errors = [e["error"] for e in result.errors if e["error_code"] == "generation_error"]
-    assert all("injected: poisoned prompt" in m for m in generation_errors), generation_errors
+    assert all("injected fault at engine.prefill" in m for m in generation_errors), generation_errors
     assert {r["id"] for r in result.data} == set(by_id) - set(expected)
     c = result.record["counts"]
     assert (c["rows_done"], c["rows_failed"], c["rows_total"]) == (46, 14, 60)
@@ -118,7 +118,7 @@ def test_retry_failed(fault_ray, faults, tiny_model, tmp_path, ray_tmpdirs):
     ]
     texts = {(r["id"], r["sample_index"]): r["text"] for r in first.data}
 
-    # A new Ray without the hook (the CLI's own), so what failed transiently now succeeds.
+    # A new Ray without the fault directory (the CLI's own), so what failed transiently now succeeds.
     faults.clear()
     done = run_cli("retry-failed", out, "--no-progress", env=cli_env(ray_tmpdirs()))
     assert done.returncode == 0, done.stderr[-3000:]

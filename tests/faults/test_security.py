@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import main as cli_main
-from jobs.driver import JobError, run_job, validate
-from jobs.spec import spec_from_dict
+from jobs.core.spec import spec_from_dict
+from jobs.driver import JobError, run_job
+from jobs.validate import validate
 from tests.conftest import REPO, job_dict, write_job, write_prompts
 from tests.faults.conftest import check_output, read_record, run_cli
-from workers.replica import load_model
+from workers.transformers_engine import TransformersEngine
 
 pytestmark = [pytest.mark.faults]
 
@@ -59,7 +60,7 @@ def test_remote_code_needs_trust(fault_ray, faults, tiny_model, tmp_path, capsys
     known = _remote_code_checkpoint(tiny_model, tmp_path / "known", "llama", marker)
     data, spec = _spec(tmp_path / "a", known)
     assert cli_main(["validate", str(write_job(tmp_path / "a.yaml", data))]) == 0
-    model, _ = load_model(spec)  # the loading code every replica runs
+    model = TransformersEngine.from_spec(spec).model  # the loading code every replica runs
     assert type(model).__name__ == "LlamaForCausalLM"
     assert not marker.exists()
 
@@ -69,7 +70,7 @@ def test_remote_code_needs_trust(fault_ray, faults, tiny_model, tmp_path, capsys
     assert cli_main(["validate", str(write_job(tmp_path / "b.yaml", data))]) == 2
     assert "custom code" in capsys.readouterr().err
     with pytest.raises(ValueError, match="custom code"):
-        load_model(spec)
+        TransformersEngine.from_spec(spec)
     # The job: the driver's checks pass it, and the replicas, where the code would run, refuse it.
     with pytest.raises((ValueError, JobError), match="trust_remote_code"):
         run_job(spec, progress=False)
@@ -128,12 +129,12 @@ def test_pickle_weights_refused_unless_allowed(tiny_model, tmp_path):
     torch.save(reference.state_dict(), legit / "pytorch_model.bin")
     _, spec = _spec(tmp_path / "b", legit, use_safetensors=False)
     validate(spec)
-    model, _ = load_model(spec)
+    model = TransformersEngine.from_spec(spec).model
     assert torch.equal(model.get_input_embeddings().weight, reference.get_input_embeddings().weight)
     # ...and even then the code-running pickle is not run (weights-only unpickling).
     _, spec = _spec(tmp_path / "c", evil, use_safetensors=False)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        load_model(spec)
+        TransformersEngine.from_spec(spec)
     assert not marker.exists()
 
 

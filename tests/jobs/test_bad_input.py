@@ -13,8 +13,10 @@ import ray
 import transformers
 
 from jobs.cli import main
-from jobs.driver import run_job, validate
-from jobs.spec import SpecError, load_spec, spec_from_dict
+from jobs.core.errors import BadInput, InputError, ModelError, OutputError, SpecError
+from jobs.core.spec import load_spec, spec_from_dict
+from jobs.driver import run_job
+from jobs.validate import validate
 from tests.conftest import job_dict, write_job, write_prompts
 
 
@@ -39,6 +41,7 @@ def nothing_heavy_starts(monkeypatch):
 
 def fails_early(spec, error: type[Exception], *fragments: str) -> str:
     """Both entry points refuse the spec with `error`; returns the message, checked for `fragments`."""
+    assert issubclass(error, BadInput)  # bad input is what the CLI reports as exit 2
     with pytest.raises(error) as by_validate:
         validate(spec)
     with pytest.raises(error) as by_run:
@@ -75,7 +78,7 @@ def prompts(tmp_path) -> Path:
 
 def test_missing_input_path(tmp_path, tiny_model, nothing_heavy_starts):
     spec = make_spec(tmp_path, tiny_model)
-    fails_early(spec, FileNotFoundError, "input.uri", str(tmp_path / "in"), "does not exist")
+    fails_early(spec, InputError, "input.uri", str(tmp_path / "in"), "does not exist")
 
 
 def test_directory_without_parquet_files(tmp_path, tiny_model, nothing_heavy_starts):
@@ -83,18 +86,18 @@ def test_directory_without_parquet_files(tmp_path, tiny_model, nothing_heavy_sta
     (tmp_path / "in" / "prompts.csv").write_text("id,prompt\n1,hi\n")
     (tmp_path / "in" / "_hidden.parquet").write_bytes(b"")  # hidden: not data
     spec = make_spec(tmp_path, tiny_model)
-    fails_early(spec, FileNotFoundError, "input.uri", str(tmp_path / "in"), "no Parquet files")
+    fails_early(spec, InputError, "input.uri", str(tmp_path / "in"), "no Parquet files")
 
 
 def test_glob_matching_nothing(tmp_path, tiny_model, prompts, nothing_heavy_starts):
     spec = make_spec(tmp_path, tiny_model, input={"uri": str(prompts / "*.jsonl")})
-    fails_early(spec, FileNotFoundError, "*.jsonl", "no Parquet files")
+    fails_early(spec, InputError, "*.jsonl", "no Parquet files")
 
 
 def test_file_that_is_not_parquet(tmp_path, tiny_model, prompts, nothing_heavy_starts):
     (prompts / "c.parquet").write_text("id,prompt\n1,hi\n")
     spec = make_spec(tmp_path, tiny_model)
-    fails_early(spec, ValueError, "c.parquet", "not readable Parquet")
+    fails_early(spec, InputError, "c.parquet", "not readable Parquet")
 
 
 # -- columns -------------------------------------------------------------------------------------
@@ -102,31 +105,31 @@ def test_file_that_is_not_parquet(tmp_path, tiny_model, prompts, nothing_heavy_s
 
 def test_missing_prompt_column(tmp_path, tiny_model, prompts, nothing_heavy_starts):
     spec = make_spec(tmp_path, tiny_model, input={"prompt_column": "text"})
-    fails_early(spec, ValueError, "input.prompt_column", "'text'", "a.parquet", "'prompt'")
+    fails_early(spec, InputError, "input.prompt_column", "'text'", "a.parquet", "'prompt'")
 
 
 def test_missing_column_in_a_later_file(tmp_path, tiny_model, prompts, nothing_heavy_starts):
     pq.write_table(pa.table({"id": ["z-1"], "body": ["hi"], "topic": ["t"]}), prompts / "c.parquet")
     spec = make_spec(tmp_path, tiny_model)
-    fails_early(spec, ValueError, "input.prompt_column", "c.parquet")
+    fails_early(spec, InputError, "input.prompt_column", "c.parquet")
 
 
 def test_template_naming_an_absent_column(tmp_path, tiny_model, prompts, nothing_heavy_starts):
     spec = make_spec(
         tmp_path, tiny_model, input={"prompt_column": None, "prompt_template": "A {style} poem in a {mood} mood"}
     )
-    message = fails_early(spec, ValueError, "input.prompt_template", "'mood'")
+    message = fails_early(spec, InputError, "input.prompt_template", "'mood'")
     assert "'style'" not in message.split("does not have")[0]  # only the absent column is named
 
 
 def test_pass_through_column_absent(tmp_path, tiny_model, prompts, nothing_heavy_starts):
     spec = make_spec(tmp_path, tiny_model, input={"pass_through": ["topic", "author"]})
-    fails_early(spec, ValueError, "input.pass_through", "'author'")
+    fails_early(spec, InputError, "input.pass_through", "'author'")
 
 
 def test_messages_column_that_is_not_a_list(tmp_path, tiny_model, prompts, nothing_heavy_starts):
     spec = make_spec(tmp_path, tiny_model, input={"prompt_column": None, "messages_column": "prompt"})
-    fails_early(spec, ValueError, "input.messages_column", "'prompt'", "string")
+    fails_early(spec, InputError, "input.messages_column", "'prompt'", "string")
 
 
 # -- ids -------------------------------------------------------------------------------------------
@@ -136,7 +139,7 @@ def test_duplicate_ids_name_the_value_and_files(tmp_path, tiny_model, nothing_he
     write_prompts(tmp_path / "in" / "a.parquet", 6)
     write_prompts(tmp_path / "in" / "b.parquet", 6, start=3)  # row-00003..row-00005 again
     spec = make_spec(tmp_path, tiny_model)
-    message = fails_early(spec, ValueError, "input.id_column", "'id'", "not unique", "a.parquet", "b.parquet")
+    message = fails_early(spec, InputError, "input.id_column", "'id'", "not unique", "a.parquet", "b.parquet")
     assert any(f"'row-0000{i}'" in message for i in (3, 4, 5)), message
 
 
@@ -147,7 +150,7 @@ def test_duplicate_ids_within_one_file(tmp_path, tiny_model, nothing_heavy_start
         row_group_size=2,
     )
     spec = make_spec(tmp_path, tiny_model, input={"uri": str(tmp_path / "in.parquet")})
-    with pytest.raises(ValueError, match=r"not unique: 2 appears in .*in\.parquet"):
+    with pytest.raises(InputError, match=r"not unique: 2 appears in .*in\.parquet"):
         validate(spec)
 
 
@@ -156,7 +159,7 @@ def test_null_id(tmp_path, tiny_model, nothing_heavy_starts):
         pa.table({"id": ["a", "b", None, "d"], "prompt": ["p"] * 4, "topic": ["t"] * 4}), tmp_path / "in.parquet"
     )
     spec = make_spec(tmp_path, tiny_model, input={"uri": str(tmp_path / "in.parquet")})
-    fails_early(spec, ValueError, "input.id_column", "'id'", "null", "in.parquet", "near 2")
+    fails_early(spec, InputError, "input.id_column", "'id'", "null", "in.parquet", "near 2")
 
 
 def test_null_id_names_its_row_in_the_file(tmp_path, tiny_model):
@@ -166,7 +169,7 @@ def test_null_id_names_its_row_in_the_file(tmp_path, tiny_model):
         pa.table({"id": ids, "prompt": ["p"] * 8, "topic": ["t"] * 8}), tmp_path / "in.parquet", row_group_size=2
     )
     spec = make_spec(tmp_path, tiny_model, input={"uri": str(tmp_path / "in.parquet")})
-    with pytest.raises(ValueError, match=r"null in .*in\.parquet \(a row near 5\)"):
+    with pytest.raises(InputError, match=r"null in .*in\.parquet \(a row near 5\)"):
         validate(spec)
 
 
@@ -190,13 +193,13 @@ def test_unknown_spec_field_in_yaml(tmp_path, tiny_model, prompts, nothing_heavy
 def test_model_path_that_does_not_exist(tmp_path, prompts, nothing_heavy_starts):
     missing = tmp_path / "models" / "not-there"
     spec = make_spec(tmp_path, missing)
-    fails_early(spec, FileNotFoundError, "model.path", str(missing), "does not exist")
+    fails_early(spec, ModelError, "model.path", str(missing), "does not exist")
 
 
 def test_model_directory_without_config(tmp_path, prompts, nothing_heavy_starts):
     (tmp_path / "empty-model").mkdir()
     spec = make_spec(tmp_path, tmp_path / "empty-model")
-    fails_early(spec, FileNotFoundError, "model.path", "config.json")
+    fails_early(spec, ModelError, "model.path", "config.json")
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +226,7 @@ def test_messages_column_with_a_tokenizer_without_chat_template(
         model_without_chat_template,
         input={"uri": str(tmp_path / "chat.parquet"), "prompt_column": None, "messages_column": "messages"},
     )
-    fails_early(spec, ValueError, "input.messages_column", "no chat template", str(model_without_chat_template))
+    fails_early(spec, ModelError, "input.messages_column", "no chat template", str(model_without_chat_template))
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +244,7 @@ def pickle_only_model(tiny_model, tmp_path_factory) -> Path:
 def test_pickle_only_weights_are_refused_by_default(tmp_path, prompts, pickle_only_model, nothing_heavy_starts):
     spec = make_spec(tmp_path, pickle_only_model)
     assert spec.model.use_safetensors is True
-    fails_early(spec, ValueError, "model.path", "pickle", "model.use_safetensors: false")
+    fails_early(spec, ModelError, "model.path", "pickle", "model.use_safetensors: false")
 
 
 def test_pickle_only_weights_pass_when_allowed(tmp_path, prompts, pickle_only_model, nothing_heavy_starts):
@@ -282,3 +285,252 @@ def test_cli_bad_override_exits_2(tmp_path, tiny_model, prompts, capsys, nothing
     path = write_job(tmp_path / "job.yaml", job_dict(str(prompts), str(tmp_path / "out"), tiny_model))
     assert main(["run", str(path), "--set", "generation.max_new_tokens=0", "--no-progress"]) == 2
     assert "generation.max_new_tokens" in capsys.readouterr().err
+
+
+# -- every refusal through the command line: exit 2, the field named, nothing heavy started ----------
+
+
+def cli_refuses(job: Path, capsys, *fragments: str) -> str:
+    """`bulkgen validate` and `bulkgen run` both exit 2 with one `bulkgen: error:` line naming `fragments`."""
+    errors = []
+    for command in (["validate", str(job)], ["run", str(job), "--no-progress"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("bulkgen: error: "), err
+        assert "Traceback" not in err and "internal error" not in err, err
+        for fragment in fragments:
+            assert fragment in err, f"{command[0]}: {fragment!r} not in {err!r}"
+        errors.append(err)
+    assert errors[0] == errors[1]
+    return errors[1]
+
+
+def output_refused(job: Path, *fragments: str) -> None:
+    """validate() and run_job() both raise OutputError for the spec in `job`."""
+    spec = load_spec(job)
+    for entry in (validate, lambda spec: run_job(spec, progress=False)):
+        with pytest.raises(OutputError) as info:
+            entry(spec)
+        for fragment in fragments:
+            assert fragment in str(info.value)
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+# Output errors are found before the output is claimed: nothing is written there, not even _job.json.
+
+
+def test_output_uri_that_is_an_existing_file(tmp_path, tiny_model, prompts, capsys, nothing_heavy_starts):
+    (tmp_path / "out").write_text("not a directory")
+    job = write_job(tmp_path / "job.yaml", job_dict(str(prompts), str(tmp_path / "out"), tiny_model))
+    cli_refuses(job, capsys, "output.uri", str(tmp_path / "out"), "is a file")
+    output_refused(job, "output.uri", "is a file")
+    assert (tmp_path / "out").read_text() == "not a directory"
+    assert not list(tmp_path.rglob("_job.json"))
+
+
+def test_output_inside_a_directory_inputs_root(tmp_path, tiny_model, prompts, capsys, nothing_heavy_starts):
+    before = files_under(prompts)
+    out = prompts / "results"
+    job = write_job(tmp_path / "job.yaml", job_dict(str(prompts), str(out), tiny_model))
+    cli_refuses(job, capsys, "output.uri", str(out), "inside the input's root")
+    output_refused(job, "inside the input's root")
+    # Not a byte is written into the input's tree: the next run would read it as prompts.
+    assert files_under(prompts) == before
+    assert not out.exists()
+
+
+def test_output_that_is_a_glob_inputs_root(tmp_path, tiny_model, prompts, capsys, nothing_heavy_starts):
+    before = files_under(prompts)
+    job = write_job(tmp_path / "job.yaml", job_dict(str(prompts / "*.parquet"), str(prompts), tiny_model))
+    cli_refuses(job, capsys, "output.uri", str(prompts), "inside the input's root")
+    assert files_under(prompts) == before
+
+
+def test_output_beside_a_single_file_input_is_fine(tmp_path, tiny_model, prompts, nothing_heavy_starts):
+    # The counterpart: a one-file input's directory may hold the output.
+    checked = validate(
+        make_spec(tmp_path, tiny_model, input={"uri": str(prompts / "a.parquet")}, output={"uri": str(prompts / "out")})
+    )
+    assert checked.input_rows == 6
+
+
+_AWS_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "FSSPEC_S3_KEY",
+    "FSSPEC_S3_SECRET",
+    "FSSPEC_S3_TOKEN",
+)
+
+
+@pytest.fixture
+def s3_without_credentials(s3, monkeypatch, tmp_path):
+    """A real bucket on the loopback S3 server, and an environment where botocore finds no credentials."""
+    import s3fs
+
+    for name in _AWS_CREDENTIAL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-such-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-such-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata lookups either
+    s3fs.S3FileSystem.clear_instance_cache()  # no filesystem that already holds credentials
+    yield s3
+    s3fs.S3FileSystem.clear_instance_cache()  # nor one without them for the next test
+
+
+@pytest.mark.s3
+def test_s3_output_without_credentials(
+    tmp_path, tiny_model, prompts, capsys, s3_without_credentials, nothing_heavy_starts
+):
+    import s3fs
+
+    s3 = s3_without_credentials
+    uri = f"s3://{s3['bucket']}/out"
+    data = job_dict(str(prompts), uri, tiny_model, output={"uri": uri, "storage_options": s3["options"]})
+    job = write_job(tmp_path / "job.yaml", data)
+    err = cli_refuses(job, capsys, "output.uri", uri, "credentials")
+    output_refused(job, "output.uri", "NoCredentialsError")
+    assert "storage_options" in err  # says where credentials would go
+    # Nothing reached the bucket (looked at with credentials given explicitly, not from the environment).
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", skip_instance_cache=True, **s3["options"])
+    assert fs.ls(s3["bucket"], refresh=True) == []
+
+
+# Input errors are found after the output is claimed: `run` records them as the job's failure.
+
+
+def refused_input_recorded(tmp_path: Path, err: str) -> None:
+    record = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert record["state"] == "failed"
+    assert record["error"]["where"] == "validating"
+    assert record["error"]["message"] in err
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"_job.json"}
+
+
+def test_prompt_column_that_is_not_text(tmp_path, tiny_model, capsys, nothing_heavy_starts):
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": [1, 2], "topic": ["t", "t"]}), tmp_path / "in.parquet")
+    job = write_job(tmp_path / "job.yaml", job_dict(str(tmp_path / "in.parquet"), str(tmp_path / "out"), tiny_model))
+    err = cli_refuses(job, capsys, "input.prompt_column", "'prompt'", "int64", "in.parquet")
+    refused_input_recorded(tmp_path, err)
+
+
+def test_messages_column_of_structs_without_content(tmp_path, tiny_model, capsys, nothing_heavy_starts):
+    messages = [[{"role": "user", "text": f"hello {i}"}] for i in range(2)]
+    pq.write_table(pa.table({"id": ["a", "b"], "messages": messages, "topic": ["t", "t"]}), tmp_path / "chat.parquet")
+    data = job_dict(
+        str(tmp_path / "chat.parquet"),
+        str(tmp_path / "out"),
+        tiny_model,
+        input={"prompt_column": None, "messages_column": "messages"},
+    )
+    err = cli_refuses(
+        write_job(tmp_path / "job.yaml", data), capsys, "input.messages_column", "'messages'", "role", "content"
+    )
+    refused_input_recorded(tmp_path, err)
+
+
+def test_messages_column_of_strings(tmp_path, tiny_model, capsys, nothing_heavy_starts):
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "messages": [["hi", "there"], ["yo"]], "topic": ["t", "t"]}),
+        tmp_path / "chat.parquet",
+    )
+    data = job_dict(
+        str(tmp_path / "chat.parquet"),
+        str(tmp_path / "out"),
+        tiny_model,
+        input={"prompt_column": None, "messages_column": "messages"},
+    )
+    err = cli_refuses(
+        write_job(tmp_path / "job.yaml", data),
+        capsys,
+        "input.messages_column",
+        "has type list<",
+        ": string>",
+        "{role, content}",
+    )
+    refused_input_recorded(tmp_path, err)
+
+
+def test_nested_id_column(tmp_path, tiny_model, capsys, nothing_heavy_starts):
+    pq.write_table(pa.table({"id": [[1, 2], [3]], "prompt": ["p", "q"], "topic": ["t", "t"]}), tmp_path / "in.parquet")
+    job = write_job(tmp_path / "job.yaml", job_dict(str(tmp_path / "in.parquet"), str(tmp_path / "out"), tiny_model))
+    err = cli_refuses(job, capsys, "input.id_column", "'id'", "has type list<", ": int64>", "scalar ids")
+    refused_input_recorded(tmp_path, err)
+
+
+def test_a_well_formed_chat_input_passes(tmp_path, tiny_model, nothing_heavy_starts):
+    # The counterpart of the type checks above.
+    messages = [[{"role": "user", "content": f"hello {i}"}] for i in range(2)]
+    pq.write_table(pa.table({"id": [7, 8], "messages": messages, "topic": ["t", "t"]}), tmp_path / "chat.parquet")
+    spec = make_spec(
+        tmp_path,
+        tiny_model,
+        input={"uri": str(tmp_path / "chat.parquet"), "prompt_column": None, "messages_column": "messages"},
+    )
+    assert validate(spec).input_rows == 2
+
+
+# -- an internal error is not bad input -------------------------------------------------------------
+
+
+def write_fault(fault_dir: Path, point: str, rule: dict) -> Path:
+    fault_dir.mkdir(parents=True, exist_ok=True)
+    (fault_dir / f"{point}.json").write_text(json.dumps(rule))
+    return fault_dir
+
+
+def test_an_internal_error_exits_1_with_a_traceback(tmp_path, tiny_model, prompts):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    # A builtin ValueError from inside the driver is a bug, not the user's input, though ValueError is BadInput's base.
+    faults = write_fault(tmp_path / "faults", "driver.validate", {"action": "raise", "error": "ValueError"})
+    job = write_job(tmp_path / "job.yaml", job_dict(str(prompts), str(tmp_path / "out"), tiny_model))
+    env = {**os.environ, "BULKGEN_FAULTS": str(faults), "RAY_ADDRESS": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "run", str(job), "--no-progress"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "internal error" in done.stderr
+    assert "Traceback" in done.stderr
+    assert "ValueError: injected fault at driver.validate" in done.stderr
+    assert "bulkgen: error:" not in done.stderr  # not reported as bad input
+    record = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert record["state"] == "failed"
+    assert record["error"] == {"message": "ValueError: injected fault at driver.validate", "where": "validating"}
+    trace = [json.loads(line) for line in (faults / "trace.jsonl").read_text().splitlines()]
+    points = [t["point"] for t in trace]
+    assert points.count("driver.validate") == 1
+    assert not [p for p in points if p.startswith(("replica.", "engine."))], points  # it stopped there: no replica
+
+
+def test_an_internal_error_in_process(tmp_path, tiny_model, prompts, capsys, caplog, monkeypatch, nothing_heavy_starts):
+    faults = write_fault(tmp_path / "faults", "driver.validate", {"action": "raise", "error": "ValueError"})
+    monkeypatch.setenv("BULKGEN_FAULTS", str(faults))
+    job = write_job(tmp_path / "job.yaml", job_dict(str(prompts), str(tmp_path / "out"), tiny_model))
+    assert main(["run", str(job), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bulkgen: internal error: ValueError: injected fault at driver.validate"), err
+    logged = [r for r in caplog.records if r.name == "bulkgen" and r.getMessage() == "internal error"]
+    assert logged and logged[0].exc_info and logged[0].exc_info[0] is ValueError  # the traceback is in the log
+    assert json.loads((tmp_path / "out" / "_job.json").read_text())["state"] == "failed"

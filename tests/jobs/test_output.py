@@ -7,9 +7,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
+import jobs.output
+from jobs.core.protocol import ShardResult
+from jobs.core.storage import move, write_parquet
 from jobs.output import OutputDir
-from workers.replica import ShardResult
-from workers.storage import write_parquet
 
 
 def stage(out_uri: str, shard: int, attempt: str, ids: list[str], errors: list[str] = ()) -> ShardResult:
@@ -60,7 +61,7 @@ def test_a_redo_without_errors_removes_the_stale_errors_file(tmp_path):
     out = OutputDir(str(tmp_path), {})
     # An earlier attempt got as far as publishing its errors file, then the driver died.
     first = stage(str(tmp_path), 0, "attempt-0-x", ["a"], errors=["b"])
-    out._move(first.errors_url, str(tmp_path / "errors" / "part-00000.parquet"))
+    move(first.errors_url, str(tmp_path / "errors" / "part-00000.parquet"), {})
     assert out.commit_records() == {}  # no record: not committed
     out.commit(stage(str(tmp_path), 0, "attempt-1-y", ["a", "b"]), {})
     assert published(str(tmp_path), "data") == ["a", "b"]
@@ -74,11 +75,11 @@ def test_a_crash_while_replacing_a_committed_shard_uncommits_it(tmp_path, monkey
     retry = stage(str(tmp_path), 0, "attempt-1-b", ["a", "b"])
     moves = []
 
-    def dying_move(src, dst):
+    def dying_move(src, dst, storage_options):
         moves.append(dst)
         raise PermissionError("storage went away")  # permanent: no retry
 
-    monkeypatch.setattr(out, "_move", dying_move)
+    monkeypatch.setattr(jobs.output, "move", dying_move)  # the commit's one way to publish a file
     with pytest.raises(PermissionError):
         out.commit(retry, {})
     # The old pair is no longer counted as committed, so a resume redoes the shard

@@ -6,7 +6,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from jobs.driver import run_job
-from jobs.spec import load_spec
+from jobs.core.spec import load_spec
 from tests.conftest import REPO
 
 

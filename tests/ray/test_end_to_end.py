@@ -11,7 +11,7 @@ import pytest
 
 from jobs.driver import OutputConflict, run_job
 from jobs.record import library_versions
-from jobs.spec import spec_from_dict
+from jobs.core.spec import spec_from_dict
 from tests.conftest import job_dict, write_prompts
 from tests.ray.conftest import assert_exactly_once, assert_finished_layout, read_output
 

@@ -5,7 +5,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from jobs.driver import run_job
-from jobs.spec import spec_from_dict
+from jobs.core.spec import spec_from_dict
 from tests.conftest import job_dict, write_prompts
 
 LAYOUTS = [

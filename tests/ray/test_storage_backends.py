@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.driver import run_job
-from jobs.spec import spec_from_dict
+from jobs.core.spec import spec_from_dict
 from tests.conftest import job_dict, write_prompts
 from tests.ray.conftest import assert_exactly_once, assert_finished_layout
 

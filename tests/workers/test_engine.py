@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers.engine import Completion, Engine, Request, SamplingParams
+from workers.engine import Completion, Request, SamplingParams, generate
+from workers.transformers_engine import TransformersEngine
 
 PROMPTS = [
     "Write a short poem",
@@ -31,9 +32,9 @@ def lm(request):
     torch.set_num_threads(threads)
 
 
-def make_engine(lm, batch_size: int = 3, max_batch_tokens: int = 100_000, **params) -> Engine:
+def make_engine(lm, batch_size: int = 3, max_batch_tokens: int = 100_000, **params) -> TransformersEngine:
     model, tokenizer = lm
-    return Engine(model, tokenizer, SamplingParams(max_new_tokens=MAX_NEW, **params), batch_size, max_batch_tokens)
+    return TransformersEngine(model, tokenizer, SamplingParams(max_new_tokens=MAX_NEW, **params), batch_size, max_batch_tokens)
 
 
 def prompt_ids(lm, prompts=PROMPTS) -> list[list[int]]:
@@ -114,7 +115,7 @@ def test_prompts_of_different_lengths_are_padded_in_one_batch(lm):
     assert engine.running is not None and len(engine.running.rows) == 3
     assert not engine.waiting
     # Left padding: the prefill held more positions than prompt tokens.
-    assert engine.stats["padded_tokens"] - engine.stats["forward_tokens"] == sum(max(lengths) - n for n in lengths)
+    assert engine.counters["padded_tokens"] - engine.counters["forward_tokens"] == sum(max(lengths) - n for n in lengths)
 
 
 def test_prefill_padding_is_bounded_and_output_unchanged(lm):
@@ -123,18 +124,18 @@ def test_prefill_padding_is_bounded_and_output_unchanged(lm):
     texts = ["Return the number of items in the list. " * 5, "Write", "The quick", "Raise"]
     reqs = [Request(i, tuple(tokenizer(t).input_ids), 0, 6) for i, t in enumerate(texts)]
     bounded = make_engine(lm)
-    out = bounded.generate(reqs)
-    padding = bounded.stats["padded_tokens"] - bounded.stats["forward_tokens"]
-    assert 0 < padding <= bounded.prefill_pad_limit * bounded.stats["prefill_positions"]
+    out = generate(bounded, reqs)
+    padding = bounded.counters["padded_tokens"] - bounded.counters["forward_tokens"]
+    assert 0 < padding <= bounded.prefill_pad_limit * bounded.counters["prefill_positions"]
     unbounded = make_engine(lm)
     unbounded.prefill_pad_limit = 1.0
-    assert [c.token_ids for c in out] == [c.token_ids for c in unbounded.generate(reqs)]
-    assert unbounded.stats["padded_tokens"] > bounded.stats["padded_tokens"]
+    assert [c.token_ids for c in out] == [c.token_ids for c in generate(unbounded, reqs)]
+    assert unbounded.counters["padded_tokens"] > bounded.counters["padded_tokens"]
 
 
 def test_greedy_equals_generate_token_for_token(lm):
     model, _ = lm
-    completions = make_engine(lm).generate(requests(lm))
+    completions = generate(make_engine(lm), requests(lm))
     batched = hf_greedy_batched(lm)
     for c, ids, reference in zip(completions, prompt_ids(lm), batched):
         alone = hf_greedy(model, ids)
@@ -147,8 +148,8 @@ def test_results_follow_request_order_not_batch_order(lm):
     reqs = requests(lm)
     shuffled = [reqs[2], reqs[0], reqs[1]]
     engine = make_engine(lm)
-    by_key = {c.key: c for c in engine.generate(reqs)}
-    again = engine.generate(shuffled)
+    by_key = {c.key: c for c in generate(engine, reqs)}
+    again = generate(engine, shuffled)
     assert [c.key for c in again] == [2, 0, 1]
     assert again == [by_key[2], by_key[0], by_key[1]]
 
@@ -156,7 +157,7 @@ def test_results_follow_request_order_not_batch_order(lm):
 def test_length_finish_when_max_new_tokens_is_hit(lm):
     model, _ = lm
     reqs = requests(lm, max_new=5)
-    for c, ids in zip(make_engine(lm).generate(reqs), prompt_ids(lm)):
+    for c, ids in zip(generate(make_engine(lm), reqs), prompt_ids(lm)):
         tokens, reason = hf_greedy(model, ids, max_new=5)
         assert reason == "length"  # no eos in the reference: the check below is about length
         assert c.finish_reason == "length"
@@ -168,12 +169,12 @@ def test_rows_with_different_budgets_leave_the_batch_without_disturbing_the_othe
     model, _ = lm
     budgets = [3, 16, 9]
     reqs = [Request(i, tuple(ids), 0, budgets[i]) for i, ids in enumerate(prompt_ids(lm))]
-    for c, ids, n in zip(make_engine(lm).generate(reqs), prompt_ids(lm), budgets):
+    for c, ids, n in zip(generate(make_engine(lm), reqs), prompt_ids(lm), budgets):
         check_completion(lm, c, *hf_greedy(model, ids, max_new=n))
         assert len(c.token_ids) == n
 
 
-def run_steps(engine: Engine, reqs: list[Request]) -> tuple[list[Completion], list[list]]:
+def run_steps(engine: TransformersEngine, reqs: list[Request]) -> tuple[list[Completion], list[list]]:
     """Drive the engine step by step; returns the completions in request order and
     the keys of the running batch after every step."""
     engine.submit(reqs)
@@ -224,12 +225,12 @@ def test_token_budget_bounds_the_running_batch(lm):
             assert engine.running.mask.shape[1] <= widest
     assert sorted(c.key for c in done) == list(range(9))
     # Batching changes nothing in the greedy result.
-    assert [c for c in sorted(done, key=lambda c: c.key)] == make_engine(lm, batch_size=1).generate(reqs)
+    assert [c for c in sorted(done, key=lambda c: c.key)] == generate(make_engine(lm, batch_size=1), reqs)
 
 
 def test_a_single_request_larger_than_the_budget_still_runs(lm):
     r = requests(lm)[1]
-    c = make_engine(lm, max_batch_tokens=4).generate([r])[0]
+    c = generate(make_engine(lm, max_batch_tokens=4), [r])[0]
     assert c.finish_reason == "length" and len(c.token_ids) == MAX_NEW
 
 
@@ -243,7 +244,7 @@ def test_eos_ends_a_row_with_stop_and_is_excluded(lm, eos_is):
     token = free[4]  # generate emits it within the budget: make it an end-of-sequence token
     eos = eos_is(token)
     first = free.index(token)
-    completions = make_engine(lm).generate(requests(lm))
+    completions = generate(make_engine(lm), requests(lm))
     c = completions[1]
     assert c.finish_reason == "stop"
     assert list(c.token_ids) == free[:first]
@@ -271,7 +272,7 @@ def test_eos_as_first_token_gives_an_empty_completion(lm, eos_is):
     model, _ = lm
     ids = prompt_ids(lm)
     eos_is(hf_greedy(model, ids[0])[0][0])
-    c = make_engine(lm).generate(requests(lm))[0]
+    c = generate(make_engine(lm), requests(lm))[0]
     assert c == Completion(0, (), "", "stop")
 
 
@@ -279,7 +280,7 @@ def test_eos_as_first_token_gives_an_empty_completion(lm, eos_is):
 
 
 def sampled(lm, reqs, **params) -> list[tuple[int, ...]]:
-    return [c.token_ids for c in make_engine(lm, do_sample=True, **params).generate(reqs)]
+    return [c.token_ids for c in generate(make_engine(lm, do_sample=True, **params), reqs)]
 
 
 def test_same_seed_same_sample_different_seed_different_sample(lm):
@@ -288,7 +289,7 @@ def test_same_seed_same_sample_different_seed_different_sample(lm):
     other = sampled(lm, requests(lm, seed=1000))
     assert other != first
     assert sum(a != b for a, b in zip(first, other)) >= 2
-    greedy = [c.token_ids for c in make_engine(lm).generate(requests(lm))]
+    greedy = [c.token_ids for c in generate(make_engine(lm), requests(lm))]
     assert first != greedy
 
 
@@ -308,7 +309,7 @@ def test_sampled_text_does_not_depend_on_batch_neighbours(lm):
         assert alone == together[i], f"request {i}"
     # Nor on the order the requests come in, nor on the batch size.
     assert sampled(lm, reqs[::-1], temperature=0.9, top_p=0.95) == together[::-1]
-    one_by_one = [c.token_ids for c in make_engine(lm, batch_size=1, do_sample=True, temperature=0.9, top_p=0.95).generate(reqs)]
+    one_by_one = [c.token_ids for c in generate(make_engine(lm, batch_size=1, do_sample=True, temperature=0.9, top_p=0.95), reqs)]
     assert one_by_one == together
 
 
@@ -317,13 +318,13 @@ def test_sampled_text_is_the_same_under_continuous_batching(lm):
     params = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1)
     completions, running = run_steps(make_engine(lm, batch_size=4, **params), reqs)
     assert spliced(running)
-    alone = [make_engine(lm, batch_size=1, **params).generate([r])[0] for r in reqs]
+    alone = [generate(make_engine(lm, batch_size=1, **params), [r])[0] for r in reqs]
     assert completions == alone
 
 
 @pytest.mark.parametrize("params", [{"top_k": 1}, {"top_p": 1e-6}, {"top_k": 1, "temperature": 3.0}])
 def test_sampling_restricted_to_the_top_token_equals_greedy(lm, params):
-    greedy = [c.token_ids for c in make_engine(lm).generate(requests(lm))]
+    greedy = [c.token_ids for c in generate(make_engine(lm), requests(lm))]
     assert sampled(lm, requests(lm, seed=77), **params) == greedy
 
 
@@ -349,7 +350,7 @@ def bigrams(tokens: list[int]) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("n", [1, 3])
 def test_no_repeat_ngram_sizes_match_generate(lm, n):
     model, _ = lm
-    for c, p in zip(make_engine(lm, no_repeat_ngram_size=n).generate(requests(lm)), prompt_ids(lm)):
+    for c, p in zip(generate(make_engine(lm, no_repeat_ngram_size=n), requests(lm)), prompt_ids(lm)):
         check_completion(lm, c, *hf_greedy(model, p, no_repeat_ngram_size=n))
 
 
@@ -358,12 +359,12 @@ def test_no_repeat_ngram_size_2_never_repeats_a_bigram(lm):
     ids = prompt_ids(lm)
     for p in ids:
         assert len(set(bigrams(p))) == len(bigrams(p)), "precondition: prompts have no repeated bigram"
-    free = make_engine(lm).generate(requests(lm))
+    free = generate(make_engine(lm), requests(lm))
     histories = [p + list(c.token_ids) for p, c in zip(ids, free)]
     assert any(len(set(bigrams(h))) < len(bigrams(h)) for h in histories), (
         "precondition: unconstrained greedy output repeats itself, so the option has work to do"
     )
-    constrained = make_engine(lm, no_repeat_ngram_size=2).generate(requests(lm))
+    constrained = generate(make_engine(lm, no_repeat_ngram_size=2), requests(lm))
     for c, p in zip(constrained, ids):
         history = p + list(c.token_ids)
         assert len(set(bigrams(history))) == len(bigrams(history)), c
@@ -372,8 +373,8 @@ def test_no_repeat_ngram_size_2_never_repeats_a_bigram(lm):
 
 def test_repetition_penalty_matches_generate(lm):
     model, _ = lm
-    plain = make_engine(lm).generate(requests(lm))
-    penalized = make_engine(lm, repetition_penalty=1.3).generate(requests(lm))
+    plain = generate(make_engine(lm), requests(lm))
+    penalized = generate(make_engine(lm, repetition_penalty=1.3), requests(lm))
     assert [c.token_ids for c in penalized] != [c.token_ids for c in plain]
     for c, p in zip(penalized, prompt_ids(lm)):
         check_completion(lm, c, *hf_greedy(model, p, repetition_penalty=1.3))
@@ -381,7 +382,7 @@ def test_repetition_penalty_matches_generate(lm):
 
 def test_repetition_penalty_below_one_matches_generate(lm):
     model, _ = lm
-    for c, p in zip(make_engine(lm, repetition_penalty=0.8).generate(requests(lm)), prompt_ids(lm)):
+    for c, p in zip(generate(make_engine(lm, repetition_penalty=0.8), requests(lm)), prompt_ids(lm)):
         check_completion(lm, c, *hf_greedy(model, p, repetition_penalty=0.8))
 
 
@@ -418,10 +419,10 @@ def pick_stop(text: str) -> tuple[str, int]:
 
 
 def test_stop_string_cuts_the_text_before_it(lm):
-    free = make_engine(lm).generate(requests(lm))
+    free = generate(make_engine(lm), requests(lm))
     for i, c in enumerate(free):
         stop, at = pick_stop(c.text)
-        got = make_engine(lm, stop=(stop,)).generate(requests(lm))[i]
+        got = generate(make_engine(lm, stop=(stop,)), requests(lm))[i]
         assert got.finish_reason == "stop", (stop, c.text)
         assert got.text == c.text[:at]
         assert stop not in got.text
@@ -432,13 +433,13 @@ def test_stop_string_cuts_the_text_before_it(lm):
 
 
 def test_earliest_of_several_stop_strings_wins(lm):
-    free = make_engine(lm).generate(requests(lm))
+    free = generate(make_engine(lm), requests(lm))
     for i, c in enumerate(free):
         first, at = pick_stop(c.text)
         later = next(first_occurrences(c.text, at + 1), None)
         if later is None:
             continue
-        got = make_engine(lm, stop=(later[0], first)).generate(requests(lm))[i]
+        got = generate(make_engine(lm, stop=(later[0], first)), requests(lm))[i]
         assert (got.text, got.finish_reason) == (c.text[:at], "stop")
         break
     else:
@@ -446,18 +447,18 @@ def test_earliest_of_several_stop_strings_wins(lm):
 
 
 def test_stop_string_completed_by_the_last_allowed_token_is_a_stop(lm):
-    c = make_engine(lm).generate(requests(lm))[0]
+    c = generate(make_engine(lm), requests(lm))[0]
     stop, _ = pick_stop(c.text)
-    stopped = make_engine(lm, stop=(stop,)).generate(requests(lm))[0]
+    stopped = generate(make_engine(lm, stop=(stop,)), requests(lm))[0]
     n = len(stopped.token_ids)
-    got = make_engine(lm, stop=(stop,)).generate(requests(lm, max_new=n))[0]
+    got = generate(make_engine(lm, stop=(stop,)), requests(lm, max_new=n))[0]
     assert got.finish_reason == "stop"
     assert got.token_ids == stopped.token_ids
 
 
 def test_stop_string_never_generated_changes_nothing(lm):
-    free = make_engine(lm).generate(requests(lm))
-    assert make_engine(lm, stop=("\u2603never\u2603",)).generate(requests(lm)) == free
+    free = generate(make_engine(lm), requests(lm))
+    assert generate(make_engine(lm, stop=("\u2603never\u2603",)), requests(lm)) == free
 
 
 # -- a sequence that breaks the model ---------------------------------------------------------------
@@ -473,7 +474,7 @@ def test_a_failing_sequence_comes_back_as_an_error_alone(lm):
     good = varied_requests(lm, count=5)
     reqs = good[:2] + [broken_request(lm, "bad")] + good[2:]
     engine = make_engine(lm, batch_size=4)
-    completions = engine.generate(reqs)
+    completions = generate(engine, reqs)
     bad = completions[2]
     assert (bad.key, bad.finish_reason, bad.token_ids, bad.text) == ("bad", "error", (), "")
     assert "IndexError" in bad.error
@@ -491,6 +492,6 @@ def test_a_failing_prefill_does_not_fail_the_healthy_running_sequence(lm):
     # then the short broken prompt is spliced in next to A alone.
     a = Request("A", tuple(ids[1]), 0, MAX_NEW)
     b = Request("B", tuple(ids[2]), 0, 2)
-    completions = make_engine(lm, batch_size=2).generate([a, b, broken_request(lm, "bad")])
+    completions = generate(make_engine(lm, batch_size=2), [a, b, broken_request(lm, "bad")])
     assert [c.finish_reason for c in completions] == ["length", "length", "error"]
     check_completion(lm, completions[0], *hf_greedy(model, list(a.prompt_ids)))

@@ -12,11 +12,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from jobs.core.plan import plan
+from jobs.core.protocol import ShardTask, TaskKind, row_seed
+from jobs.core.spec import spec_from_dict
 from jobs.dataset import open_dataset
-from jobs.plan import plan
-from jobs.spec import spec_from_dict
 from tests.conftest import job_dict, write_prompts
-from workers.replica import Replica, row_seed
+from workers.replica import Replica
 
 MAX_NEW = 8
 
@@ -45,7 +46,7 @@ def run_shards(spec, file_metadata=None, attempt="attempt-0-test"):
     """Every shard of the input through one in-process replica; returns (results, staged tables)."""
     replica = Replica(spec, file_metadata or {})
     shards = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
-    results = [replica.process(shard, attempt) for shard in shards]
+    results = [replica.run(ShardTask(shard, attempt)) for shard in shards]
     return shards, results
 
 
@@ -307,10 +308,10 @@ def test_two_shards_in_flight_at_once_give_the_same_files(tmp_path, tiny_model):
     )
     replica = Replica(spec, {})
     shards = plan(open_dataset(spec.input).files, 4)
-    one_by_one = [read(replica.process(s, "attempt-0-seq").data_url) for s in shards]
+    one_by_one = [read(replica.run(ShardTask(s, "attempt-0-seq")).data_url) for s in shards]
     # A threaded actor runs up to two shards at once; their sequences share the engine's batch.
     with ThreadPoolExecutor(max_workers=3) as pool:
-        together = list(pool.map(lambda s: replica.process(s, "attempt-0-par"), shards))
+        together = list(pool.map(lambda s: replica.run(ShardTask(s, "attempt-0-par")), shards))
     for shard, result, expected in zip(shards, together, one_by_one):
         assert result.shard == shard.index
         assert read(result.data_url).equals(expected)
@@ -330,7 +331,7 @@ def test_retry_failed_regenerates_dead_letters_and_keeps_the_rest(tmp_path, tiny
     spec = make_spec(tmp_path, tiny_model)
     replica = Replica(spec, {})
     [shard] = plan(open_dataset(spec.input).files, 10)
-    first = replica.process(shard, "attempt-0-a")
+    first = replica.run(ShardTask(shard, "attempt-0-a"))
     data, errors = read(first.data_url), read(first.errors_url)
     assert sorted(data.column("id").to_pylist()) == ["a", "c", "d"]
     # Commit it as if row "c" had failed for a passing reason (say, out of memory at the time).
@@ -344,7 +345,7 @@ def test_retry_failed_regenerates_dead_letters_and_keeps_the_rest(tmp_path, tiny
     failed = pa.concat_tables([errors, pa.Table.from_pylist([c_row], schema=errors.schema)])
     pq.write_table(failed, out / "errors" / f"{shard.name}.parquet")
 
-    again = replica.retry_failed(shard, "attempt-1-b")
+    again = replica.run(ShardTask(shard, "attempt-1-b", TaskKind.RETRY_FAILED))
     regenerated = read(again.data_url)
     assert sorted(regenerated.column("id").to_pylist()) == ["a", "c", "d"]
     assert regenerated.sort_by("id").equals(data.sort_by("id"))  # the same text: same seed, same row

@@ -6,16 +6,19 @@ import copy
 
 import pytest
 
-from jobs.spec import InputSpec
-from tests.tiny_model import CHAT_TEMPLATE, build_tokenizer
-from workers.prompts import (
+from jobs.core.prompts import (
     CHAT_TEMPLATE_ERROR,
     EMPTY_PROMPT,
+    PROMPT_TOO_LONG,
     TEMPLATE_ERROR,
     RowError,
+    build_prompt,
+    max_new_tokens,
     render_prompt,
     tokenize_prompt,
 )
+from jobs.core.spec import InputSpec, spec_from_dict
+from tests.tiny_model import CHAT_TEMPLATE, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +172,32 @@ def test_chat_prompts_get_no_second_set_of_special_tokens():
     assert tok(text).input_ids[0] == bos  # the tokenizer does add it when asked
     assert tokenize_prompt(column_spec(), text, tok)[0] == bos
     assert bos not in tokenize_prompt(messages_spec(), text, tok)
+
+
+def test_build_prompt_leaves_room_for_one_new_token():
+    tokenizer = build_tokenizer()
+    spec = column_spec()
+    row = {"prompt": "a b c d e f"}
+    n = len(tokenize_prompt(spec, row["prompt"], tokenizer))
+    text, ids = build_prompt(spec, row, tokenizer, context=n + 1)
+    assert text == row["prompt"] and len(ids) == n
+    with pytest.raises(RowError) as e:
+        build_prompt(spec, row, tokenizer, context=n)
+    assert e.value.code == PROMPT_TOO_LONG
+    assert f"prompt is {n} tokens; the model's context is {n}" in str(e.value)
+    assert build_prompt(spec, row, tokenizer, context=None)[1] == ids  # no context known: no limit
+
+
+def test_max_new_tokens_takes_the_lowest_limit():
+    spec = spec_from_dict(
+        {
+            "input": {"uri": "/in", "prompt_column": "prompt", "max_new_tokens_column": "limit"},
+            "model": {"path": "org/model"},
+            "generation": {"max_new_tokens": 50},
+            "output": {"uri": "/out"},
+        }
+    )
+    assert max_new_tokens(spec, {"limit": None}, prompt_tokens=10, context=None) == 50
+    assert max_new_tokens(spec, {"limit": 7}, prompt_tokens=10, context=None) == 7
+    assert max_new_tokens(spec, {"limit": 0}, prompt_tokens=10, context=None) == 1  # at least one token
+    assert max_new_tokens(spec, {"limit": 500}, prompt_tokens=10, context=30) == 20  # the room left

@@ -1,10 +1,13 @@
-"""Turning one input row into prompt text, or a typed per-row error."""
+"""Turning one input row into prompt text and token ids, or a typed per-row error.
+
+Shared by `bulkgen validate` (which scans prompts on the driver's machine)
+and the replicas, so both judge a row the same way."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from jobs.spec import InputSpec
+from jobs.core.spec import InputSpec, JobSpec
 
 
 class RowError(Exception):
@@ -56,3 +59,21 @@ def render_prompt(spec: InputSpec, row: dict[str, Any], tokenizer) -> str:
 def tokenize_prompt(spec: InputSpec, text: str, tokenizer) -> list[int]:
     # A chat template already wrote the special tokens it wants.
     return tokenizer(text, add_special_tokens=not spec.messages_column).input_ids
+
+
+def build_prompt(spec: InputSpec, row: dict[str, Any], tokenizer, context: int | None) -> tuple[str, list[int]]:
+    """(prompt text, token ids) for `row`, or RowError; the prompt must leave room for one new token."""
+    text = render_prompt(spec, row, tokenizer)
+    token_ids = tokenize_prompt(spec, text, tokenizer)
+    if context and len(token_ids) >= context:
+        raise RowError(PROMPT_TOO_LONG, f"prompt is {len(token_ids)} tokens; the model's context is {context}")
+    return text, token_ids
+
+
+def max_new_tokens(spec: JobSpec, row: dict[str, Any], prompt_tokens: int, context: int | None) -> int:
+    """The job's limit, lowered by the row's own limit and by the room left in the context."""
+    limit = spec.generation.max_new_tokens
+    column = spec.input.max_new_tokens_column
+    if column and row[column] is not None:
+        limit = max(1, min(limit, row[column]))
+    return min(limit, context - prompt_tokens) if context else limit

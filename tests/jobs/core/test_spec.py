@@ -9,7 +9,7 @@ import pydantic
 import pytest
 import yaml
 
-from jobs.spec import JobSpec, SpecError, apply_overrides, load_spec, spec_from_dict, template_fields
+from jobs.core.spec import JobSpec, SpecError, apply_overrides, load_spec, spec_from_dict, template_fields
 
 
 def minimal(**sections) -> dict:
@@ -70,7 +70,7 @@ def test_spec_from_dict_does_not_mutate_its_argument():
 
 
 def test_missing_spec_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(SpecError, match="nope.yaml.*does not exist"):
         load_spec(tmp_path / "nope.yaml")
 
 

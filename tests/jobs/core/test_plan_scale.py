@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.dataset import open_dataset
-from jobs.plan import plan
-from jobs.spec import InputSpec
+from jobs.core.plan import plan
+from jobs.core.spec import InputSpec
 
 FILES, ROWS_PER_FILE, ROWS_PER_SHARD = 1_000, 10_000, 1_000
 

@@ -13,8 +13,8 @@ import pytest
 from fsspec.implementations.local import LocalFileOpener
 
 from jobs.dataset import check_unique_ids, open_dataset
-from jobs.plan import InputFile, Shard, plan, shard_name
-from jobs.spec import spec_from_dict
+from jobs.core.plan import InputFile, Shard, plan, shard_name
+from jobs.core.spec import spec_from_dict
 from tests.conftest import REPO, job_dict
 
 
@@ -114,7 +114,7 @@ def test_rows_per_shard_must_be_positive(bad):
 
 def test_plan_module_imports_neither_ray_nor_torch():
     code = (
-        "import sys, jobs.plan; "
+        "import sys, jobs.core.plan; "
         "heavy = [m for m in ('ray', 'torch', 'transformers', 'fsspec', 'pyarrow') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
@@ -195,7 +195,7 @@ def test_the_row_read_guard_does_bite(tmp_path, no_row_reads):
 
 
 def test_driver_validate_reads_no_rows_without_id_column(tmp_path, tiny_model, no_row_reads):
-    from jobs.driver import validate
+    from jobs.validate import validate
 
     sizes = write_many(tmp_path / "in", 40)
     data = job_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model, input={"id_column": None, "pass_through": []})

@@ -1,13 +1,16 @@
-"""Storage helpers shared by the driver and the replicas: retries and Parquet I/O.
+"""Storage I/O shared by the driver and the replicas: retries, whole-file writes, Parquet.
 
-A path is a full fsspec URL plus storage options; protocols are never
-checked by hand.
+A path is a full fsspec URL plus storage options. URL prefixes are never
+compared by hand: the filesystem fsspec resolves decides, e.g. whether
+renames are atomic, or whether the storage is process-local (memory://).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import posixpath
 import random
 import time
 from collections.abc import Callable
@@ -16,6 +19,8 @@ from typing import TypeVar
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from jobs.core import faults
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ def write_bytes(url: str, data: bytes, storage_options: dict) -> None:
 
     def write() -> None:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        faults.inject("storage.write", path=path)
         if _renames_atomically(fs):
             fs.makedirs(fs._parent(path), exist_ok=True)
             tmp = f"{path}.tmp-{random.getrandbits(48):012x}"
@@ -66,6 +72,22 @@ def read_bytes(url: str, storage_options: dict) -> bytes:
         return fs.cat_file(path)
 
     return with_retries(read, f"reading {url}")
+
+
+def move(source_url: str, destination_url: str, storage_options: dict) -> None:
+    """Publish `source_url` under `destination_url`, whole (a rename on local disk,
+    one object on object stores). Idempotent: a move whose reply was lost is not redone."""
+    fs, source = fsspec.core.url_to_fs(source_url, **storage_options)
+    _, destination = fsspec.core.url_to_fs(destination_url, **storage_options)
+
+    def mv() -> None:
+        faults.inject("storage.move", path=destination)
+        if not fs.exists(source) and fs.exists(destination):
+            return  # moved by an earlier try whose reply was lost
+        fs.makedirs(posixpath.dirname(destination), exist_ok=True)
+        fs.mv(source, destination)
+
+    with_retries(mv, f"publishing {source_url}")
 
 
 def write_parquet(table: pa.Table, url: str, storage_options: dict) -> None:
@@ -95,6 +117,23 @@ def read_row_range(url: str, storage_options: dict, start: int, stop: int, colum
             return table.slice(start - first_row, stop - start)
 
     return with_retries(read, f"reading rows {start}:{stop} of {url}")
+
+
+@contextlib.contextmanager
+def reaching(field: str, uri: str, error: type[Exception]):
+    """Turn a failure to reach `uri` into `error` naming the spec field, instead of a
+    library's traceback. Wrap only calls that touch the storage: whatever they raise
+    (no credentials, unknown protocol, no such bucket, no network; botocore's errors
+    share no base class with OSError) means the storage cannot be used as given."""
+    try:
+        yield
+    except error:
+        raise
+    except Exception as e:
+        raise error(
+            f"{field} {uri!r} cannot be reached with the given storage_options and environment: "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
 
 def process_local(url: str, storage_options: dict) -> bool:

@@ -1,0 +1,83 @@
+"""Every path of a job's output, spelled once.
+
+    _job.json                  the job record (jobs/record.py)
+    data/part-NNNNN.parquet    generated rows of shard NNNNN
+    errors/part-NNNNN.parquet  its dead letters, when it has any
+    filtered/part-NNNNN.parquet  rows a quality filter dropped
+    _commits/part-NNNNN.json   the shard's commit record, written last
+    _manifest.json             all commit records, written at the end
+    _staging/part-NNNNN/ATTEMPT/{data,errors}.parquet  an attempt's files before commit
+    _logs/run-N.log            the driver's log of run N
+    _report/                   the job's report
+    _CANCEL                    a cancel request, polled by the driver
+    _SUCCESS                   written last, only when the job succeeded
+
+Names starting with `_` or `.` are not data (the convention of Spark and
+pyarrow.dataset), so a reader of data/ never sees bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobs.core.plan import shard_name
+
+RECORD = "_job.json"
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+CANCEL = "_CANCEL"
+COMMITS = "_commits"
+STAGING = "_staging"
+LOGS = "_logs"
+REPORT = "_report"
+DATA, ERRORS, FILTERED = "data", "errors", "filtered"
+
+# What `--overwrite` deletes: everything a job writes, and nothing else.
+JOB_ENTRIES = (SUCCESS, MANIFEST, COMMITS, DATA, ERRORS, FILTERED, STAGING, REPORT, LOGS, CANCEL, RECORD)
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """The output's root URL and every relative path under it."""
+
+    uri: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "uri", self.uri.rstrip("/"))
+
+    def url(self, relpath: str) -> str:
+        return f"{self.uri}/{relpath}"
+
+    @staticmethod
+    def data(shard: int) -> str:
+        return f"{DATA}/{shard_name(shard)}.parquet"
+
+    @staticmethod
+    def errors(shard: int) -> str:
+        return f"{ERRORS}/{shard_name(shard)}.parquet"
+
+    @staticmethod
+    def filtered(shard: int) -> str:
+        return f"{FILTERED}/{shard_name(shard)}.parquet"
+
+    @staticmethod
+    def commit(shard: int) -> str:
+        return f"{COMMITS}/{shard_name(shard)}.json"
+
+    @staticmethod
+    def staging(shard: int, attempt: str | None = None) -> str:
+        """A shard's staging directory, or one attempt's inside it."""
+        where = f"{STAGING}/{shard_name(shard)}"
+        return f"{where}/{attempt}" if attempt else where
+
+    @staticmethod
+    def staged_data(shard: int, attempt: str) -> str:
+        return f"{OutputLayout.staging(shard, attempt)}/data.parquet"
+
+    @staticmethod
+    def staged_errors(shard: int, attempt: str) -> str:
+        return f"{OutputLayout.staging(shard, attempt)}/errors.parquet"
+
+    @staticmethod
+    def run_log(run: int) -> str:
+        return f"{LOGS}/run-{run}.log"

@@ -1,0 +1,116 @@
+"""Which shard runs next, on which replica, and what a failure costs: the
+driver's scheduling policy, as a plain object without Ray (jobs/dispatch.py
+feeds it events).
+
+- Balance: every ready replica gets one shard before any gets a second, and
+  a second (to overlap its I/O with generation) only while the queue still
+  holds a shard for every replica, so the last shards go to whichever
+  replica frees up first instead of queueing behind a busy one.
+- Replica deaths: which of a dead replica's shards killed it is unknown, so
+  each becomes a suspect and is charged nothing; a suspect runs alone on an
+  idle replica, and only a death while it runs alone is charged to it.
+- Failures: a failed attempt is charged to its shard, which goes to the back
+  of the queue (healthy shards first); the max_attempts-th charge ends the job.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+from jobs.core.plan import Shard
+from jobs.core.protocol import TaskKind
+
+IN_FLIGHT_PER_REPLICA = 2  # the next shard waits at the replica, so it never idles between shards
+
+
+@dataclass(frozen=True)
+class Work:
+    shard: Shard
+    kind: TaskKind = TaskKind.PROCESS
+
+
+class ShardExhausted(Exception):
+    """A shard was charged max_attempts failures."""
+
+    def __init__(self, work: Work, attempts: int, error: str):
+        super().__init__(f"shard {work.shard.name} failed {attempts} times; last error: {error}")
+        self.work, self.attempts, self.error = work, attempts, error
+
+
+class ShardScheduler:
+    def __init__(self, work: Iterable[Work], max_attempts: int, depth: int = IN_FLIGHT_PER_REPLICA):
+        self.queue: deque[Work] = deque(work)
+        self.max_attempts = max_attempts
+        self.depth = depth
+        self.in_flight: dict[Hashable, list[Work]] = {}  # ready replica -> its shards, in order
+        self.suspects: set[int] = set()  # shard indices in flight on a replica that died
+        self.charged: Counter[int] = Counter()  # failures charged to each shard
+        self.dispatches: Counter[int] = Counter()  # tries of each shard, for attempt names
+        self.retried = 0  # attempts that had to be redone, charged or not
+
+    # -- replicas ------------------------------------------------------------------
+
+    def add_replica(self, replica: Hashable) -> None:
+        self.in_flight.setdefault(replica, [])
+
+    def replica_died(self, replica: Hashable, error: str) -> list[Work]:
+        """Requeue a dead replica's shards; returns them. Raises ShardExhausted."""
+        lost = self.in_flight.pop(replica, [])
+        ran_alone = len(lost) == 1 and lost[0].shard.index in self.suspects
+        for work in lost:
+            if ran_alone:
+                self._charge(work, f"replica died: {error}")  # it stays a suspect: alone again
+            else:
+                self.suspects.add(work.shard.index)
+                self.retried += 1
+                self.queue.appendleft(work)
+        return lost
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def assign(self) -> list[tuple[Hashable, Work, int]]:
+        """(replica, work, try number) for every shard that should start now."""
+        started = []
+        for depth in range(1, self.depth + 1):
+            for replica in list(self.in_flight):
+                if depth > 1 and len(self.queue) <= len(self.in_flight):
+                    return started
+                while len(self.in_flight[replica]) < depth and (work := self._take_for(replica)):
+                    self.in_flight[replica].append(work)
+                    self.dispatches[work.shard.index] += 1
+                    started.append((replica, work, self.dispatches[work.shard.index]))
+        return started
+
+    def _take_for(self, replica: Hashable) -> Work | None:
+        """The next queued shard this replica may take: none beside a suspect, a suspect only when idle."""
+        running = self.in_flight[replica]
+        if any(w.shard.index in self.suspects for w in running):
+            return None
+        for i, work in enumerate(self.queue):
+            if work.shard.index not in self.suspects or not running:
+                del self.queue[i]
+                return work
+        return None
+
+    # -- outcomes ------------------------------------------------------------------
+
+    def succeeded(self, replica: Hashable, work: Work) -> None:
+        self.in_flight[replica].remove(work)
+        self.suspects.discard(work.shard.index)
+
+    def failed(self, replica: Hashable, work: Work, error: str) -> None:
+        """The attempt raised (the replica lives on): charge it. Raises ShardExhausted."""
+        self.in_flight[replica].remove(work)
+        self._charge(work, error)
+
+    def _charge(self, work: Work, error: str) -> None:
+        self.charged[work.shard.index] += 1
+        self.retried += 1
+        if self.charged[work.shard.index] >= self.max_attempts:
+            raise ShardExhausted(work, self.charged[work.shard.index], error)
+        self.queue.append(work)  # last: the healthy shards first
+
+    def done(self) -> bool:
+        return not self.queue and not any(self.in_flight.values())

@@ -1,0 +1,294 @@
+"""The scheduling policy, without Ray: replicas are plain strings, outcomes are method calls.
+
+Balance (every replica one shard before any gets a second, a second only while
+the queue holds one for every replica), suspects after a replica death (charged
+only when one dies running alone), failed shards retried after the healthy
+ones, and max_attempts ending the job.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jobs.core.plan import Shard
+from jobs.core.protocol import TaskKind
+from jobs.scheduler import IN_FLIGHT_PER_REPLICA, ShardExhausted, ShardScheduler, Work
+
+
+def shard(i: int) -> Shard:
+    return Shard(i, "file:///in/a.parquet", "a.parquet", 10 * i, 10 * i + 10)
+
+
+def work(*indices: int) -> list[Work]:
+    return [Work(shard(i)) for i in indices]
+
+
+def scheduler(shards: int, replicas: str = "", max_attempts: int = 3, **kwargs) -> ShardScheduler:
+    s = ShardScheduler(work(*range(shards)), max_attempts, **kwargs)
+    for r in replicas:
+        s.add_replica(r)
+    return s
+
+
+def started(assigned) -> list[tuple[str, int]]:
+    return [(replica, w.shard.index) for replica, w, _ in assigned]
+
+
+def running(s: ShardScheduler) -> dict[str, list[int]]:
+    return {r: [w.shard.index for w in ws] for r, ws in s.in_flight.items()}
+
+
+def queued(s: ShardScheduler) -> list[int]:
+    return [w.shard.index for w in s.queue]
+
+
+def first(s: ShardScheduler, replica: str) -> Work:
+    return s.in_flight[replica][0]
+
+
+# -- balance --------------------------------------------------------------------------------------
+
+
+def test_every_replica_gets_one_shard_before_any_gets_a_second():
+    s = scheduler(10, "ABC")
+    assigned = started(s.assign())
+    assert assigned[:3] == [("A", 0), ("B", 1), ("C", 2)]
+    assert assigned[3:] == [("A", 3), ("B", 4), ("C", 5)]  # queue 7, 6, 5 > 3 replicas: each may take a second
+    assert IN_FLIGHT_PER_REPLICA == 2 and all(len(ws) == 2 for ws in s.in_flight.values())
+    assert queued(s) == [6, 7, 8, 9]
+    assert s.assign() == []  # nothing more until something ends
+
+
+def test_no_second_shard_unless_the_queue_holds_one_for_every_replica():
+    s = scheduler(4, "ABC")
+    assert started(s.assign()) == [("A", 0), ("B", 1), ("C", 2)]
+    assert queued(s) == [3]  # one left for three replicas: it waits for the first to free up
+
+    s = scheduler(5, "AB")
+    # After the first round three are queued for two replicas: A takes a second, which
+    # leaves two, one for each replica, so B takes none.
+    assert started(s.assign()) == [("A", 0), ("B", 1), ("A", 2)]
+    assert queued(s) == [3, 4]
+
+
+def test_the_last_shards_go_to_whichever_replica_frees_up_first():
+    s = scheduler(3, "AB")
+    assert started(s.assign()) == [("A", 0), ("B", 1)]
+    s.succeeded("B", first(s, "B"))
+    assert started(s.assign()) == [("B", 2)]  # not queued behind A's shard
+    assert running(s) == {"A": [0], "B": [2]}
+
+
+@pytest.mark.parametrize("replicas, shards", [(1, 1), (1, 5), (2, 3), (3, 7), (4, 4), (4, 9), (5, 23), (8, 100)])
+def test_balance_holds_through_a_whole_job(replicas, shards):
+    rng = random.Random(replicas * 1000 + shards)
+    names = "ABCDEFGH"[:replicas]
+    s = scheduler(shards, names)
+    order = []
+    while not s.done():
+        queue_before = len(s.queue)
+        counts = {r: len(ws) for r, ws in s.in_flight.items()}
+        for replica, w, tries in s.assign():
+            queue_before -= 1
+            counts[replica] += 1
+            assert tries == 1
+            assert counts[replica] <= IN_FLIGHT_PER_REPLICA
+            if counts[replica] > 1:
+                # A second shard: only while the queue still holds one for every replica...
+                assert queue_before >= replicas, (replica, w.shard.index)
+                # ...and never while another replica has none.
+                assert all(n >= 1 for n in counts.values()), counts
+            order.append(w.shard.index)
+        assert any(s.in_flight.values()), "work is queued but nothing runs"
+        # Some replica finishes one of its shards.
+        replica = rng.choice([r for r, ws in s.in_flight.items() if ws])
+        s.succeeded(replica, rng.choice(s.in_flight[replica]))
+    assert order == list(range(shards))  # healthy shards start in order, each once
+    assert s.retried == 0 and not s.charged
+
+
+def test_a_replica_that_joins_later_gets_work():
+    s = scheduler(5, "A")
+    assert started(s.assign()) == [("A", 0), ("A", 1)]
+    s.add_replica("B")
+    assert started(s.assign()) == [("B", 2)]  # queue 2 <= 2 replicas: no second for B
+
+
+def test_a_replica_is_added_once():
+    s = scheduler(4, "A")
+    s.assign()
+    s.add_replica("A")  # again: its shards in flight are kept
+    assert running(s) == {"A": [0, 1]}
+
+
+# -- replica deaths -------------------------------------------------------------------------------
+
+
+def test_two_shards_on_a_dying_replica_are_not_charged_and_become_suspects():
+    s = scheduler(6, "AB")
+    assert started(s.assign()) == [("A", 0), ("B", 1), ("A", 2), ("B", 3)]
+    lost = s.replica_died("A", "SIGKILL")
+    assert [w.shard.index for w in lost] == [0, 2]
+    assert not s.charged  # which of the two killed it is unknown
+    assert s.suspects == {0, 2}
+    assert "A" not in s.in_flight
+    assert set(queued(s)[:2]) == {0, 2} and queued(s)[2:] == [4, 5]  # back at the front
+    assert s.retried == 2
+
+
+def test_a_healthy_shard_that_was_alone_on_a_dying_replica_is_not_charged():
+    # A node lost with one healthy shard on it: the shard becomes a suspect, it does not lose an attempt.
+    s = scheduler(1, "A")
+    s.assign()
+    s.replica_died("A", "node lost")
+    assert not s.charged and s.suspects == {0} and queued(s) == [0]
+
+
+def test_suspects_run_alone_and_only_on_an_idle_replica():
+    s = scheduler(6, "AB")
+    s.assign()  # A: 0, 2   B: 1, 3
+    s.replica_died("A", "SIGKILL")  # 0 and 2 become suspects
+    s.add_replica("C")  # the replacement
+    assert started(s.assign()) == [("C", 2)]  # B is busy; C is idle, so it takes a suspect, and nothing beside it
+    assert running(s) == {"B": [1, 3], "C": [2]}
+    s.succeeded("B", first(s, "B"))
+    # B still runs shard 3, so it may not take the suspect 0: it skips to a healthy shard.
+    assert started(s.assign()) == [("B", 4)]
+    assert queued(s) == [0, 5]
+    s.succeeded("B", first(s, "B"))
+    s.succeeded("B", first(s, "B"))
+    # B is idle now: it may take the suspect, and then nothing else.
+    assert started(s.assign()) == [("B", 0)]
+    assert running(s) == {"B": [0], "C": [2]} and queued(s) == [5]
+
+
+def test_a_suspect_that_dies_alone_is_charged():
+    s = scheduler(2, "AB", max_attempts=3)
+    s.assign()  # A: 0   B: 1
+    s.assign()
+    s.replica_died("A", "SIGKILL")  # 0 was alone but not a suspect yet: not charged
+    assert not s.charged
+    s.add_replica("C")
+    assert started(s.assign()) == [("C", 0)]
+    s.replica_died("C", "SIGKILL")  # a suspect, alone: it did it
+    assert s.charged == {0: 1}
+    assert s.suspects == {0}  # and it stays a suspect: it runs alone again
+    assert queued(s) == [0]
+    s.add_replica("D")
+    s.succeeded("B", first(s, "B"))
+    assigned = s.assign()
+    assert started(assigned) == [("B", 0)]
+    assert assigned[0][2] == 3  # the third try of shard 0
+    s.succeeded("B", first(s, "B"))
+    assert s.suspects == set() and s.done()
+
+
+def test_a_suspect_that_keeps_killing_replicas_ends_the_job():
+    s = scheduler(1, "A", max_attempts=2)
+    s.assign()
+    s.replica_died("A", "first death")  # suspect, uncharged
+    s.add_replica("B")
+    s.assign()
+    s.replica_died("B", "second death")  # charged once
+    s.add_replica("C")
+    s.assign()
+    with pytest.raises(ShardExhausted) as info:
+        s.replica_died("C", "third death")
+    e = info.value
+    assert e.work.shard.index == 0 and e.attempts == 2 and e.error == "replica died: third death"
+    assert "part-00000" in str(e) and "third death" in str(e)
+
+
+def test_a_replica_unknown_to_the_scheduler_dying_loses_nothing():
+    s = scheduler(3, "A")
+    s.assign()
+    assert s.replica_died("never-ready", "failed to start") == []
+    assert running(s) == {"A": [0, 1]} and not s.suspects
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+
+def test_a_failed_shard_is_retried_after_the_healthy_ones():
+    s = scheduler(4, "A")
+    assert started(s.assign()) == [("A", 0), ("A", 1)]
+    s.failed("A", first(s, "A"), "RuntimeError: boom")
+    assert s.charged == {0: 1} and not s.suspects and s.retried == 1
+    assert queued(s) == [2, 3, 0]  # to the back of the queue
+    order = []
+    while not s.done():
+        for _, w, tries in s.assign():
+            order.append((w.shard.index, tries))
+        s.succeeded("A", first(s, "A"))
+    assert order == [(2, 1), (3, 1), (0, 2)]  # the healthy shards first; the retry is shard 0's second try
+
+
+def test_max_attempts_ends_the_job_naming_the_shard_and_its_last_error():
+    s = scheduler(3, "AB", max_attempts=2)
+    s.assign()  # A: 0   B: 1   (queue 1 <= 2: no seconds)
+    s.failed("B", first(s, "B"), "ValueError: first")
+    assert s.charged == {1: 1}
+    s.succeeded("A", first(s, "A"))
+    assert started(s.assign()) == [("A", 2), ("B", 1)]
+    with pytest.raises(ShardExhausted) as info:
+        s.failed("B", first(s, "B"), "ValueError: second")
+    e = info.value
+    assert e.work == Work(shard(1)) and e.attempts == 2 and e.error == "ValueError: second"
+    assert str(e) == "shard part-00001 failed 2 times; last error: ValueError: second"
+
+
+def test_max_attempts_one_fails_on_the_first_charge():
+    s = scheduler(1, "A", max_attempts=1)
+    s.assign()
+    with pytest.raises(ShardExhausted, match="part-00000 failed 1 times; last error: boom"):
+        s.failed("A", first(s, "A"), "boom")
+
+
+def test_charges_are_per_shard():
+    s = scheduler(4, "AB", max_attempts=2)
+    s.assign()  # A: 0, 2   B: 1, 3
+    s.failed("A", first(s, "A"), "x")
+    s.failed("B", first(s, "B"), "y")  # a different shard's first failure: no exhaustion
+    assert s.charged == {0: 1, 1: 1}
+
+
+def test_retry_failed_work_keeps_its_kind():
+    retry = Work(shard(0), TaskKind.RETRY_FAILED)
+    s = ShardScheduler([retry, *work(1, 2)], max_attempts=3)
+    s.add_replica("A")
+    assigned = s.assign()
+    assert [w for _, w, _ in assigned] == [retry, Work(shard(1))]
+    s.failed("A", retry, "boom")
+    assert list(s.queue) == [Work(shard(2)), retry]  # still a retry of the dead letters, not a whole-shard redo
+
+
+# -- done -----------------------------------------------------------------------------------------
+
+
+def test_done_only_when_nothing_is_queued_or_in_flight():
+    assert ShardScheduler([], max_attempts=3).done()
+    s = scheduler(2, "")
+    assert not s.done()  # queued, even with no replica ready yet
+    s.add_replica("A")
+    s.add_replica("B")
+    assert s.assign() and not s.done()
+    assert not s.queue and not s.done()  # in flight
+    s.succeeded("A", first(s, "A"))
+    assert not s.done()
+    s.succeeded("B", first(s, "B"))
+    assert s.done()
+    assert s.assign() == [] and s.done()
+
+
+def test_not_done_after_a_death_requeues_work():
+    s = scheduler(1, "A")
+    s.assign()
+    s.replica_died("A", "gone")
+    assert not s.done() and queued(s) == [0]
+    assert s.assign() == []  # no replica: the work waits
+    s.add_replica("B")
+    s.assign()
+    s.succeeded("B", first(s, "B"))
+    assert s.done()

@@ -1,0 +1,223 @@
+"""The layering of the code, checked on its source: which package may import which.
+
+    jobs.core   the contracts both sides share: imports neither the driver (the
+                rest of jobs) nor workers, and never ray or torch, anywhere
+    workers     the replica side: of jobs, imports jobs.core only; the engine
+                interface (workers.engine) imports neither ray nor torch at module level
+    jobs        the driver side: reaches workers only for the actor class,
+                workers.replica, and only from jobs/dispatch.py
+
+Every import counts, wherever it is written (inside functions, under
+TYPE_CHECKING, relative ones), since a function-level import is still a
+dependency; only "at module level" rules ignore the ones that never run at import.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("jobs", "workers")
+NEVER_IN_CORE = ("ray", "torch")
+NOT_AT_MODULE_LEVEL = {"workers.engine": ("ray", "torch")}
+DRIVER_MAY_IMPORT_FROM_WORKERS = {("jobs/dispatch.py", "workers.replica")}
+
+
+@dataclass(frozen=True)
+class Import:
+    line: int
+    target: str  # the module imported, resolved to a submodule where `from X import Y` names one
+    module_level: bool  # runs when the importing module is imported
+
+
+def module_name(relpath: str) -> str:
+    parts = relpath.removesuffix(".py").split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_first_party_module(name: str, repo: Path) -> bool:
+    base = repo.joinpath(*name.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def imports(relpath: str, source: str, repo: Path = REPO) -> list[Import]:
+    """Every import statement in `source`, the file at `relpath` under `repo`."""
+    module = module_name(relpath)
+    package = module if relpath.endswith("__init__.py") else module.rpartition(".")[0]
+    found: list[Import] = []
+
+    def visit(node: ast.AST, module_level: bool) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            module_level = False
+        elif isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                visit(child, False)  # never runs
+            for child in node.orelse:
+                visit(child, module_level)
+            return
+        if isinstance(node, ast.Import):
+            found.extend(Import(node.lineno, alias.name, module_level) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                target = candidate if alias.name != "*" and _is_first_party_module(candidate, repo) else base
+                found.append(Import(node.lineno, target, module_level))
+        for child in ast.iter_child_nodes(node):
+            visit(child, module_level)
+
+    visit(ast.parse(source, filename=relpath), True)
+    return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def forbidden(relpath: str, source: str, repo: Path = REPO) -> list[str]:
+    """The layering rules `source` (the file at `relpath`) breaks: one 'file:line: edge: rule' each."""
+    module = module_name(relpath)
+    problems = []
+    for imp in imports(relpath, source, repo):
+        target, top = imp.target, imp.target.partition(".")[0]
+        why = None
+        if _within(module, "jobs.core"):
+            if top in NEVER_IN_CORE:
+                why = f"jobs.core never imports {top}, not even inside a function"
+            elif top == "workers":
+                why = "jobs.core imports nothing of the replica side (workers)"
+            elif top == "jobs" and not _within(target, "jobs.core"):
+                why = "jobs.core imports nothing of the driver side (jobs outside jobs.core)"
+        elif top == "workers" and _within(module, "jobs"):
+            if (relpath, target) not in DRIVER_MAY_IMPORT_FROM_WORKERS:
+                why = "the driver side imports workers only as workers.replica (the actor class), in jobs/dispatch.py"
+        elif top == "jobs" and _within(module, "workers"):
+            if not _within(target, "jobs.core"):
+                why = "the replica side imports only jobs.core of jobs"
+        if why is None and imp.module_level and top in NOT_AT_MODULE_LEVEL.get(module, ()):
+            why = f"{module} does not import {top} at module level"
+        if why:
+            problems.append(f"{relpath}:{imp.line}: {module} -> {target}: {why}")
+    return problems
+
+
+def source_files() -> list[str]:
+    return sorted(
+        p.relative_to(REPO).as_posix()
+        for package in PACKAGES
+        for p in (REPO / package).rglob("*.py")
+        if "__pycache__" not in p.parts
+    )
+
+
+# -- the code as it is -------------------------------------------------------------------------
+
+
+def test_no_forbidden_import_edges():
+    problems = [p for relpath in source_files() for p in forbidden(relpath, (REPO / relpath).read_text())]
+    assert not problems, "forbidden imports:\n  " + "\n  ".join(problems)
+
+
+def test_the_walk_covers_both_packages_and_function_level_imports():
+    files = source_files()
+    for expected in (
+        "jobs/core/spec.py",
+        "jobs/core/__init__.py",
+        "jobs/dispatch.py",
+        "workers/replica.py",
+        "workers/engine.py",
+    ):
+        assert expected in files
+    # The one allowed edge into workers is written inside a function: the walk must see it.
+    dispatch = imports("jobs/dispatch.py", (REPO / "jobs/dispatch.py").read_text())
+    assert [i for i in dispatch if i.target == "workers.replica" and not i.module_level]
+    # And the replica side does use the shared contracts.
+    assert any(
+        _within(i.target, "jobs.core") for i in imports("workers/replica.py", (REPO / "workers/replica.py").read_text())
+    )
+
+
+def test_the_allowed_edge_is_still_needed():
+    # An allowance the code no longer needs would quietly permit the edge again later.
+    for relpath, target in DRIVER_MAY_IMPORT_FROM_WORKERS:
+        assert target in {i.target for i in imports(relpath, (REPO / relpath).read_text())}, (relpath, target)
+
+
+# -- the checker catches what it should --------------------------------------------------------
+
+BAD = [
+    (
+        "jobs/core/spec.py",
+        "def f():\n    from jobs.driver import run_job\n",
+        "jobs/core/spec.py:2: jobs.core.spec -> jobs.driver",
+    ),
+    ("jobs/core/spec.py", "from ..validate import validate\n", "jobs/core/spec.py:1: jobs.core.spec -> jobs.validate"),
+    ("jobs/core/plan.py", "from jobs import output\n", "jobs/core/plan.py:1: jobs.core.plan -> jobs.output"),
+    ("jobs/core/rows.py", "import jobs\n", "jobs/core/rows.py:1: jobs.core.rows -> jobs:"),
+    (
+        "jobs/core/rows.py",
+        "from workers.shard_io import stage\n",
+        "jobs/core/rows.py:1: jobs.core.rows -> workers.shard_io",
+    ),
+    ("jobs/core/model.py", "def load():\n    import torch\n", "jobs/core/model.py:2: jobs.core.model -> torch"),
+    ("jobs/core/__init__.py", "import ray.util\n", "jobs/core/__init__.py:1: jobs.core -> ray.util"),
+    ("workers/replica.py", "from jobs import driver\n", "workers/replica.py:1: workers.replica -> jobs.driver"),
+    (
+        "workers/shard_io.py",
+        "x = 1\n\ndef f():\n    from jobs.output import OutputDir\n",
+        "workers/shard_io.py:4: workers.shard_io -> jobs.output",
+    ),
+    ("workers/engine.py", "import ray\n", "workers/engine.py:1: workers.engine -> ray"),
+    ("workers/engine.py", "from torch import nn\n", "workers/engine.py:1: workers.engine -> torch"),
+    ("jobs/output.py", "from workers.replica import Replica\n", "jobs/output.py:1: jobs.output -> workers.replica"),
+    (
+        "jobs/dispatch.py",
+        "def f():\n    from workers.shard_io import stage\n",
+        "jobs/dispatch.py:2: jobs.dispatch -> workers.shard_io",
+    ),
+    ("jobs/dispatch.py", "from workers import engine\n", "jobs/dispatch.py:1: jobs.dispatch -> workers.engine"),
+]
+
+
+@pytest.mark.parametrize("relpath, source, expected", BAD)
+def test_the_checker_catches_a_forbidden_edge(relpath, source, expected):
+    problems = forbidden(relpath, source)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+GOOD = [
+    ("jobs/core/spec.py", "from jobs.core.errors import SpecError\nfrom . import rows\n"),
+    ("jobs/core/model.py", "def load():\n    from transformers import AutoTokenizer\n"),
+    ("workers/replica.py", "from jobs.core import faults, storage\nimport torch\nimport ray\n"),
+    (
+        "workers/engine.py",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n\ndef f():\n    import ray\n",
+    ),
+    ("jobs/dispatch.py", "def launch():\n    from workers.replica import Replica\n"),
+    ("jobs/driver.py", "import ray\nfrom jobs import dispatch\nfrom .validate import validate\n"),
+]
+
+
+@pytest.mark.parametrize("relpath, source", GOOD)
+def test_the_checker_lets_allowed_edges_through(relpath, source):
+    assert forbidden(relpath, source) == []
+
+
+def test_relative_imports_resolve_to_modules():
+    found = imports("jobs/core/spec.py", "from . import rows\nfrom .errors import SpecError\nfrom .. import dispatch\n")
+    assert [i.target for i in found] == ["jobs.core.rows", "jobs.core.errors", "jobs.dispatch"]

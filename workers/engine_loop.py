@@ -1,0 +1,88 @@
+"""Runs a replica's engine in one background thread, fed by every shard in flight.
+
+The replica takes two shards at a time (a threaded actor): while one is read
+or written, the other's sequences decode, and the next shard's sequences
+join the running batch as the last one's finish, so the model never idles at
+a shard boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+
+from jobs.core.times import now
+from workers.engine import Completion, Engine, FatalDeviceError, Request
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._tickets: dict[int, _Ticket] = {}
+        self._thread: threading.Thread | None = None
+        self.times: dict[str, str] = {}  # first_step_at, idle_at: how busy this replica was
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Completions for `requests`, in order; blocks until all are done."""
+        if not requests:
+            return []
+        ticket = _Ticket(len(requests))
+        with self._cv:
+            self._tickets[id(ticket)] = ticket
+            self.engine.submit([dataclasses.replace(r, key=(id(ticket), r.key)) for r in requests])
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        ticket.done.wait()
+        if ticket.error is not None:
+            raise ticket.error
+        return [ticket.results[r.key] for r in requests]
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {**self.engine.stats(), **self.times}
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self.engine.has_work():
+                    self._cv.wait()
+                self.times.setdefault("first_step_at", now())
+                try:
+                    finished = self.engine.step()
+                except FatalDeviceError:
+                    # This process's device is unusable: end it, so the driver
+                    # starts a fresh replica and requeues its shards.
+                    log.exception("fatal device error; exiting so the replica is replaced")
+                    os._exit(1)
+                except BaseException as e:  # a bug: fail the shards in flight, keep serving
+                    log.exception("engine step failed")
+                    self.engine.abort_all()
+                    for ticket in self._tickets.values():
+                        ticket.error = e
+                        ticket.done.set()
+                    self._tickets.clear()
+                    continue
+                for c in finished:
+                    ticket_id, key = c.key
+                    ticket = self._tickets[ticket_id]
+                    ticket.results[key] = dataclasses.replace(c, key=key)
+                    if len(ticket.results) == ticket.expected:
+                        ticket.done.set()
+                        del self._tickets[ticket_id]
+                if not self.engine.has_work():
+                    self.times["idle_at"] = now()
+
+
+@dataclasses.dataclass
+class _Ticket:
+    expected: int
+    results: dict = dataclasses.field(default_factory=dict)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: BaseException | None = None

@@ -1,0 +1,98 @@
+"""The running batch of the transformers engine and the cache surgery that continuous batching needs.
+
+The KV cache is left-padded: (B, heads, L, head_dim) per layer, with a (B, L)
+mask that is 1 where a real token sits. Rows join by left-padding the
+narrower of two caches and stacking; rows leave by selecting indices; the
+leading columns that no remaining row uses are trimmed away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.engine import Request
+
+
+@dataclass
+class Row:
+    """A sequence while it decodes. Restarting it from scratch reproduces it
+    exactly (its generator is re-seeded), which is what makes eviction safe."""
+
+    request: Request
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+    @property
+    def final_width(self) -> int:
+        """Tokens this row may hold in the cache when it ends."""
+        return len(self.request.prompt_ids) + self.request.max_new_tokens
+
+
+@dataclass
+class Batch:
+    """The running batch: rows, their KV cache and what the next forward needs."""
+
+    rows: list[Row]
+    cache: object  # transformers DynamicCache, (B, heads, L, head_dim) per layer
+    mask: torch.Tensor  # (B, L) 1 where the cache holds a real token; left padding is 0
+    next_pos: torch.Tensor  # (B,) position of each row's next token
+    next_input: torch.Tensor  # (B,) each row's newest token, not yet in the cache
+    seen: torch.Tensor | None  # (B, V) tokens each row has seen, for the repetition penalty
+
+    def keep(self, keep: list[int], trim: bool) -> None:
+        """Keep only the rows at `keep` (finished rows leave: no more compute on them)."""
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.next_pos, self.next_input = self.mask[index], self.next_pos[index], self.next_input[index]
+        self.seen = self.seen[index] if self.seen is not None else None
+        if trim:
+            _trim_left_padding(self)
+
+
+def merge(a: Batch, b: Batch) -> Batch:
+    """One batch from two: left-pad the narrower cache and mask, stack the rows."""
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    for x in (a, b):
+        pad = width - x.mask.shape[1]
+        if pad:
+            x.mask = torch.nn.functional.pad(x.mask, (pad, 0))
+            for layer in x.cache.layers:
+                layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, pad, 0))
+                layer.values = torch.nn.functional.pad(layer.values, (0, 0, pad, 0))
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        la.keys = torch.cat([la.keys, lb.keys])
+        la.values = torch.cat([la.values, lb.values])
+    seen = torch.cat([a.seen, b.seen]) if a.seen is not None else None
+    return Batch(
+        a.rows + b.rows,
+        a.cache,
+        torch.cat([a.mask, b.mask]),
+        torch.cat([a.next_pos, b.next_pos]),
+        torch.cat([a.next_input, b.next_input]),
+        seen,
+    )
+
+
+def _trim_left_padding(b: Batch) -> None:
+    """Drop leading cache columns that no remaining row uses (their long neighbours left)."""
+    used = b.mask.any(dim=0)
+    first = int(used.float().argmax())
+    if first > 0:
+        b.mask = b.mask[:, first:]
+        for layer in b.cache.layers:
+            layer.keys = layer.keys[:, :, first:]
+            layer.values = layer.values[:, :, first:]
+
+
+def spliceable(cache) -> bool:
+    # Rows can be spliced in and padding trimmed only where every layer is a
+    # plain growing cache; sliding-window and linear-attention layers keep
+    # state we do not rewrite, so those models decode batch by batch instead.
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
