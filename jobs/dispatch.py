@@ -34,12 +34,12 @@ class ReplicasFailToStart(RuntimeError):
     pass
 
 
-def run_shards(spec: JobSpec, scheduler: ShardScheduler, file_metadata: dict, listener: RunListener) -> None:
+def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listener: RunListener) -> None:
     """Run the scheduler's work on replica actors until it is done. Raises
     ShardExhausted, ReplicasFailToStart, or whatever the listener raises."""
     import ray
 
-    pool = _ReplicaPool(spec, file_metadata)
+    pool = _ReplicaPool(spec, job_facts)
     # memory:// lives in this process only: the rows travel through Ray instead.
     inline_input = storage.process_local(spec.input.uri, spec.input.storage_options)
     in_flight: dict = {}  # ObjectRef -> (replica, work, tries)
@@ -83,8 +83,8 @@ def run_shards(spec: JobSpec, scheduler: ShardScheduler, file_metadata: dict, li
 class _ReplicaPool:
     """The replica actors: started, watched until their model loads, replaced when they die."""
 
-    def __init__(self, spec: JobSpec, file_metadata: dict):
-        self.spec, self.file_metadata = spec, file_metadata
+    def __init__(self, spec: JobSpec, job_facts: dict):
+        self.spec, self.job_facts = spec, job_facts
         self.ready: list = []  # replicas whose model has loaded
         self.starting: dict = {}  # info() ObjectRef -> replica still loading
         self.failed_starts = 0  # in a row, with no replica starting in between
@@ -104,7 +104,7 @@ class _ReplicaPool:
             # generates) and one for info().
             max_concurrency=IN_FLIGHT_PER_REPLICA + 1,
         )
-        replica = actor.remote(self.spec, self.file_metadata)
+        replica = actor.remote(self.spec, self.job_facts)
         self.starting[replica.info.remote()] = replica
 
     def start(self, count: int) -> None:

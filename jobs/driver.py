@@ -6,7 +6,6 @@ from storage to the replicas and back (jobs/dispatch.py, jobs/output.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -86,7 +85,7 @@ class _Run:
         n = spec.generation.num_return_sequences
         c.input_rows, c.rows_total, c.shards_total = checked.input_rows, checked.input_rows * n, len(self.shards)
         self.retried_before = c.shards_retried
-        self.file_metadata = {"bulkgen": json.dumps(self._job_facts(), sort_keys=True)}
+        self.job_facts = self._job_facts()  # the replicas add their engine and write it into every file
         self.commits = out.commit_records()
         self._recount()
         self.scheduler: ShardScheduler | None = None
@@ -141,7 +140,7 @@ class _Run:
         self.bar = _progress(self.record, self.show_progress)
         self._tokens_before = self.record.counts.completion_tokens
         try:
-            dispatch.run_shards(self.spec, self.scheduler, self.file_metadata, self)
+            dispatch.run_shards(self.spec, self.scheduler, self.job_facts, self)
         except ShardExhausted as e:
             shard = e.work.shard
             raise JobError(

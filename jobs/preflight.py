@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import importlib.util
+import logging
 import os
 from pathlib import Path
 
 from jobs.core.errors import ModelError
-from jobs.core.model import context_length
+from jobs.core.model import context_length, vllm_refuses
 from jobs.core.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -102,4 +107,42 @@ def _check_safetensors_headers(path: str, model) -> None:
     if missing:
         raise ModelError(
             f"model weights in {path} lack {len(missing)} parameters the architecture needs, e.g. {missing[:3]}"
+        )
+
+
+# Engine arguments the spec itself decides; an engine option must not contradict it.
+_SPEC_OWNS = {"model": "model.path", "tokenizer": "model.tokenizer", "revision": "model.revision",
+              "dtype": "model.dtype", "trust_remote_code": "model.trust_remote_code", "seed": "generation.seed"}
+
+
+def check_engine(spec: JobSpec) -> None:
+    """The engine can honour the spec, and model.engine_options are the engine's own argument names."""
+    m = spec.model
+    if m.engine == "transformers" and m.engine_options:
+        raise ModelError(f"model.engine_options {sorted(m.engine_options)}: the transformers engine takes none")
+    if m.engine == "transformers" and spec.resources.num_gpus > 1:
+        raise ModelError(
+            f"resources.num_gpus {spec.resources.num_gpus}: the transformers engine runs a replica on one GPU; "
+            "use model.engine: vllm for tensor parallelism, or more replicas of one GPU each"
+        )
+    if m.engine == "vllm" and (reason := vllm_refuses(spec)):
+        raise ModelError(f"model.engine is vllm, but {reason}")
+    owned = sorted(k for k in m.engine_options if k in _SPEC_OWNS)
+    if owned:
+        raise ModelError(f"model.engine_options.{owned[0]}: set {_SPEC_OWNS[owned[0]]} in the spec instead")
+    if not m.engine_options:
+        return
+    if importlib.util.find_spec("vllm") is None:
+        log.warning("vLLM is not installed here: model.engine_options are checked by the replicas")
+        return
+    import dataclasses
+
+    from vllm import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    for name in sorted(set(m.engine_options) - known):
+        hint = difflib.get_close_matches(name, known, n=1)
+        raise ModelError(
+            f"model.engine_options.{name}: vLLM's EngineArgs has no such argument"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
         )

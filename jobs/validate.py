@@ -45,6 +45,7 @@ def check_input_and_model(spec: JobSpec) -> Validated:
     """The checks after the output is known usable (`run` claims it in between, to record a failure)."""
     dataset = open_dataset(spec.input)
     check_unique_ids(spec.input, dataset)
+    preflight.check_engine(spec)
     preflight.check_model_source(spec)
     context = preflight.check_model_loadable(spec)
     preflight.check_tokenizer(spec, load_tokenizer(spec.model))

@@ -59,7 +59,7 @@ def job_dict(input_uri: str, output_uri: str, model: Path, **sections) -> dict:
     spec = {
         "name": "test",
         "input": {"uri": input_uri, "prompt_column": "prompt", "id_column": "id", "pass_through": ["topic"]},
-        "model": {"path": str(model)},
+        "model": {"path": str(model), "engine": "transformers"},  # vLLM's own tests ask for it
         "generation": {"max_new_tokens": 8},
         "output": {"uri": output_uri},
         "resources": {"replicas": 1, "batch_size": 8, "num_cpus": 1},

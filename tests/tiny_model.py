@@ -54,11 +54,11 @@ def save_tiny_model(path: Path, arch: str = "llama", max_positions: int = 128, s
     common = dict(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     if arch == "llama":
         config = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=64,  # head_dim 32: the smallest vLLM's CPU attention kernels take
+            intermediate_size=128,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
             max_position_embeddings=max_positions,
             **common,
         )

@@ -3,18 +3,21 @@
 An engine turns token-id requests into completions on one model replica. It
 knows nothing of shards, rows or storage; the replica's EngineLoop feeds it
 from every shard in flight. The transformers engine implements it
-(workers/transformers_engine.py); a second engine implements the same
-methods and the replica does not change.
+(workers/transformers_engine.py), and so does vLLM's
+(workers/vllm_engine.py); the replica does not know which one it runs.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from jobs.core.spec import GenerationSpec, JobSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,14 @@ class Completion:
     error: str | None = None  # why this one sequence could not be generated
 
 
+def completion_text(tokenizer, token_ids, stop: tuple[str, ...]) -> str:
+    """A completion's text: its tokens decoded whole, cut before the first stop string.
+    Every engine returns this, so equal tokens always mean equal text."""
+    text = tokenizer.decode(list(token_ids), skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
 class FatalDeviceError(RuntimeError):
     """The accelerator is in a state no retry on this replica can fix (e.g. a CUDA error)."""
 
@@ -88,9 +99,23 @@ class Engine(Protocol):
 
 
 def create_engine(spec: JobSpec) -> Engine:
-    """The engine a replica of `spec` runs, with its model loaded."""
+    """The engine a replica of `spec` runs, with its model loaded.
+
+    `auto` takes vLLM where it is installed, can honour the spec, and runs
+    this model here (it generates one token to prove it); else transformers."""
+    from jobs.core.model import vllm_refuses
+    from workers import vllm_engine
     from workers.transformers_engine import TransformersEngine
 
+    choice = spec.model.engine
+    if choice == "vllm":
+        return vllm_engine.VllmEngine.from_spec(spec)
+    if choice == "auto" and vllm_engine.installed() and not vllm_refuses(spec):
+        try:
+            return vllm_engine.VllmEngine.from_spec(spec)
+        except Exception as e:  # anything vLLM raises means: not this model, here
+            log.warning("vLLM cannot run %s here (%s: %s); using the transformers engine", spec.model.path,
+                        type(e).__name__, e)
     return TransformersEngine.from_spec(spec)
 
 

@@ -6,6 +6,7 @@ Rows travel storage -> replica -> storage; only counts go back.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 from jobs.core import faults
 from jobs.core.prompts import GENERATION_ERROR, RowError, build_prompt, max_new_tokens
 from jobs.core.protocol import ShardResult, ShardTask, TaskKind, row_seed
-from jobs.core.rows import id_name, input_columns, read_shard_rows, row_ids
+from jobs.core.rows import METADATA_KEY, id_name, input_columns, read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
 from jobs.core.times import now
 from workers import shard_io
@@ -23,10 +24,12 @@ from workers.engine_loop import EngineLoop
 
 
 class Replica:
-    def __init__(self, spec: JobSpec, file_metadata: dict[str, str]):
+    def __init__(self, spec: JobSpec, job_facts: dict):
         self.spec = spec
-        self.file_metadata = {k.encode(): v.encode() for k, v in file_metadata.items()}
         self.engine = create_engine(spec)
+        engine = {k: v for k, v in self.engine.describe().items() if k in ("engine", "engine_version")}
+        facts = json.dumps({**job_facts, **engine}, sort_keys=True)
+        self.file_metadata = {METADATA_KEY.encode(): facts.encode()}  # Parquet schema metadata of every file
         self.loop = EngineLoop(self.engine)
         self.loaded_at = now()
 

@@ -26,7 +26,7 @@ import torch
 from jobs.core import faults
 from jobs.core.model import context_length, load_tokenizer
 from workers import sampling
-from workers.engine import Completion, FatalDeviceError, Request, SamplingParams
+from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, completion_text
 from workers.kv_batch import Batch, Row, merge, spliceable
 
 log = logging.getLogger(__name__)
@@ -271,10 +271,7 @@ class TransformersEngine:
             row.finish_reason = "length"
 
     def _completion(self, row: Row) -> Completion:
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.params.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text = text[:cut]
+        text = completion_text(self.tokenizer, row.tokens, self.params.stop)
         return Completion(row.request.key, tuple(row.tokens), text, row.finish_reason or "length")
 
     # -- failures ----------------------------------------------------------------------

@@ -21,7 +21,8 @@ evaluated only when a rule's `when` asks for them.
 The points:
     replica.shard_start   shard, attempt   a replica starts generating a shard attempt
     replica.shard_end     shard, attempt   its files are staged; it is about to return
-    engine.prefill        sequences, prompts (text)   a chunk of prompts enters the model
+    engine.prefill        sequences, prompts (text)   prompts enter the model (transformers: a prefill
+                                                      chunk; vLLM: a submitted batch)
     storage.write         path             a whole object is written
     storage.move          path             a staged file is published under this name
     driver.validate                        the driver starts validating a job

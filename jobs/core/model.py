@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.core.errors import ModelError
-from jobs.core.spec import ModelSpec
+from jobs.core.spec import JobSpec, ModelSpec
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -21,3 +21,13 @@ def context_length(config) -> int | None:
     """Most tokens (prompt + new) the model attends over, from its config; None if it does not say."""
     text_config = config.get_text_config()
     return getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+
+
+def vllm_refuses(spec: JobSpec) -> str | None:
+    """Why the vLLM engine cannot honour this spec's contract, or None."""
+    if spec.generation.no_repeat_ngram_size:
+        return "vLLM has no no_repeat_ngram_size; use model.engine: transformers, or drop it"
+    gpus = spec.resources.num_gpus
+    if gpus > 1 and gpus != int(gpus):
+        return f"resources.num_gpus {gpus} above 1 means tensor parallelism over whole GPUs; give an integer"
+    return None

@@ -50,6 +50,9 @@ def render_prompt(spec: InputSpec, row: dict[str, Any], tokenizer) -> str:
     messages = row[spec.messages_column]
     if not messages:
         raise RowError(EMPTY_PROMPT, f"{spec.messages_column} is {'null' if messages is None else 'empty'}")
+    malformed = [m for m in messages if not (isinstance(m, dict) and {"role", "content"} <= m.keys())]
+    if malformed:
+        raise RowError(CHAT_TEMPLATE_ERROR, f"{spec.messages_column} holds {malformed[0]!r}, not a {{role, content}} message")
     try:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja2 and tokenizer errors have no common base

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from jobs.core.spec import InputSpec, JobSpec
 
 DERIVED_ID = "id"  # the id column's name when the spec has no id_column
+METADATA_KEY = "bulkgen"  # Parquet schema metadata: the job-wide facts, as JSON
 # Columns every data/ file has after the id, in order.
 GENERATED = (
     pa.field("sample_index", pa.int32()),

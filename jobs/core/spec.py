@@ -82,6 +82,14 @@ class ModelSpec(_Section):
         True, description="Load safetensors weights only; set false to allow pickle (.bin) checkpoints."
     )
     attn_implementation: str | None = Field(None, description='e.g. "sdpa", "eager", "flash_attention_2".')
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto",
+        description="Generation engine; auto: vLLM where it is installed and can honour the spec, else transformers.",
+    )
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to the engine as it is, e.g. vLLM's gpu_memory_utilization, max_model_len, enforce_eager.",
+    )
 
 
 class GenerationSpec(_Section):
@@ -172,6 +180,7 @@ class JobSpec(_Section):
                 "name": True,
                 "input": {"storage_options"},
                 "output": {"storage_options", "uri"},
+                "model": {"engine_options"},  # tuning knobs (memory, compilation), like resources
                 "resources": True,
                 "shards": {"max_attempts", "max_failed_fraction"},
             },

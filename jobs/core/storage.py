@@ -95,7 +95,9 @@ def write_parquet(table: pa.Table, url: str, storage_options: dict) -> None:
 
 
 def read_parquet(url: str, storage_options: dict, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(io.BytesIO(read_bytes(url, storage_options)), columns=columns)
+    # ParquetFile reads one whole file without pyarrow's dataset scanner, whose
+    # thread pool once aborted a `bulkgen run` at interpreter exit (tests/ray/test_cli.py).
+    return pq.ParquetFile(io.BytesIO(read_bytes(url, storage_options))).read(columns=columns)
 
 
 def read_row_range(url: str, storage_options: dict, start: int, stop: int, columns: list[str]) -> pa.Table:

@@ -4,6 +4,7 @@ fails, storage that resets connections. Every test ends with the exactly-once ch
 from __future__ import annotations
 
 import hashlib
+from importlib.util import find_spec
 
 import psutil
 import pyarrow as pa
@@ -30,18 +31,27 @@ def _ids(n: int) -> list[str]:
     return [f"row-{i:05d}" for i in range(n)]
 
 
-def test_replica_killed(fault_ray, faults, job_threads, tiny_model, tmp_path):
+ENGINES = [
+    "transformers",
+    pytest.param("vllm", marks=pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed")),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_replica_killed(fault_ray, faults, job_threads, tiny_model, tmp_path, engine):
     write_prompts(tmp_path / "in" / "p.parquet", 40)
     out = str(tmp_path / "out")
-    spec = spec_from_dict(
-        job_dict(
-            str(tmp_path / "in"),
-            out,
-            tiny_model,
-            generation={"max_new_tokens": 16},
-            resources={"replicas": 2, "batch_size": 2, "num_cpus": 1},
-        )
+    data = job_dict(
+        str(tmp_path / "in"),
+        out,
+        tiny_model,
+        generation={"max_new_tokens": 16},
+        resources={"replicas": 2, "batch_size": 2, "num_cpus": 1},
     )
+    data["model"]["engine"] = engine
+    if engine == "vllm":
+        data["model"]["engine_options"] = {"enforce_eager": True}
+    spec = spec_from_dict(data)
     faults.slow(0.15)  # per sequence: a shard takes over a second, long enough to be caught mid-way
     job = job_threads(spec)
 
@@ -66,6 +76,7 @@ def test_replica_killed(fault_ray, faults, job_threads, tiny_model, tmp_path):
     record, error = job.join(240)
     assert error is None, f"job failed: {error!r}"
     assert record.state == "succeeded"
+    assert record.model["replica"]["engine"] == engine
     result = check_output(out, _ids(40))
     assert ("end", shard, attempt, pid) not in faults.events(), "the replica finished the shard before the kill"
     assert result.commits[shard]["attempt"] != attempt, "the killed attempt was committed"

@@ -86,6 +86,9 @@ def test_sampled_job_two_replicas_is_exactly_once(ray_cluster, tiny_model, tmp_p
         assert {k: out.record["model"].get(k) for k in model} == model
         for dist in ("torch", "transformers", "ray", "pyarrow", "fsspec", "python"):
             assert facts["versions"][dist] == versions[dist]
+        # The engine that ran, as the replica reported it to the record too.
+        assert facts["engine"] == out.record["model"]["replica"]["engine"] == "transformers"
+        assert facts["engine_version"] == versions["transformers"]
 
 
 # -- token counts and finish reasons are true to the text --------------------------------

@@ -42,9 +42,9 @@ def make_spec(tmp_path: Path, model: Path, input_uri: str | None = None, **secti
     return spec_from_dict(data)
 
 
-def run_shards(spec, file_metadata=None, attempt="attempt-0-test"):
+def run_shards(spec, job_facts=None, attempt="attempt-0-test"):
     """Every shard of the input through one in-process replica; returns (results, staged tables)."""
-    replica = Replica(spec, file_metadata or {})
+    replica = Replica(spec, job_facts or {})
     shards = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
     results = [replica.run(ShardTask(shard, attempt)) for shard in shards]
     return shards, results
@@ -122,10 +122,17 @@ def test_schema_metadata_carries_the_job_facts(tmp_path, tiny_model):
     write_prompts(tmp_path / "in" / "prompts.parquet", 4)
     spec = make_spec(tmp_path, tiny_model)
     facts = {"fingerprint": spec.fingerprint(), "generation": spec.generation.model_dump(mode="json")}
-    _, [result] = run_shards(spec, file_metadata={"bulkgen": json.dumps(facts)})
+    _, [result] = run_shards(spec, job_facts=facts)
     metadata = pq.read_schema(result.data_url).metadata
     assert b"bulkgen" in metadata
-    assert json.loads(metadata[b"bulkgen"]) == facts
+    # The replica adds the engine that ran.
+    import transformers
+
+    assert json.loads(metadata[b"bulkgen"]) == {
+        **facts,
+        "engine": "transformers",
+        "engine_version": transformers.__version__,
+    }
 
 
 def test_include_prompt_adds_the_rendered_prompt(tmp_path, tiny_model):

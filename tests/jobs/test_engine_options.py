@@ -1,0 +1,56 @@
+"""model.engine and model.engine_options are checked before anything starts."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+import pytest
+
+from jobs.core.errors import ModelError
+from jobs.core.spec import spec_from_dict
+from jobs.preflight import check_engine
+
+
+def spec(engine: str = "auto", options: dict | None = None, **generation):
+    return spec_from_dict(
+        {
+            "input": {"uri": "/in", "prompt_column": "prompt"},
+            "model": {"path": "org/model", "engine": engine, "engine_options": options or {}},
+            "generation": generation,
+            "output": {"uri": "/out"},
+        }
+    )
+
+
+def test_transformers_takes_no_engine_options():
+    with pytest.raises(ModelError, match=r"model.engine_options \['max_model_len'\]: the transformers engine takes none"):
+        check_engine(spec("transformers", {"max_model_len": 64}))
+
+
+def test_transformers_runs_a_replica_on_one_gpu():
+    with pytest.raises(ModelError, match="resources.num_gpus 2.0: the transformers engine runs a replica on one GPU"):
+        check_engine(spec_from_dict({**spec("transformers").model_dump(), "resources": {"num_gpus": 2}}))
+
+
+def test_vllm_refuses_what_it_cannot_honour():
+    with pytest.raises(ModelError, match="model.engine is vllm, but vLLM has no no_repeat_ngram_size"):
+        check_engine(spec("vllm", no_repeat_ngram_size=3))
+    check_engine(spec("auto", no_repeat_ngram_size=3))  # auto takes transformers for it instead
+
+
+def test_options_may_not_contradict_the_spec():
+    with pytest.raises(ModelError, match="model.engine_options.seed: set generation.seed in the spec instead"):
+        check_engine(spec("vllm", {"seed": 3}))
+
+
+@pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed")
+def test_options_are_vllms_own_argument_names():
+    check_engine(spec("vllm", {"max_model_len": 64, "enforce_eager": True, "gpu_memory_utilization": 0.5}))
+    with pytest.raises(ModelError, match="model.engine_options.gpu_memory_utilisation: .* did you mean 'gpu_memory_utilization'"):
+        check_engine(spec("vllm", {"gpu_memory_utilisation": 0.5}))
+
+
+def test_engine_options_are_tuning_not_identity():
+    # A resume may change memory or compilation settings, as it may change resources.
+    assert spec("vllm", {"enforce_eager": True}).fingerprint() == spec("vllm").fingerprint()
+    assert spec("vllm").fingerprint() != spec("transformers").fingerprint()

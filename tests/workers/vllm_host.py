@@ -1,0 +1,55 @@
+"""Engines for tests/workers/test_vllm_engine.py, built in a process of their own.
+
+At start-up vLLM 0.32's CPU platform walks every module loaded in its
+process, and a werkzeug proxy there (moto's S3 server, which other tests load
+into the pytest process) raises on that walk. Replicas are clean Ray worker
+processes; the engine tests get a clean spawned process too, with the
+engines cached in it between calls.
+"""
+
+from __future__ import annotations
+
+from jobs.core.spec import spec_from_dict
+from tests.conftest import job_dict
+
+_engines: dict = {}
+
+
+def _engine(model: str, engine: str, generation: dict):
+    from workers.engine import create_engine
+
+    key = (model, engine, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in generation.items())))
+    if key not in _engines:
+        data = job_dict("/in", "/out", model, generation={"max_new_tokens": 12, **generation})
+        data["model"]["engine"] = engine
+        if engine in ("vllm", "auto"):
+            data["model"]["engine_options"] = {"enforce_eager": True}  # seconds to start, not a compile
+        _engines[key] = create_engine(spec_from_dict(data))
+    return _engines[key]
+
+
+def _requests(engine, prompts: list[str], max_new: list[int], seeds: list[int]):
+    from workers.engine import Request
+
+    tok = engine.tokenizer
+    return [Request(i, tuple(tok(p).input_ids), seeds[i], max_new[i]) for i, p in enumerate(prompts)]
+
+
+def generate(model: str, engine: str, generation: dict, prompts: list[str], max_new: list[int], seeds: list[int]):
+    """(engine name, [(token ids, text, finish reason)]) for the prompts, in order."""
+    from workers.engine import generate as run
+
+    e = _engine(model, engine, generation)
+    return e.name, [(c.token_ids, c.text, c.finish_reason) for c in run(e, _requests(e, prompts, max_new, seeds))]
+
+
+def abort_then_serve(model: str, prompts: list[str]) -> tuple[list, bool, list]:
+    """Submit, step once, abort all: (aborted keys, has_work after, keys of a later generate)."""
+    from workers.engine import generate as run
+
+    e = _engine(model, "vllm", {})
+    reqs = _requests(e, prompts, [12] * len(prompts), list(range(len(prompts))))
+    e.submit(reqs)
+    e.step()
+    aborted = sorted(r.key for r in e.abort_all())
+    return aborted, e.has_work(), [c.key for c in run(e, reqs[:2])]

