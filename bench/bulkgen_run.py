@@ -10,16 +10,17 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from bench.baselines import Result
 from bench.workloads import Workload
 
-# A replica's cumulative engine counters in the record (summed over replicas) and its
-# times (one per replica): model loaded, first engine step, engine last idle.
-COUNTERS = ("forward_tokens", "padded_tokens", "prefill_positions", "steps")
+# A replica's times in the record (one per replica): model loaded, first engine step,
+# engine last idle. Every other number a replica reports is a cumulative engine counter,
+# summed over replicas; which ones depends on the engine (transformers: forward_tokens,
+# padded_tokens, prefill_positions, steps; vllm: steps, prompt_tokens, generated_tokens).
 TIMES = ("loaded_at", "first_step_at", "idle_at")
 
 
@@ -32,9 +33,11 @@ class BulkgenConfig:
     rows_per_shard: int
     num_gpus: float = 0
     dtype: str = "float32"
+    engine: str = "transformers"  # model.engine: transformers | vllm | auto
+    engine_options: dict = field(default_factory=dict)  # model.engine_options (vLLM's EngineArgs)
 
     def label(self) -> str:
-        return f"bulkgen {self.replicas}x{self.torch_threads}t b={self.batch_size}"
+        return f"bulkgen[{self.engine}] {self.replicas}x{self.torch_threads}t b={self.batch_size}"
 
 
 def start_ray(temp_dir: str, num_gpus: int) -> None:
@@ -59,20 +62,43 @@ def _seconds(start: str, end: str) -> float:
 
 
 def engine_stats(run: dict, wl: Workload) -> dict:
-    """The replicas' engine counters summed, and their times in seconds after the first
-    replica was ready (sorted lists, one per replica): start spread and tail imbalance."""
+    """The replicas' engine counters summed (whichever their engine keeps), and their times
+    in seconds after the first replica was ready (sorted lists, one per replica): start
+    spread and tail imbalance."""
     replicas = list(run.get("replicas", {}).values())
-    stats: dict = {k: sum(r.get(k, 0) for r in replicas) for k in COUNTERS}
+    stats: dict = {}
+    for r in replicas:
+        for k, v in r.items():
+            if k not in TIMES and k != "pid" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                stats[k] = stats.get(k, 0) + v
     stats["replicas"] = len(replicas)
     ready = run["first_replica_ready_at"]
     for key in TIMES:
         stats[key] = sorted(_seconds(ready, r[key]) for r in replicas if r.get(key))
-    # forward_tokens counts each prompt once and each decode step's rows: what is left over
-    # the prompts, per step, is how full the decode batches were.
-    prompts = wl.num_return_sequences * sum(len(p) for p in wl.prompt_ids)
-    if stats["steps"]:
-        stats["mean_decode_batch"] = (stats["forward_tokens"] - prompts) / stats["steps"]
+    steps = stats.get("steps")
+    if steps and "forward_tokens" in stats:
+        # transformers: forward_tokens counts each prompt once and each decode step's rows:
+        # what is left over the prompts, per step, is how full the decode batches were.
+        prompts = wl.num_return_sequences * sum(len(p) for p in wl.prompt_ids)
+        stats["mean_decode_batch"] = (stats["forward_tokens"] - prompts) / steps
+    elif steps and "generated_tokens" in stats:
+        # vllm: a step gives every running sequence one new token (a prompt's last chunk too).
+        stats["mean_decode_batch"] = stats["generated_tokens"] / steps
     return stats
+
+
+def output_texts(output: Path) -> dict:
+    """(id, sample_index) -> text of every generated row in a finished job's output."""
+    import pyarrow.parquet as pq
+
+    from jobs.core.layout import DATA
+
+    texts = {}
+    for f in sorted((output / DATA).glob("*.parquet")):
+        t = pq.read_table(f, columns=["id", "sample_index", "text"])
+        for i, s, text in zip(*(t.column(c).to_pylist() for c in ("id", "sample_index", "text"))):
+            texts[(i, s)] = text
+    return texts
 
 
 def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfig) -> Result:
@@ -88,7 +114,7 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
     from jobs.core.times import now
     from jobs.driver import run_job
 
-    name = f"{wl.name}-{cfg.replicas}x{cfg.torch_threads}"
+    name = f"{wl.name}-{cfg.engine}-{cfg.replicas}x{cfg.torch_threads}"
     data = wl.write_parquet(work_dir / "input" / f"{wl.name}.parquet")
     output = work_dir / "bulkgen-output" / name
     shutil.rmtree(output, ignore_errors=True)
@@ -102,7 +128,12 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
                 "id_column": "id",
                 "max_new_tokens_column": "max_new_tokens",
             },
-            "model": {"path": str(model_dir), "dtype": cfg.dtype},
+            "model": {
+                "path": str(model_dir),
+                "dtype": cfg.dtype,
+                "engine": cfg.engine,
+                "engine_options": dict(cfg.engine_options),
+            },
             "generation": {
                 "max_new_tokens": wl.max_new_tokens,
                 "do_sample": wl.do_sample,
@@ -137,13 +168,22 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
     if c["rows_failed"]:
         raise RuntimeError(f"bulkgen job {name}: {c['rows_failed']} rows failed; see {output}/errors")
     stats = engine_stats(run, wl)
+    replica = record["model"].get("replica", {})  # the first replica's describe(): the engine it runs
+    engine = replica.get("engine", "?")
     return Result(
-        cfg.label(),
+        cfg.label().replace("[auto]", f"[auto={engine}]"),
         wl.name,
         c["completion_tokens"],
         _seconds(run["first_replica_ready_at"], run["finished_at"]),
-        stats["padded_tokens"] or None,
-        stats["forward_tokens"] or None,
+        stats.get("padded_tokens") or None,  # transformers only; vLLM's batches are ragged
+        stats.get("forward_tokens") or None,
         end_to_end_seconds=_seconds(started, run["finished_at"]),
-        extra={"engine": stats, "config": cfg},
+        extra={
+            "engine": stats,
+            "config": cfg,
+            "engine_name": engine,
+            "engine_version": replica.get("engine_version", "?"),
+            "startup_s": _seconds(started, run["first_replica_ready_at"]),
+            "texts": output_texts(output),
+        },
     )

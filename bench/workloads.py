@@ -37,6 +37,10 @@ class Workload:
     def max_new_tokens(self) -> int:
         return max(self.limits)
 
+    def row_id(self, i: int) -> str:
+        """Row i's id (the bulkgen input's id column; per-sequence sampling seeds derive from it)."""
+        return f"{self.name}-{i:05d}"
+
     def describe(self) -> str:
         lens = sorted(len(p) for p in self.prompt_ids)
         lim = sorted(self.limits)
@@ -53,7 +57,7 @@ class Workload:
 
         table = pa.table(
             {
-                "id": pa.array([f"{self.name}-{i:05d}" for i in range(self.rows)]),
+                "id": pa.array([self.row_id(i) for i in range(self.rows)]),
                 "prompt": pa.array(list(self.texts)),
                 "max_new_tokens": pa.array(list(self.limits), pa.int32()),
             }
