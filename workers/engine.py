@@ -102,7 +102,8 @@ def create_engine(spec: JobSpec) -> Engine:
     """The engine a replica of `spec` runs, with its model loaded.
 
     `auto` takes vLLM where it is installed, can honour the spec, and runs
-    this model here (it generates one token to prove it); else transformers."""
+    this model here (it generates one token to prove it; on CPU only in
+    float32); else transformers."""
     from jobs.core.model import vllm_refuses
     from workers import vllm_engine
     from workers.transformers_engine import TransformersEngine
@@ -111,6 +112,9 @@ def create_engine(spec: JobSpec) -> Engine:
     if choice == "vllm":
         return vllm_engine.VllmEngine.from_spec(spec)
     if choice == "auto" and vllm_engine.installed() and not vllm_refuses(spec):
+        if reason := vllm_engine.auto_passes_over(spec):
+            log.info("not trying vLLM for %s (%s); using the transformers engine", spec.model.path, reason)
+            return TransformersEngine.from_spec(spec)
         try:
             return vllm_engine.VllmEngine.from_spec(spec)
         except Exception as e:  # anything vLLM raises means: not this model, here

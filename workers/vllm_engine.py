@@ -27,6 +27,17 @@ def installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def auto_passes_over(spec) -> str | None:
+    """Why `auto` should not even try vLLM here, or None. On CPU, vLLM 0.32 runs
+    bfloat16 and float16 with instructions many CPUs lack, and dies of SIGILL
+    (no exception to fall back on): auto takes vLLM on CPU for float32 only."""
+    if spec.resources.num_gpus == 0:
+        dtype = spec.model.dtype if spec.model.dtype != "auto" else _checkpoint_dtype(spec)
+        if dtype != "float32":
+            return f"{dtype} on CPU"
+    return None
+
+
 class VllmEngine:
     """Implements workers.engine.Engine on a vllm.LLMEngine."""
 

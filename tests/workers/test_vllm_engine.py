@@ -105,3 +105,14 @@ def test_auto_takes_vllm_where_it_runs_the_model_and_falls_back_where_not(run, t
     assert run("auto", model=tiny_gpt2)[0] == "transformers"
     # No n-gram blocking in vLLM: auto keeps the spec's promise with transformers.
     assert run("auto", no_repeat_ngram_size=3)[0] == "transformers"
+
+
+def test_auto_does_not_risk_vllm_on_a_bfloat16_model_on_cpu(host, tiny_model, tmp_path):
+    # vLLM 0.32 dies of SIGILL computing bfloat16 on CPUs without bf16 instructions (this one).
+    from tests.tiny_model import save_tiny_model
+
+    bf16 = save_tiny_model(tmp_path / "bf16", arch="llama")
+    config = (bf16 / "config.json").read_text().replace('"float32"', '"bfloat16"')
+    (bf16 / "config.json").write_text(config)
+    name, out = host.submit(vllm_host.generate, str(bf16), "auto", {}, PROMPTS[:2], [4, 4], [0, 1]).result()
+    assert name == "transformers" and len(out) == 2
