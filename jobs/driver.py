@@ -63,11 +63,8 @@ def run_job(
     try:
         faults.inject("driver.validate")
         checked = check_input_and_model(spec)
-    except BadInput as e:
-        keeper.fail(str(e))
-        raise
-    except BaseException as e:  # a bug, or storage gone: still leave a true record
-        keeper.fail(f"{type(e).__name__}: {e}")
+    except BaseException as e:  # bad input, a bug, or storage gone: the record says which
+        keeper.fail(str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}")
         raise
     record.model = checked.model
     return _Run(spec, out, keeper, checked, address, progress).execute(retry_failed)
