@@ -14,7 +14,7 @@ from jobs.core import storage
 from jobs.core.protocol import ShardResult, ShardTask
 from jobs.core.rows import read_shard_rows
 from jobs.core.spec import JobSpec
-from jobs.scheduler import IN_FLIGHT_PER_REPLICA, ShardScheduler, Work
+from jobs.scheduler import ShardScheduler, Work
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listen
     ShardExhausted, ReplicasFailToStart, or whatever the listener raises."""
     import ray
 
-    pool = _ReplicaPool(spec, job_facts)
+    pool = _ReplicaPool(spec, job_facts, scheduler.depth)
     # memory:// lives in this process only: the rows travel through Ray instead.
     inline_input = storage.process_local(spec.input.uri, spec.input.storage_options)
     in_flight: dict = {}  # ObjectRef -> (replica, work, tries)
@@ -83,8 +83,8 @@ def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listen
 class _ReplicaPool:
     """The replica actors: started, watched until their model loads, replaced when they die."""
 
-    def __init__(self, spec: JobSpec, job_facts: dict):
-        self.spec, self.job_facts = spec, job_facts
+    def __init__(self, spec: JobSpec, job_facts: dict, shards_per_replica: int):
+        self.spec, self.job_facts, self.shards_per_replica = spec, job_facts, shards_per_replica
         self.ready: list = []  # replicas whose model has loaded
         self.starting: dict = {}  # info() ObjectRef -> replica still loading
         self.failed_starts = 0  # in a row, with no replica starting in between
@@ -100,9 +100,9 @@ class _ReplicaPool:
             num_gpus=res.num_gpus,
             max_restarts=0,
             max_task_retries=0,
-            # Threads for the shards in flight (one reads or writes while one
-            # generates) and one for info().
-            max_concurrency=IN_FLIGHT_PER_REPLICA + 1,
+            # A thread for each shard it holds (their rows share one engine;
+            # one is read or written meanwhile) and one for info().
+            max_concurrency=self.shards_per_replica + 1,
         )
         replica = actor.remote(self.spec, self.job_facts)
         self.starting[replica.info.remote()] = replica

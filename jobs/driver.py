@@ -19,7 +19,7 @@ from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
 from jobs.core.times import now
 from jobs.output import OutputConflict, OutputDir, claim_output, read_record
 from jobs.record import HEARTBEAT_S, JobFailure, JobRecord, JobState, RecordKeeper, library_versions
-from jobs.scheduler import ShardExhausted, ShardScheduler, Work
+from jobs.scheduler import ShardExhausted, ShardScheduler, Work, shards_per_replica
 from jobs.validate import Validated, check_input_and_model, check_output_usable
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,11 @@ class _Run:
     def _run_shards(self, work: list[Work]) -> None:
         import ray
 
-        self.scheduler = ShardScheduler(work, self.spec.shards.max_attempts)
+        spec = self.spec
+        depth = shards_per_replica(
+            spec.resources.batch_size, spec.shards.rows_per_shard, spec.generation.num_return_sequences
+        )
+        self.scheduler = ShardScheduler(work, spec.shards.max_attempts, depth)
         started_ray = connect(self.address)
         self.bar = _progress(self.record, self.show_progress)
         self._tokens_before = self.record.counts.completion_tokens
@@ -178,7 +182,7 @@ class _Run:
         self.commits[shard.index] = self.out.commit(result, extra)
         self._recount()
         if result.replica:
-            # Counters are cumulative, and a replica's two shards may report out of order: keep the latest.
+            # Counters are cumulative, and a replica's shards may report out of order: keep the latest.
             replicas, pid = self.record.run.replicas, str(result.replica["pid"])
             if result.replica.get("steps", 0) >= replicas.get(pid, {}).get("steps", 0):
                 replicas[pid] = result.replica

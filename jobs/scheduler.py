@@ -25,6 +25,14 @@ from jobs.core.protocol import TaskKind
 IN_FLIGHT_PER_REPLICA = 2  # the next shard waits at the replica, so it never idles between shards
 
 
+def shards_per_replica(batch_size: int, rows_per_shard: int, samples_per_row: int) -> int:
+    """Shards a replica may hold: sequences for two of its engine's batches, so that
+    the batch refills from waiting sequences as rows finish instead of draining
+    until a whole shard ends (at least IN_FLIGHT_PER_REPLICA)."""
+    sequences = rows_per_shard * samples_per_row
+    return max(IN_FLIGHT_PER_REPLICA, -(-2 * batch_size // sequences))
+
+
 @dataclass(frozen=True)
 class Work:
     shard: Shard

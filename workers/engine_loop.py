@@ -1,9 +1,9 @@
 """Runs a replica's engine in one background thread, fed by every shard in flight.
 
-The replica takes two shards at a time (a threaded actor): while one is read
-or written, the other's sequences decode, and the next shard's sequences
-join the running batch as the last one's finish, so the model never idles at
-a shard boundary.
+The replica takes several shards at a time (a threaded actor, one thread a
+shard): while one is read or written, the others' sequences decode, and the
+next shard's sequences join the running batch as the last one's finish, so
+the model never idles at a shard boundary.
 """
 
 from __future__ import annotations

@@ -292,3 +292,12 @@ def test_not_done_after_a_death_requeues_work():
     s.assign()
     s.succeeded("B", first(s, "B"))
     assert s.done()
+
+
+def test_a_replica_holds_sequences_for_two_batches():
+    from jobs.scheduler import shards_per_replica
+
+    assert shards_per_replica(batch_size=32, rows_per_shard=16, samples_per_row=1) == 4
+    assert shards_per_replica(batch_size=32, rows_per_shard=8, samples_per_row=2) == 4
+    assert shards_per_replica(batch_size=8, rows_per_shard=10, samples_per_row=1) == 2  # never below two
+    assert shards_per_replica(batch_size=32, rows_per_shard=1000, samples_per_row=1) == 2
