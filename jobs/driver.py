@@ -136,7 +136,7 @@ class _Run:
         depth = shards_per_replica(
             spec.resources.batch_size, spec.shards.rows_per_shard, spec.generation.num_return_sequences
         )
-        self.scheduler = ShardScheduler(work, spec.shards.max_attempts, depth)
+        self.scheduler = ShardScheduler(work, spec.shards.max_attempts, depth, spec.resources.replicas)
         started_ray = connect(self.address)
         self.bar = _progress(self.record, self.show_progress)
         self._tokens_before = self.record.counts.completion_tokens

@@ -3,9 +3,10 @@ driver's scheduling policy, as a plain object without Ray (jobs/dispatch.py
 feeds it events).
 
 - Balance: every ready replica gets one shard before any gets a second, and
-  a second (to overlap its I/O with generation) only while the queue still
-  holds a shard for every replica, so the last shards go to whichever
-  replica frees up first instead of queueing behind a busy one.
+  more (to fill its engine and overlap its I/O with generation) only while
+  the queue still holds a shard for every replica of the job, ready or still
+  loading, so the last shards go to whichever replica frees up first instead
+  of queueing behind a busy one.
 - Replica deaths: which of a dead replica's shards killed it is unknown, so
   each becomes a suspect and is charged nothing; a suspect runs alone on an
   idle replica, and only a death while it runs alone is charged to it.
@@ -48,10 +49,15 @@ class ShardExhausted(Exception):
 
 
 class ShardScheduler:
-    def __init__(self, work: Iterable[Work], max_attempts: int, depth: int = IN_FLIGHT_PER_REPLICA):
+    def __init__(
+        self, work: Iterable[Work], max_attempts: int, depth: int = IN_FLIGHT_PER_REPLICA, replicas: int = 1
+    ):
         self.queue: deque[Work] = deque(work)
         self.max_attempts = max_attempts
         self.depth = depth
+        # The job's replica count: one still loading its model (or replacing a
+        # dead one) will want its share too, so the first ready one must not take it.
+        self.replicas = replicas
         self.in_flight: dict[Hashable, list[Work]] = {}  # ready replica -> its shards, in order
         self.suspects: set[int] = set()  # shard indices in flight on a replica that died
         self.charged: Counter[int] = Counter()  # failures charged to each shard
@@ -83,7 +89,7 @@ class ShardScheduler:
         started = []
         for depth in range(1, self.depth + 1):
             for replica in list(self.in_flight):
-                if depth > 1 and len(self.queue) <= len(self.in_flight):
+                if depth > 1 and len(self.queue) <= max(self.replicas, len(self.in_flight)):
                     return started
                 while len(self.in_flight[replica]) < depth and (work := self._take_for(replica)):
                     self.in_flight[replica].append(work)

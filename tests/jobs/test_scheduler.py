@@ -301,3 +301,13 @@ def test_a_replica_holds_sequences_for_two_batches():
     assert shards_per_replica(batch_size=32, rows_per_shard=8, samples_per_row=2) == 4
     assert shards_per_replica(batch_size=8, rows_per_shard=10, samples_per_row=1) == 2  # never below two
     assert shards_per_replica(batch_size=32, rows_per_shard=1000, samples_per_row=1) == 2
+
+
+def test_the_first_ready_replica_leaves_a_share_for_those_still_loading():
+    shards = [Work(Shard(i, "file:///in.parquet", "in.parquet", 10 * i, 10 * i + 10)) for i in range(4)]
+    scheduler = ShardScheduler(shards, max_attempts=3, depth=4, replicas=2)
+    scheduler.add_replica("a")
+    assert [w.shard.index for _, w, _ in scheduler.assign()] == [0, 1]  # two of four: half is b's
+    scheduler.add_replica("b")
+    assert [(r, w.shard.index) for r, w, _ in scheduler.assign()] == [("b", 2)]
+    assert [w.shard.index for w in scheduler.queue] == [3]  # the last goes to whoever frees up first
