@@ -58,10 +58,10 @@ class VllmSettings:
 
 
 def kv_cache_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
-    """The KV cache bulkgen's vLLM engine sizes on CPU (workers/vllm_engine._kv_cache_bytes):
-    the token budget, at least one whole context, plus 16 MiB of slack."""
-    per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * (4 if dtype == "float32" else 2)
-    return max(tokens, shape.max_positions) * per_token + (16 << 20)
+    """The KV cache bulkgen's vLLM engine sizes on CPU for the same token budget."""
+    from workers.vllm_engine import kv_cache_bytes as sized
+
+    return sized(shape.layers, shape.kv_heads, shape.head_dim, dtype, tokens, shape.max_positions)
 
 
 def requests(wl: Workload, job_seed: int = 0) -> list[dict]:

@@ -60,8 +60,6 @@ def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listen
                         scheduler.add_replica(replica)
                         listener.replica_ready(info, len(pool.ready))
                     continue
-                if ref not in in_flight:
-                    continue  # its replica died and its shards were requeued already
                 replica, work, tries = in_flight.pop(ref)
                 try:
                     result = ray.get(ref)

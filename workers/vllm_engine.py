@@ -9,6 +9,7 @@ both engines judge prompt length and render chat the same way.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import logging
@@ -193,16 +194,27 @@ def engine_args(spec) -> dict:
     return {**args, **m.engine_options}
 
 
-def _text_config(spec):
+@functools.lru_cache(maxsize=8)  # auto, the dtype and the KV size all ask; one read serves them
+def _load_text_config(path: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code).get_text_config()
+
+
+def _text_config(spec):
     m = spec.model
-    return AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code).get_text_config()
+    return _load_text_config(m.path, m.revision, m.trust_remote_code)
 
 
 def _checkpoint_dtype(spec) -> str:
     dtype = getattr(_text_config(spec), "dtype", None)
     return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+
+
+def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, dtype: str, tokens: int, context: int) -> int:
+    """A KV cache for `tokens` tokens, with room for at least one whole `context`, plus slack."""
+    per_token = 2 * layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)  # keys and values
+    return max(tokens, context) * per_token + (16 << 20)
 
 
 def _kv_cache_bytes(spec, engine_dtype: str) -> int:
@@ -214,9 +226,7 @@ def _kv_cache_bytes(spec, engine_dtype: str) -> int:
     tokens = spec.resources.max_batch_tokens or spec.resources.batch_size * context
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    bytes_per_value = 4 if engine_dtype == "float32" else 2
-    per_token = 2 * config.num_hidden_layers * heads * head_dim * bytes_per_value  # keys and values
-    return max(tokens, context) * per_token + (16 << 20)  # room for at least one whole sequence, plus slack
+    return kv_cache_bytes(config.num_hidden_layers, heads, head_dim, engine_dtype, tokens, context)
 
 
 def _share_cpus_with_other_replicas(res) -> None:

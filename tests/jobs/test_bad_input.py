@@ -426,8 +426,18 @@ def test_prompt_column_that_is_not_text(tmp_path, tiny_model, capsys, nothing_he
     refused_input_recorded(tmp_path, err)
 
 
-def test_messages_column_of_structs_without_content(tmp_path, tiny_model, capsys, nothing_heavy_starts):
-    messages = [[{"role": "user", "text": f"hello {i}"}] for i in range(2)]
+@pytest.mark.parametrize(
+    "messages, fragments",
+    [
+        (
+            [[{"role": "user", "text": f"hello {i}"}] for i in range(2)],  # structs without content
+            ("'messages'", "role", "content"),
+        ),
+        ([["hi", "there"], ["yo"]], ("has type list<", ": string>", "{role, content}")),  # strings
+    ],
+    ids=["structs-without-content", "strings"],
+)
+def test_messages_column_of_the_wrong_type(tmp_path, tiny_model, capsys, nothing_heavy_starts, messages, fragments):
     pq.write_table(pa.table({"id": ["a", "b"], "messages": messages, "topic": ["t", "t"]}), tmp_path / "chat.parquet")
     data = job_dict(
         str(tmp_path / "chat.parquet"),
@@ -435,31 +445,7 @@ def test_messages_column_of_structs_without_content(tmp_path, tiny_model, capsys
         tiny_model,
         input={"prompt_column": None, "messages_column": "messages"},
     )
-    err = cli_refuses(
-        write_job(tmp_path / "job.yaml", data), capsys, "input.messages_column", "'messages'", "role", "content"
-    )
-    refused_input_recorded(tmp_path, err)
-
-
-def test_messages_column_of_strings(tmp_path, tiny_model, capsys, nothing_heavy_starts):
-    pq.write_table(
-        pa.table({"id": ["a", "b"], "messages": [["hi", "there"], ["yo"]], "topic": ["t", "t"]}),
-        tmp_path / "chat.parquet",
-    )
-    data = job_dict(
-        str(tmp_path / "chat.parquet"),
-        str(tmp_path / "out"),
-        tiny_model,
-        input={"prompt_column": None, "messages_column": "messages"},
-    )
-    err = cli_refuses(
-        write_job(tmp_path / "job.yaml", data),
-        capsys,
-        "input.messages_column",
-        "has type list<",
-        ": string>",
-        "{role, content}",
-    )
+    err = cli_refuses(write_job(tmp_path / "job.yaml", data), capsys, "input.messages_column", *fragments)
     refused_input_recorded(tmp_path, err)
 
 
