@@ -19,7 +19,7 @@ from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
 from jobs.core.times import now
 from jobs.output import OutputConflict, OutputDir, claim_output, read_record
 from jobs.record import HEARTBEAT_S, JobFailure, JobRecord, JobState, RecordKeeper, library_versions
-from jobs.scheduler import ShardExhausted, ShardScheduler, Work, shards_per_replica
+from jobs.scheduler import ShardExhausted, ShardScheduler, Work, shards_per_batch, shards_per_replica
 from jobs.validate import Validated, check_input_and_model, check_output_usable
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,10 @@ class _Run:
         import ray
 
         spec = self.spec
-        depth = shards_per_replica(
-            spec.resources.batch_size, spec.shards.rows_per_shard, spec.generation.num_return_sequences
+        sizes = (spec.resources.batch_size, spec.shards.rows_per_shard, spec.generation.num_return_sequences)
+        self.scheduler = ShardScheduler(
+            work, spec.shards.max_attempts, shards_per_replica(*sizes), spec.resources.replicas, shards_per_batch(*sizes)
         )
-        self.scheduler = ShardScheduler(work, spec.shards.max_attempts, depth, spec.resources.replicas)
         started_ray = connect(self.address)
         self.bar = _progress(self.record, self.show_progress)
         self._tokens_before = self.record.counts.completion_tokens

@@ -2,11 +2,14 @@
 driver's scheduling policy, as a plain object without Ray (jobs/dispatch.py
 feeds it events).
 
-- Balance: every ready replica gets one shard before any gets a second, and
-  more (to fill its engine and overlap its I/O with generation) only while
-  the queue still holds a shard for every replica of the job, ready or still
-  loading, so the last shards go to whichever replica frees up first instead
-  of queueing behind a busy one.
+- Balance: every ready replica gets one shard before any gets a second. Each
+  then takes shards until their sequences fill one engine batch (a half-empty
+  batch costs every step, to the end of the job), leaving one for each replica
+  still loading. More than that (a second batch's worth, so the batch refills
+  as rows finish and I/O overlaps generation) only while the queue still
+  holds a shard for every replica of the job, ready or still loading, so the
+  last shards go to whichever replica frees up first instead of queueing
+  behind a busy one.
 - Replica deaths: which of a dead replica's shards killed it is unknown, so
   each becomes a suspect and is charged nothing; a suspect runs alone on an
   idle replica, and only a death while it runs alone is charged to it.
@@ -24,6 +27,11 @@ from jobs.core.plan import Shard
 from jobs.core.protocol import TaskKind
 
 IN_FLIGHT_PER_REPLICA = 2  # the next shard waits at the replica, so it never idles between shards
+
+
+def shards_per_batch(batch_size: int, rows_per_shard: int, samples_per_row: int) -> int:
+    """Shards whose sequences fill one engine batch (at least one)."""
+    return max(1, -(-batch_size // (rows_per_shard * samples_per_row)))
 
 
 def shards_per_replica(batch_size: int, rows_per_shard: int, samples_per_row: int) -> int:
@@ -50,11 +58,17 @@ class ShardExhausted(Exception):
 
 class ShardScheduler:
     def __init__(
-        self, work: Iterable[Work], max_attempts: int, depth: int = IN_FLIGHT_PER_REPLICA, replicas: int = 1
+        self,
+        work: Iterable[Work],
+        max_attempts: int,
+        depth: int = IN_FLIGHT_PER_REPLICA,
+        replicas: int = 1,
+        fill: int = 1,
     ):
         self.queue: deque[Work] = deque(work)
         self.max_attempts = max_attempts
-        self.depth = depth
+        self.depth = depth  # shards a replica may hold
+        self.fill = min(fill, depth)  # shards that fill its engine's batch
         # The job's replica count: one still loading its model (or replacing a
         # dead one) will want its share too, so the first ready one must not take it.
         self.replicas = replicas
@@ -89,13 +103,21 @@ class ShardScheduler:
         started = []
         for depth in range(1, self.depth + 1):
             for replica in list(self.in_flight):
-                if depth > 1 and len(self.queue) <= max(self.replicas, len(self.in_flight)):
+                if depth > 1 and len(self.queue) <= self._held_back(depth):
                     return started
                 while len(self.in_flight[replica]) < depth and (work := self._take_for(replica)):
                     self.in_flight[replica].append(work)
                     self.dispatches[work.shard.index] += 1
                     started.append((replica, work, self.dispatches[work.shard.index]))
         return started
+
+    def _held_back(self, depth: int) -> int:
+        """Shards to leave queued rather than hand out as a replica's depth-th."""
+        loading = max(0, self.replicas - len(self.in_flight))
+        if depth <= self.fill:
+            return loading  # fill the batch; one each for replicas still loading
+        replicas = max(self.replicas, len(self.in_flight))
+        return replicas if replicas > 1 else 0  # one for every replica; a lone one has no one to leave them for
 
     def _take_for(self, replica: Hashable) -> Work | None:
         """The next queued shard this replica may take: none beside a suspect, a suspect only when idle."""

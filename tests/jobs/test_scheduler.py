@@ -1,7 +1,8 @@
 """The scheduling policy, without Ray: replicas are plain strings, outcomes are method calls.
 
-Balance (every replica one shard before any gets a second, a second only while
-the queue holds one for every replica), suspects after a replica death (charged
+Balance (every replica one shard before any gets a second; shards up to a
+full engine batch, more only while the queue holds one for every replica),
+suspects after a replica death (charged
 only when one dies running alone), failed shards retried after the healthy
 ones, and max_attempts ending the job.
 """
@@ -26,7 +27,10 @@ def work(*indices: int) -> list[Work]:
 
 
 def scheduler(shards: int, replicas: str = "", max_attempts: int = 3, **kwargs) -> ShardScheduler:
-    s = ShardScheduler(work(*range(shards)), max_attempts, **kwargs)
+    return ready(ShardScheduler(work(*range(shards)), max_attempts, **kwargs), replicas)
+
+
+def ready(s: ShardScheduler, replicas: str) -> ShardScheduler:
     for r in replicas:
         s.add_replica(r)
     return s
@@ -96,8 +100,9 @@ def test_balance_holds_through_a_whole_job(replicas, shards):
             assert tries == 1
             assert counts[replica] <= IN_FLIGHT_PER_REPLICA
             if counts[replica] > 1:
-                # A second shard: only while the queue still holds one for every replica...
-                assert queue_before >= replicas, (replica, w.shard.index)
+                # A second shard: only while the queue still holds one for every replica
+                # (a lone replica has no one to leave it for)...
+                assert queue_before >= (replicas if replicas > 1 else 0), (replica, w.shard.index)
                 # ...and never while another replica has none.
                 assert all(n >= 1 for n in counts.values()), counts
             order.append(w.shard.index)
@@ -311,3 +316,35 @@ def test_the_first_ready_replica_leaves_a_share_for_those_still_loading():
     scheduler.add_replica("b")
     assert [(r, w.shard.index) for r, w, _ in scheduler.assign()] == [("b", 2)]
     assert [w.shard.index for w in scheduler.queue] == [3]  # the last goes to whoever frees up first
+
+
+def test_replicas_fill_their_batch_before_holding_back_the_last_shards():
+    # Two replicas, a batch of two shards: all four go out at once (a replica
+    # holding one shard would step half-empty); beyond a batch, one for every replica stays queued.
+    s = ready(ShardScheduler(work(*range(4)), 3, depth=4, replicas=2, fill=2), "AB")
+    assert started(s.assign()) == [("A", 0), ("B", 1), ("A", 2), ("B", 3)]
+    s = ready(ShardScheduler(work(*range(6)), 3, depth=4, replicas=2, fill=2), "AB")
+    assert started(s.assign()) == [("A", 0), ("B", 1), ("A", 2), ("B", 3)]
+    assert queued(s) == [4, 5]
+
+
+def test_filling_a_batch_still_leaves_a_shard_for_each_replica_loading():
+    s = ready(ShardScheduler(work(*range(3)), 3, depth=4, replicas=3, fill=4), "A")
+    assert started(s.assign()) == [("A", 0)]  # two left: one each for the two still loading
+    s.add_replica("B")
+    assert started(s.assign()) == [("B", 1)]
+    s.add_replica("C")
+    assert started(s.assign()) == [("C", 2)]
+
+
+def test_a_lone_replica_holds_back_nothing():
+    s = ready(ShardScheduler(work(*range(4)), 3, depth=4, replicas=1, fill=2), "A")
+    assert started(s.assign()) == [("A", 0), ("A", 1), ("A", 2), ("A", 3)]
+
+
+def test_a_shard_per_batch():
+    from jobs.scheduler import shards_per_batch
+
+    assert shards_per_batch(batch_size=32, rows_per_shard=16, samples_per_row=1) == 2
+    assert shards_per_batch(batch_size=32, rows_per_shard=5, samples_per_row=2) == 4
+    assert shards_per_batch(batch_size=8, rows_per_shard=100, samples_per_row=1) == 1
