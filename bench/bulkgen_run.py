@@ -6,6 +6,7 @@ replica's last shard result reported them (runs[-1]["replicas"])."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,17 +27,26 @@ TIMES = ("loaded_at", "first_step_at", "idle_at")
 
 @dataclass(frozen=True)
 class BulkgenConfig:
-    replicas: int
-    torch_threads: int
-    batch_size: int
-    max_batch_tokens: int
-    rows_per_shard: int
+    replicas: int | None
+    torch_threads: int | None
+    batch_size: int | None
+    max_batch_tokens: int | None
+    rows_per_shard: int | None
     num_gpus: float = 0
     dtype: str = "float32"
     engine: str = "transformers"  # model.engine: transformers | vllm | auto
     engine_options: dict = field(default_factory=dict)  # model.engine_options (vLLM's EngineArgs)
+    # The spec's defaults: only input, model path, generation and output are set; after the
+    # run the fields above say what the defaults came to (from the job's record).
+    defaults: bool = False
+
+    @classmethod
+    def spec_defaults(cls) -> BulkgenConfig:
+        return cls(None, None, None, None, None, engine="auto", defaults=True)
 
     def label(self) -> str:
+        if self.defaults:
+            return "bulkgen (spec defaults)"
         return f"bulkgen[{self.engine}] {self.replicas}x{self.torch_threads}t b={self.batch_size}"
 
 
@@ -114,44 +124,46 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
     from jobs.core.times import now
     from jobs.driver import run_job
 
-    name = f"{wl.name}-{cfg.engine}-{cfg.replicas}x{cfg.torch_threads}"
+    name = f"{wl.name}-defaults" if cfg.defaults else f"{wl.name}-{cfg.engine}-{cfg.replicas}x{cfg.torch_threads}"
     data = wl.write_parquet(work_dir / "input" / f"{wl.name}.parquet")
     output = work_dir / "bulkgen-output" / name
     shutil.rmtree(output, ignore_errors=True)
-    num_cpus = max(1, (os.cpu_count() or 1) // cfg.replicas) if not cfg.num_gpus else 1
-    spec = spec_from_dict(
-        {
-            "name": name,
-            "input": {
-                "uri": str(data),
-                "prompt_column": "prompt",
-                "id_column": "id",
-                "max_new_tokens_column": "max_new_tokens",
-            },
-            "model": {
-                "path": str(model_dir),
-                "dtype": cfg.dtype,
-                "engine": cfg.engine,
-                "engine_options": dict(cfg.engine_options),
-            },
-            "generation": {
-                "max_new_tokens": wl.max_new_tokens,
-                "do_sample": wl.do_sample,
-                "num_return_sequences": wl.num_return_sequences,
-                "seed": 0,
-            },
-            "output": {"uri": str(output)},
-            "resources": {
-                "replicas": cfg.replicas,
-                "num_cpus": num_cpus,
-                "num_gpus": cfg.num_gpus,
-                "torch_threads": cfg.torch_threads,
-                "batch_size": cfg.batch_size,
-                "max_batch_tokens": cfg.max_batch_tokens,
-            },
-            "shards": {"rows_per_shard": cfg.rows_per_shard},
-        }
-    )
+    num_cpus = max(1, (os.cpu_count() or 1) // (cfg.replicas or 1)) if not cfg.num_gpus else 1
+    spec_data = {
+        "name": name,
+        "input": {
+            "uri": str(data),
+            "prompt_column": "prompt",
+            "id_column": "id",
+            "max_new_tokens_column": "max_new_tokens",
+        },
+        "model": {
+            "path": str(model_dir),
+            "dtype": cfg.dtype,
+            "engine": cfg.engine,
+            "engine_options": dict(cfg.engine_options),
+        },
+        "generation": {
+            "max_new_tokens": wl.max_new_tokens,
+            "do_sample": wl.do_sample,
+            "num_return_sequences": wl.num_return_sequences,
+            "seed": 0,
+        },
+        "output": {"uri": str(output)},
+        "resources": {
+            "replicas": cfg.replicas,
+            "num_cpus": num_cpus,
+            "num_gpus": cfg.num_gpus,
+            "torch_threads": cfg.torch_threads,
+            "batch_size": cfg.batch_size,
+            "max_batch_tokens": cfg.max_batch_tokens,
+        },
+        "shards": {"rows_per_shard": cfg.rows_per_shard},
+    }
+    if cfg.defaults:
+        del spec_data["resources"], spec_data["shards"]
+        spec_data["model"] = {"path": str(model_dir)}
+    spec = spec_from_dict(spec_data)
     # Short: Ray's Unix socket paths live under it.
     ray_dir = tempfile.mkdtemp(prefix="bgb-ray-", dir="/tmp")
     started = now()
@@ -167,6 +179,17 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
     c = record["counts"]
     if c["rows_failed"]:
         raise RuntimeError(f"bulkgen job {name}: {c['rows_failed']} rows failed; see {output}/errors")
+    if cfg.defaults:  # what the defaults came to
+        from jobs.core.plan import rows_per_shard
+
+        res = spec.resources
+        cfg = dataclasses.replace(
+            cfg,
+            replicas=run["replica_plan"]["launched"],
+            torch_threads=res.torch_threads or int(res.num_cpus),
+            batch_size=res.batch_size,
+            rows_per_shard=rows_per_shard(spec.shards.rows_per_shard, wl.rows),
+        )
     stats = engine_stats(run, wl)
     replica = record["model"].get("replica", {})  # the first replica's describe(): the engine it runs
     engine = replica.get("engine", "?")

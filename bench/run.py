@@ -258,6 +258,14 @@ def run_workload(
             say(f"   -> auto ran engine {r.extra['engine_name']} {r.extra['engine_version']}")
         except Exception as e:
             failed(cfg.label(), e)
+    if wl.name in report.ENGINE_WORKLOADS and not preset.device.startswith("cuda"):
+        # What a user gets who sets nothing but input, model, generation and output.
+        cfg = BulkgenConfig.spec_defaults()
+        try:
+            r = record(run_bulkgen(wl, model_dir, work, cfg))
+            say(f"   -> the defaults ran {r.extra['config'].replicas} replica(s) of engine {r.extra['engine_name']}")
+        except Exception as e:
+            failed(cfg.label(), e)
     offline = [r for r in results if "vllm" in r.extra and r.completion_tokens]
     if offline:
         # Greedy tokens (and sampled ones: the same per-sequence seeds) should match vLLM offline's.

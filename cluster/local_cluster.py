@@ -1,6 +1,6 @@
-"""A Ray cluster on this machine, for trying `bulkgen run --address`.
+"""A Ray cluster on this machine, for trying `bulkgen run --address` and `bulkgen submit`.
 
-A head and optional extra nodes, each one `ray start --block` in a session
+A head (with its dashboard, which takes job submissions, on 127.0.0.1) and optional extra nodes, each one `ray start --block` in a session
 and process group of its own, so that stopping the cluster ends exactly the
 processes it started (never `ray stop`, which ends every Ray on the machine).
 One state directory holds all of it:
@@ -74,12 +74,14 @@ class LocalCluster:
     a cluster that another process started."""
 
     def __init__(self, dir: str | os.PathLike = DEFAULT_DIR, num_cpus: int = 1, object_store_mb: int = 256,
-                 timeout: float = 90.0):
+                 timeout: float = 90.0, dashboard: bool = True):
         self.dir = Path(dir).absolute()
         self.num_cpus = num_cpus
         self.object_store_mb = object_store_mb
         self.timeout = timeout
+        self.dashboard = dashboard
         self.port: int | None = None
+        self.dashboard_port: int | None = None
         self.nodes: list[Node] = []
         self._leaders: dict[str, subprocess.Popen] = {}  # nodes this process started: it reaps them
 
@@ -100,21 +102,30 @@ class LocalCluster:
         return f"{HOST}:{self.port}"
 
     @property
+    def dashboard_url(self) -> str:
+        """Where `bulkgen submit --address` (and `ray job submit`) reach this cluster."""
+        if self.dashboard_port is None:
+            raise RuntimeError(f"no dashboard is running for {self.dir}; start the head with dashboard=True")
+        return f"http://{HOST}:{self.dashboard_port}"
+
+    @property
     def auth_env(self) -> dict[str, str]:
         """Ray 2.60's token auth: the mode must be set explicitly by every process that connects."""
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
 
     @property
     def env(self) -> dict[str, str]:
-        """The variables a driver (`bulkgen run`) needs to join this cluster."""
-        return {"RAY_ADDRESS": self.address, **self.auth_env}
+        """The variables a driver (`bulkgen run`) or a submitter (`bulkgen submit`) needs."""
+        api = {"RAY_API_SERVER_ADDRESS": self.dashboard_url} if self.dashboard_port else {}
+        return {"RAY_ADDRESS": self.address, **api, **self.auth_env}
 
     def driver_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """`base` (default: this process's environment) with `env` set, for a driver subprocess.
 
         A RAY_AUTH_TOKEN is dropped: Ray prefers it to RAY_AUTH_TOKEN_PATH."""
         base = os.environ if base is None else base
-        return {**{k: v for k, v in base.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")}, **self.env}
+        dropped = ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+        return {**{k: v for k, v in base.items() if k not in dropped}, **self.env}
 
     def __enter__(self) -> LocalCluster:
         if self.port is None:
@@ -140,8 +151,21 @@ class LocalCluster:
         self.nodes = []
         self.port = _free_port()
         head_args = ["--head", f"--port={self.port}", f"--ray-client-server-port={_free_port()}",
-                     f"--temp-dir={self.temp_dir}", "--include-dashboard=false"]
-        return self._start_and_wait("head", head_args, self.num_cpus, {})
+                     f"--temp-dir={self.temp_dir}"]
+        if self.dashboard:
+            self.dashboard_port = _free_port()
+            head_args += ["--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={self.dashboard_port}"]
+        else:
+            self.dashboard_port = None
+            head_args.append("--include-dashboard=false")
+        head = self._start_and_wait("head", head_args, self.num_cpus, {})
+        if self.dashboard:
+            try:
+                self._wait_for_dashboard(head)
+            except BaseException:
+                self.kill_node(head)
+                raise
+        return head
 
     def add_node(self, num_cpus: int = 1, resources: dict | None = None) -> Node:
         """Start one more node on this machine and wait until the head sees it."""
@@ -208,6 +232,25 @@ class LocalCluster:
             f"want {sorted(want)}); its log:\n{_tail(starting.log)}"
         )
 
+    def _wait_for_dashboard(self, head: Node) -> None:
+        """Wait until the dashboard's job API answers (it starts after the head's GCS)."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2).close()
+                return
+            except urllib.error.HTTPError:
+                return  # it answers (401 without a token is an answer)
+            except OSError:
+                if not self.running(head):
+                    raise RuntimeError(f"the head exited before its dashboard came up; its log:\n{_tail(head.log)}")
+                time.sleep(0.5)
+        raise TimeoutError(f"the dashboard at {self.dashboard_url} did not answer in {self.timeout:.0f}s; "
+                           f"see {self.temp_dir}/session_latest/logs/dashboard.log")
+
     # -- looking ---------------------------------------------------------------------
 
     def alive_nodes(self, timeout: float = 30.0, want: set[str] | None = None) -> set[str] | None:
@@ -268,7 +311,7 @@ class LocalCluster:
     def stop(self, timeout: float = 15.0) -> None:
         """Stop every node (all at once); raise if any of their processes survive."""
         self._end(self.nodes, grace=timeout)
-        self.nodes, self.port = [], None
+        self.nodes, self.port, self.dashboard_port = [], None, None
         self._leaders.clear()
         self._save()
 
@@ -315,6 +358,7 @@ class LocalCluster:
     def _save(self) -> None:
         state = {
             "address": f"{HOST}:{self.port}" if self.port else None,
+            "dashboard": self.dashboard_url if self.dashboard_port else None,
             "env": self.env if self.port else {},
             "num_cpus": self.num_cpus,
             "object_store_mb": self.object_store_mb,
@@ -331,9 +375,11 @@ class LocalCluster:
             raise FileNotFoundError(f"no local cluster state in {path.parent}; start one with "
                                     f"`python -m cluster.local_cluster start --dir {dir}`")
         state = json.loads(path.read_text())
-        cluster = cls(dir, state["num_cpus"], state["object_store_mb"])
+        cluster = cls(dir, state["num_cpus"], state["object_store_mb"], dashboard=bool(state.get("dashboard")))
         if state["address"]:
             cluster.port = int(state["address"].rsplit(":", 1)[1])
+        if state.get("dashboard"):
+            cluster.dashboard_port = int(state["dashboard"].rsplit(":", 1)[1])
         cluster.nodes = [Node(**n) for n in state["nodes"]]
         return cluster
 
@@ -385,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--nodes", type=int, default=0, help="extra nodes to start (default 0)")
     start.add_argument("--node-cpus", type=int, default=1, help="CPUs of each extra node (default 1)")
     start.add_argument("--object-store-mb", type=int, default=256, help="object store per node (default 256)")
+    start.add_argument("--no-dashboard", action="store_true", help="no dashboard (and so no `bulkgen submit`)")
     add = sub.add_parser("add-node", help="start one more node")
     add.add_argument("--num-cpus", type=int, default=1)
     add.add_argument("--resources", type=json.loads, default=None, help='custom resources as JSON: \'{"big": 1}\'')
@@ -402,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                 previous = LocalCluster.load(args.dir)
                 if any(map(previous.running, previous.nodes)):
                     raise RuntimeError(f"a cluster from {previous.dir} is running; `stop` it, or use another --dir")
-            cluster = LocalCluster(args.dir, args.num_cpus, args.object_store_mb)
+            cluster = LocalCluster(args.dir, args.num_cpus, args.object_store_mb, dashboard=not args.no_dashboard)
             cluster.start_head()
             try:
                 for _ in range(args.nodes):
@@ -446,7 +493,10 @@ def _print_start(cluster: LocalCluster, dir: str) -> None:
     print(f"Ray is up at {cluster.address} with {len(cluster.nodes)} node(s); logs and state in {cluster.dir}\n")
     print("A driver needs these (the token is this cluster's own, in a file only you can read):\n")
     print(_exports(cluster))
-    print(f"\nbulkgen run JOB.yaml --address {cluster.address}\n")
+    print(f"\nbulkgen run JOB.yaml --address {cluster.address}")
+    if cluster.dashboard_port:
+        print(f"bulkgen submit JOB.yaml --address {cluster.dashboard_url}   (the dashboard: job submission)")
+    print()
     print(f"Stop it with: python -m cluster.local_cluster --dir {dir} stop")
 
 

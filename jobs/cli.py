@@ -1,7 +1,10 @@
-"""`bulkgen` command line: run, resume, status, cancel, validate, retry-failed.
+"""`bulkgen` command line: run, submit, resume, status, logs, cancel, validate, retry-failed.
 
 Exit codes: 0 success, 1 the job failed (or an internal error: its traceback
 is in the log), 2 bad input or usage (jobs.core.errors.BadInput), 130 cancelled.
+
+status, logs and cancel take a job's output URI (any job, run or submitted) or
+the id `bulkgen submit` printed (with --address, as `ray job status` does).
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    level = getattr(logging, args.log_level.upper())
+    root = logging.getLogger()
+    before = set(root.handlers)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in set(root.handlers) - before:
+        handler.setLevel(level)  # the console's level; the run log (jobs/run_log.py) keeps INFO
     from jobs.driver import JobCancelled, JobError
 
     try:
@@ -58,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="delete another job's results in the output first")
     run.set_defaults(func=_cmd_run)
 
+    submit = sub.add_parser("submit", help="run a job's driver on a Ray cluster (a Ray Job) and return at once")
+    submit.add_argument("spec", help="job spec YAML file")
+    submit.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 "
+                        "(default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a spec field (repeatable)")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the driver and its replicas (repeatable)")
+    submit.set_defaults(func=_cmd_submit)
+
     resume = sub.add_parser("resume", help="resume a job from its output's record")
     resume.add_argument("output_uri")
     _add_cluster_args(resume)
@@ -65,12 +79,20 @@ def _parser() -> argparse.ArgumentParser:
     resume.set_defaults(func=_cmd_resume)
 
     status = sub.add_parser("status", help="state and counts of a job")
-    status.add_argument("output_uri")
+    _add_target_args(status)
     status.add_argument("--json", action="store_true", help="print the whole record as JSON")
     status.set_defaults(func=_cmd_status)
 
+    logs = sub.add_parser("logs", help="a job's driver log (a submission's, or a run's copy in _logs/)")
+    _add_target_args(logs)
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    logs.add_argument("--run", type=int, help="which run's log, from the output (default: the latest)")
+    logs.set_defaults(func=_cmd_logs)
+
     cancel = sub.add_parser("cancel", help="ask a running job to stop; committed shards are kept")
-    cancel.add_argument("output_uri")
+    _add_target_args(cancel)
+    cancel.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                        help="for a submission: how long the driver gets to stop by itself before Ray stops it")
     cancel.set_defaults(func=_cmd_cancel)
 
     validate = sub.add_parser("validate", help="check a job without running it")
@@ -85,7 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="e.g. resources.batch_size=1; fields that change the output are refused")
     retry.set_defaults(func=_cmd_retry_failed)
+    from jobs.k8s import add_parser as _add_k8s_parser
+    _add_k8s_parser(sub)
     return p
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="OUTPUT_URI|SUBMISSION_ID", help="the job's output, or its submission id")
+    p.add_argument("--address", help="for a submission id: the cluster's dashboard, e.g. http://HEAD:8265")
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -93,9 +122,21 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _stop_on_sigterm() -> None:
+    """`ray job stop`, Kubernetes and schedulers stop a driver with SIGTERM: treat it as
+    Ctrl-C, so the record says cancelled and the job resumes later."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _cmd_run(args) -> int:
     from jobs.driver import run_job
 
+    _stop_on_sigterm()
     spec = load_spec(args.spec, args.overrides)
     record = run_job(spec, address=args.address, overwrite=args.overwrite, progress=not args.no_progress)
     _print_done(spec.output.uri, spec.output.storage_options, record)
@@ -105,10 +146,52 @@ def _cmd_run(args) -> int:
 def _cmd_resume(args) -> int:
     from jobs.driver import resume_spec, run_job
 
+    _stop_on_sigterm()
     spec = resume_spec(args.output_uri, args.overrides)
     record = run_job(spec, address=args.address, progress=not args.no_progress)
     _print_done(spec.output.uri, spec.output.storage_options, record)
     return 0
+
+
+def _cmd_submit(args) -> int:
+    from jobs.core.errors import SpecError
+    from jobs.output import read_record
+    from jobs.submit import submit
+
+    spec = load_spec(args.spec, args.overrides)
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SpecError(f"--env {item!r}: expected NAME=VALUE")
+        env[name] = value
+    try:
+        record = read_record(spec.output.uri)
+    except FileNotFoundError:
+        record = None  # a new job
+    except Exception as e:  # no credentials here, say: the cluster may still have them
+        log.warning("cannot read %s from here (%s); submitting without checking it", spec.output.uri, e)
+        record = None
+    done = submit(spec, spec.model_dump(mode="json"), args.address, record, env)
+    sid, where = done.submission_id, f" --address {done.address}"
+    print(f"submitted {sid} to {done.address}")
+    print(f"  output:  {spec.output.uri}")
+    print(f"  follow:  bulkgen logs {sid}{where} --follow")
+    print(f"  status:  bulkgen status {sid}{where}")
+    print(f"  cancel:  bulkgen cancel {sid}{where}")
+    return 0
+
+
+def _target(args) -> tuple[str, str | None]:
+    """(output URI, submission id or None) of a status/logs/cancel target."""
+    import os
+
+    target = args.target
+    if "://" in target or "/" in target or os.path.exists(target):
+        return target, None
+    from jobs.submit import output_of
+
+    return output_of(target, args.address), target
 
 
 def _cmd_status(args) -> int:
@@ -116,23 +199,58 @@ def _cmd_status(args) -> int:
 
     from jobs.output import read_record
     from jobs.record import JobState, driver_alive, format_status
+    from jobs.submit import status_of
 
-    record = read_record(args.output_uri)
+    output, submission = _target(args)
+    if submission:
+        ray_status, message = status_of(submission, args.address)
+        print(f"submission: {submission}  (Ray job {ray_status}{': ' + message if message else ''})")
+    try:
+        record = read_record(output)
+    except FileNotFoundError:
+        if submission:  # submitted, its driver not started yet
+            print(f"output:   {output} (no record yet)")
+            return 0
+        raise
     doc = record.to_json()
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        print(format_status(record, args.output_uri))
+        print(format_status(record, output))
         if record.state is JobState.RUNNING and not driver_alive(doc):
-            print("warning:  its driver is gone (killed?); `bulkgen resume` finishes the job")
+            print("warning:  its driver is gone (killed?); `bulkgen resume` or `bulkgen submit` finishes the job")
     return EXIT_FAILED if record.state is JobState.FAILED else 0
+
+
+def _cmd_logs(args) -> int:
+    from jobs.run_log import print_run_log
+    from jobs.submit import print_logs
+
+    output, submission = _target(args)
+    if submission and args.run is None:
+        print_logs(submission, args.address, args.follow)
+    else:
+        print_run_log(output, args.run, args.follow)
+    return 0
 
 
 def _cmd_cancel(args) -> int:
     from jobs.driver import request_cancel
+    from jobs.submit import stop, wait_ended
 
-    request_cancel(args.output_uri)
-    print(f"cancel requested; the driver stops within seconds and marks {args.output_uri} cancelled")
+    output, submission = _target(args)
+    try:
+        request_cancel(output)
+    except Exception as e:  # unreadable output, or the job already ended
+        if not submission:
+            raise
+        log.info("cannot ask through %s (%s); Ray stops the driver instead", output, e)
+    else:
+        print(f"cancel requested; the driver stops within seconds and marks {output} cancelled")
+        if not submission or wait_ended(submission, args.address, args.wait):
+            return 0
+    if submission and stop(submission, args.address):
+        print(f"asked Ray to stop {submission}; its driver records the job cancelled as it exits")
     return 0
 
 
@@ -147,6 +265,7 @@ def _cmd_validate(args) -> int:
 def _cmd_retry_failed(args) -> int:
     from jobs.driver import resume_spec, run_job
 
+    _stop_on_sigterm()
     spec = resume_spec(args.output_uri, args.overrides)
     record = run_job(spec, address=args.address, progress=not args.no_progress, retry_failed=True)
     _print_done(spec.output.uri, spec.output.storage_options, record)

@@ -10,6 +10,8 @@ from jobs.core.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
+SUBMITTED_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted driver
+
 
 def connect(address: str | None) -> bool:
     """Join `address` (or RAY_ADDRESS), or start a local Ray on loopback.
@@ -22,13 +24,13 @@ def connect(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # Ship our own two packages with the job, so a cluster whose image has
-        # torch and transformers but not bulkgen can still run it.
+        # torch and transformers but not bulkgen can still run it. A driver that
+        # `bulkgen submit` started already has them: in its job's working_dir,
+        # which Ray gives every replica too.
+        submitted = SUBMITTED_DRIVER_ENV in os.environ
+        runtime_env = {} if submitted else {"py_modules": [package_dir("jobs"), package_dir("workers")]}
         try:
-            ray.init(
-                address=address,
-                runtime_env={"py_modules": [_package_dir("jobs"), _package_dir("workers")]},
-                logging_level=logging.WARNING,
-            )
+            ray.init(address=address, runtime_env=runtime_env or None, logging_level=logging.WARNING)
         except ConnectionError as e:
             raise ClusterError(
                 f"cannot join the Ray cluster at {address}: {e}\n  a cluster with token auth needs "
@@ -42,7 +44,7 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def _package_dir(name: str) -> str:
+def package_dir(name: str) -> str:
     """Where a top-level package of ours lives, found without importing it (the
     driver runs none of the replica side's code; it only ships it)."""
     return importlib.util.find_spec(name).submodule_search_locations[0]

@@ -34,9 +34,12 @@ class ReplicasFailToStart(RuntimeError):
     pass
 
 
-def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listener: RunListener) -> None:
-    """Run the scheduler's work on replica actors until it is done. Raises
-    ShardExhausted, ReplicasFailToStart, or whatever the listener raises."""
+def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listener: RunListener, replicas: int) -> None:
+    """Run the scheduler's work on `replicas` replica actors until it is done. Raises
+    ShardExhausted, ReplicasFailToStart, or whatever the listener raises.
+
+    All are launched at once; those the cluster has no room for stay pending
+    (an autoscaler's cue to add nodes) and join when placed and loaded."""
     import ray
 
     pool = _ReplicaPool(spec, job_facts, scheduler.depth)
@@ -44,7 +47,7 @@ def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listen
     inline_input = storage.process_local(spec.input.uri, spec.input.storage_options)
     in_flight: dict = {}  # ObjectRef -> (replica, work, tries)
     try:
-        pool.start(spec.resources.replicas)
+        pool.start(replicas)
         while not scheduler.done():
             listener.tick()
             for replica, work, tries in scheduler.assign():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from jobs import dispatch
+from jobs import dispatch, metrics, preflight
 from jobs.cluster import connect
 from jobs.core import faults, storage
 from jobs.core.errors import BadInput, OutputError
@@ -19,7 +19,8 @@ from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
 from jobs.core.times import now
 from jobs.output import OutputConflict, OutputDir, claim_output, read_record
 from jobs.record import HEARTBEAT_S, JobFailure, JobRecord, JobState, RecordKeeper, library_versions
-from jobs.scheduler import ShardExhausted, ShardScheduler, Work, shards_per_batch, shards_per_replica
+from jobs.run_log import COPY_EVERY_S, RunLog
+from jobs.scheduler import ShardExhausted, ShardScheduler, Work, plan_replicas, shards_per_batch, shards_per_replica
 from jobs.validate import Validated, check_input_and_model, check_output_usable
 
 log = logging.getLogger(__name__)
@@ -57,26 +58,36 @@ def run_job(
         if storage.process_local(out.uri, out.storage_options):
             raise OutputError("retry-failed needs output storage that Ray workers can reach, not memory://")
         out.remove(SUCCESS)  # the output is about to change
-    keeper = RecordKeeper(out, record)
+    keeper = RecordKeeper(out, record, on_state=lambda r: metrics.job_state(spec, r))
     record.start_run(address)
-    keeper.move_to(JobState.VALIDATING)
-    try:
-        faults.inject("driver.validate")
-        checked = check_input_and_model(spec)
-    except BaseException as e:  # bad input, a bug, or storage gone: the record says which
-        keeper.fail(str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}")
-        raise
-    record.model = checked.model
-    return _Run(spec, out, keeper, checked, address, progress).execute(retry_failed)
+    with RunLog(out.uri, out.storage_options, len(record.runs)) as run_log:
+        log.info("run %d of %s (%s) into %s", len(record.runs), spec.name or "job", spec.fingerprint(), out.uri)
+        run_log.copy()  # the log exists from the start, even if this driver is killed
+        keeper.move_to(JobState.VALIDATING)
+        try:
+            faults.inject("driver.validate")
+            checked = check_input_and_model(spec)
+        except BaseException as e:  # bad input, a bug, or storage gone: the record says which
+            keeper.fail(str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}")
+            log.error("validation failed: %s", e)
+            raise
+        record.model = checked.model
+        try:
+            return _Run(spec, out, keeper, checked, address, progress, run_log).execute(retry_failed)
+        except BaseException as e:
+            log.error("run %d ended: %s: %s", len(record.runs), type(e).__name__, e)
+            raise
 
 
 class _Run:
     """One driver run of a job: feeds the scheduler's shards to replicas and commits them."""
 
-    def __init__(self, spec: JobSpec, out: OutputDir, keeper: RecordKeeper, checked: Validated, address, progress):
-        self.spec, self.out, self.keeper, self.address = spec, out, keeper, address
+    def __init__(
+        self, spec: JobSpec, out: OutputDir, keeper: RecordKeeper, checked: Validated, address, progress, run_log: RunLog
+    ):
+        self.spec, self.out, self.keeper, self.address, self.run_log = spec, out, keeper, address, run_log
         self.record = keeper.record
-        self.shards = checked.shards
+        self.shards, self.rows_per_shard = checked.shards, checked.rows_per_shard
         self.show_progress = progress
         c = self.record.counts
         n = spec.generation.num_return_sequences
@@ -86,6 +97,7 @@ class _Run:
         self.commits = out.commit_records()
         self._recount()
         self.scheduler: ShardScheduler | None = None
+        self.started_ray = False  # whether this run started Ray (and so shuts it down)
         self.bar = None
         self._next_cancel_poll = 0.0
 
@@ -107,6 +119,15 @@ class _Run:
         c.completion_tokens = sum(r["completion_tokens"] for r in commits)
 
     def execute(self, retry_failed: bool = False) -> JobRecord:
+        try:
+            return self._execute(retry_failed)
+        finally:
+            if self.started_ray:  # after the final state: shutting down flushes its metrics
+                import ray
+
+                ray.shutdown()
+
+    def _execute(self, retry_failed: bool) -> JobRecord:
         work = [Work(s) for s in self.shards if s.index not in self.commits]
         if retry_failed:
             work += [Work(s, TaskKind.RETRY_FAILED) for s in self.shards if (self.commits.get(s.index) or {}).get("errors")]
@@ -119,7 +140,7 @@ class _Run:
             self.keeper.move_to(JobState.CANCELLED, JobFailure("cancelled by the user", "running"))
             raise
         except KeyboardInterrupt:
-            self.keeper.move_to(JobState.CANCELLED, JobFailure("interrupted (Ctrl-C)", "running"))
+            self.keeper.move_to(JobState.CANCELLED, JobFailure("interrupted (Ctrl-C or SIGTERM)", "running"))
             raise JobCancelled("interrupted; committed shards are kept, resume with `bulkgen resume`") from None
         except JobError as e:
             self.keeper.fail(str(e))
@@ -130,18 +151,28 @@ class _Run:
         return self._finalize()
 
     def _run_shards(self, work: list[Work]) -> None:
-        import ray
-
         spec = self.spec
-        sizes = (spec.resources.batch_size, spec.shards.rows_per_shard, spec.generation.num_return_sequences)
-        self.scheduler = ShardScheduler(
-            work, spec.shards.max_attempts, shards_per_replica(*sizes), spec.resources.replicas, shards_per_batch(*sizes)
-        )
-        started_ray = connect(self.address)
-        self.bar = _progress(self.record, self.show_progress)
-        self._tokens_before = self.record.counts.completion_tokens
+        self.started_ray = connect(self.address)
         try:
-            dispatch.run_shards(self.spec, self.scheduler, self.job_facts, self)
+            # resources.replicas is resolved on the cluster just joined, before any replica starts.
+            need = preflight.replica_need(spec.resources)
+            nodes, node_types = preflight.cluster_nodes()
+            preflight.check_replica_fits(spec.resources.replicas, need, nodes, node_types)
+            replicas = plan_replicas(spec.resources.replicas, need, nodes)
+            self.record.run.replica_plan = {
+                "asked": spec.resources.replicas.to_json(),
+                "launched": replicas.launch,
+                "expected": replicas.expect,
+                "how": replicas.how,
+            }
+            log.info("%d replica(s) (%s)", replicas.launch, replicas.how)
+            sizes = (spec.resources.batch_size, self.rows_per_shard, spec.generation.num_return_sequences)
+            self.scheduler = ShardScheduler(
+                work, spec.shards.max_attempts, shards_per_replica(*sizes), replicas.expect, shards_per_batch(*sizes)
+            )
+            self.bar = _progress(self.record, self.show_progress)
+            self._tokens_before = self.record.counts.completion_tokens
+            dispatch.run_shards(self.spec, self.scheduler, self.job_facts, self, replicas.launch)
         except ShardExhausted as e:
             shard = e.work.shard
             raise JobError(
@@ -152,15 +183,16 @@ class _Run:
         except dispatch.ReplicasFailToStart as e:
             raise JobError(str(e)) from None
         finally:
-            self.bar.close()
-            if started_ray:
-                ray.shutdown()
+            if self.bar is not None:
+                self.bar.close()
 
     # -- what the dispatch loop reports (dispatch.RunListener) ---------------------
 
     def tick(self) -> None:
         self.record.counts.shards_retried = self.retried_before + self.scheduler.retried
         self.keeper.save(every=HEARTBEAT_S)
+        metrics.progress(self.spec, self.record, self.scheduler)
+        self.run_log.copy(every=COPY_EVERY_S)
         if time.monotonic() >= self._next_cancel_poll:
             if self.out.exists(CANCEL):
                 raise JobCancelled(f"cancelled through {self.out.url(CANCEL)}")
@@ -171,7 +203,7 @@ class _Run:
         if "replica" not in self.record.model:
             self.record.model["replica"] = info
             run.first_replica_ready_at = now()
-        if ready == self.spec.resources.replicas and run.all_replicas_ready_at is None:
+        if ready >= run.replica_plan["launched"] and run.all_replicas_ready_at is None:
             run.all_replicas_ready_at = now()
 
     def shard_done(self, work: Work, result: ShardResult, tries: int) -> None:
@@ -188,6 +220,7 @@ class _Run:
                 replicas[pid] = result.replica
         self.record.counts.shards_retried = self.retried_before + self.scheduler.retried
         self.keeper.save(every=RECORD_EVERY_S)
+        metrics.progress(self.spec, self.record, self.scheduler, force=True)
         log.info("committed %s: %d rows, %d failed, %.1fs", shard.name, result.samples_ok, result.samples_failed, result.seconds)
         self.bar.update(result.samples_ok + result.samples_failed)
         tokens = self.record.counts.completion_tokens - self._tokens_before

@@ -7,6 +7,8 @@ per (id, sample_index). Every timestamp is ISO 8601 UTC (jobs.core.times).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import getpass
 import os
 import platform
@@ -19,6 +21,7 @@ from importlib import metadata
 from jobs.core.layout import RECORD
 from jobs.core.times import age_seconds, now
 
+SUBMISSION_ID_ENV = "BULKGEN_SUBMISSION_ID"  # set for a driver that `bulkgen submit` started
 HEARTBEAT_S = 10.0  # a running job's record is rewritten at least this often
 
 
@@ -91,10 +94,12 @@ class Run:
     user: str = field(default_factory=lambda: _user())
     pid: int = field(default_factory=os.getpid)
     ray_address: str = "local"
+    submission_id: str | None = field(default_factory=lambda: os.environ.get(SUBMISSION_ID_ENV))  # `bulkgen submit`
     first_replica_ready_at: str | None = None  # where steady-state throughput starts
     all_replicas_ready_at: str | None = None
     finished_at: str | None = None
     replicas: dict[str, dict] = field(default_factory=dict)  # pid -> latest engine counters
+    replica_plan: dict = field(default_factory=dict)  # resources.replicas resolved: asked, launched, expected, how
 
 
 @dataclass
@@ -156,13 +161,16 @@ class RecordKeeper:
     """Owns a job's record and persists it to the output: on every state change,
     and at most every `every` seconds otherwise."""
 
-    def __init__(self, out, record: JobRecord):
+    def __init__(self, out, record: JobRecord, on_state: Callable[[JobRecord], None] | None = None):
         self.out, self.record = out, record
+        self.on_state = on_state  # told of every state change once it is saved (metrics)
         self._last_write = 0.0
 
     def move_to(self, state: JobState, error: JobFailure | None = None) -> None:
         self.record.set_state(state, error)
         self.save()
+        if self.on_state is not None:
+            self.on_state(self.record)
 
     def fail(self, message: str) -> None:
         """Mark the job failed in the state it was in."""
@@ -201,6 +209,10 @@ def format_status(record: JobRecord, uri: str) -> str:
         f"tokens:   {c.prompt_tokens} prompt, {c.completion_tokens} generated",
         f"updated:  {record.updated_at}",
     ]
+    if record.runs:
+        run = record.run
+        where = f"submission {run.submission_id}" if run.submission_id else f"pid {run.pid} on {run.host}"
+        lines.append(f"run:      {len(record.runs)} ({where}, started {run.started_at})")
     if record.error:
         lines.append(f"error:    {record.error.message}  (in {record.error.where})")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from jobs import preflight
 from jobs.core import storage
 from jobs.core.errors import OutputError
 from jobs.core.model import load_tokenizer
-from jobs.core.plan import Shard, plan
+from jobs.core.plan import Shard, plan, rows_per_shard
 from jobs.core.prompts import RowError, build_prompt
 from jobs.core.rows import read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
@@ -33,6 +33,7 @@ class Validated:
     input_rows: int
     model: dict  # identity: path, revision, dtype, weights hash
     context: int | None
+    rows_per_shard: int  # shards.rows_per_shard, `auto` decided
 
 
 def validate(spec: JobSpec) -> Validated:
@@ -49,8 +50,9 @@ def check_input_and_model(spec: JobSpec) -> Validated:
     preflight.check_model_source(spec)
     context = preflight.check_model_loadable(spec)
     preflight.check_tokenizer(spec, load_tokenizer(spec.model))
-    shards = plan(dataset.files, spec.shards.rows_per_shard)
-    return Validated(shards, dataset.num_rows, preflight.model_identity(spec), context)
+    per_shard = rows_per_shard(spec.shards.rows_per_shard, dataset.num_rows)
+    shards = plan(dataset.files, per_shard)
+    return Validated(shards, dataset.num_rows, preflight.model_identity(spec), context, per_shard)
 
 
 def check_output_usable(spec: JobSpec) -> None:

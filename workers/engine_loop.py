@@ -4,6 +4,10 @@ The replica takes several shards at a time (a threaded actor, one thread a
 shard): while one is read or written, the others' sequences decode, and the
 next shard's sequences join the running batch as the last one's finish, so
 the model never idles at a shard boundary.
+
+With a job name it records each step's time and batch occupancy as
+Prometheus series (jobs/core/metrics.py), straight from the engine thread: a
+record costs microseconds against a step's milliseconds.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 
+from jobs.core import metrics
 from jobs.core.times import now
 from workers.engine import Completion, Engine, FatalDeviceError, Request
 
@@ -20,12 +26,16 @@ log = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, job_name: str | None = None, batch_size: int | None = None):
+        """`job_name` (the `job_name` label) and `batch_size` (resources.batch_size) turn
+        on the step metrics; without them nothing is recorded."""
         self.engine = engine
         self._cv = threading.Condition()
         self._tickets: dict[int, _Ticket] = {}
         self._thread: threading.Thread | None = None
         self.times: dict[str, str] = {}  # first_step_at, idle_at: how busy this replica was
+        self._held = 0  # sequences submitted and not finished: the engine's running and waiting ones
+        self._metrics = _StepMetrics(job_name, batch_size) if job_name and batch_size else None
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Completions for `requests`, in order; blocks until all are done."""
@@ -34,6 +44,7 @@ class EngineLoop:
         ticket = _Ticket(len(requests))
         with self._cv:
             self._tickets[id(ticket)] = ticket
+            self._held += len(requests)
             self.engine.submit([dataclasses.replace(r, key=(id(ticket), r.key)) for r in requests])
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -54,6 +65,7 @@ class EngineLoop:
                 while not self.engine.has_work():
                     self._cv.wait()
                 self.times.setdefault("first_step_at", now())
+                held, started = self._held, time.perf_counter()
                 try:
                     finished = self.engine.step()
                 except FatalDeviceError:
@@ -64,11 +76,15 @@ class EngineLoop:
                 except BaseException as e:  # a bug: fail the shards in flight, keep serving
                     log.exception("engine step failed")
                     self.engine.abort_all()
+                    self._held = 0
                     for ticket in self._tickets.values():
                         ticket.error = e
                         ticket.done.set()
                     self._tickets.clear()
                     continue
+                if self._metrics is not None:
+                    self._metrics.step(time.perf_counter() - started, held)
+                self._held -= len(finished)
                 for c in finished:
                     ticket_id, key = c.key
                     ticket = self._tickets[ticket_id]
@@ -78,6 +94,22 @@ class EngineLoop:
                         del self._tickets[ticket_id]
                 if not self.engine.has_work():
                     self.times["idle_at"] = now()
+
+
+class _StepMetrics:
+    """The replica's series: each engine step's wall time and batch occupancy."""
+
+    def __init__(self, job_name: str, batch_size: int):
+        from ray.util import metrics as ray_metrics
+
+        self.recorder = metrics.Recorder(ray_metrics)  # never raises: a failed record is logged once
+        self.job_name, self.batch_size = job_name, max(1, batch_size)
+
+    def step(self, seconds: float, held: int) -> None:
+        """`held`: sequences in the engine as the step began; more than a batch wait for a slot."""
+        self.recorder.observe(metrics.ENGINE_STEP_SECONDS, seconds, job_name=self.job_name)
+        occupancy = min(held, self.batch_size) / self.batch_size
+        self.recorder.observe(metrics.ENGINE_BATCH_OCCUPANCY, occupancy, job_name=self.job_name)
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ import time
 import pyarrow as pa
 
 from jobs.core import faults
+from jobs.core.metrics import job_name
 from jobs.core.prompts import GENERATION_ERROR, RowError, build_prompt, max_new_tokens
 from jobs.core.protocol import ShardResult, ShardTask, TaskKind, row_seed
 from jobs.core.rows import METADATA_KEY, id_name, input_columns, read_shard_rows, row_ids
@@ -30,7 +31,7 @@ class Replica:
         engine = {k: v for k, v in self.engine.describe().items() if k in ("engine", "engine_version")}
         facts = json.dumps({**job_facts, **engine}, sort_keys=True)
         self.file_metadata = {METADATA_KEY.encode(): facts.encode()}  # Parquet schema metadata of every file
-        self.loop = EngineLoop(self.engine)
+        self.loop = EngineLoop(self.engine, job_name(spec.name, spec.output.uri), spec.resources.batch_size)
         self.loaded_at = now()
 
     def info(self) -> dict:

@@ -191,6 +191,10 @@ def engine_args(spec) -> dict:
         # On CPU, vLLM reads gpu_memory_utilization as a share of host memory
         # (0.92 by default): size the KV cache by our token budget instead.
         args["kv_cache_memory_bytes"] = _kv_cache_bytes(spec, args["dtype"])
+    if res.num_gpus == 0:
+        # Compiling the model at start-up took vLLM's CPU backend longer than the
+        # benchmark's workloads ran (bench/presets.py): eager unless asked.
+        args["enforce_eager"] = True
     return {**args, **m.engine_options}
 
 

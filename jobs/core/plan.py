@@ -42,6 +42,18 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
+AUTO_ROWS_PER_SHARD = 1000
+AUTO_MIN_SHARDS, AUTO_MIN_ROWS = 16, 16  # a small input still gives every replica shards
+
+
+def rows_per_shard(setting: int | str, input_rows: int) -> int:
+    """shards.rows_per_shard, with `auto` decided by the input's row count alone
+    (never by the cluster: a resume on another cluster must plan the same shards)."""
+    if setting != "auto":
+        return int(setting)
+    return max(AUTO_MIN_ROWS, min(AUTO_ROWS_PER_SHARD, -(-input_rows // AUTO_MIN_SHARDS)))
+
+
 def plan(files: Iterable[InputFile], rows_per_shard: int) -> list[Shard]:
     """Cut files into shards of at most `rows_per_shard` rows.
 

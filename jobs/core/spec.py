@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import string
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import core_schema
 
 from jobs.core.errors import SpecError
 from jobs.core.rows import DERIVED_ID, WRITTEN_COLUMNS
@@ -127,8 +130,76 @@ class OutputSpec(_Section):
     include_prompt: bool = Field(False, description="Add the rendered prompt as a `prompt` column.")
 
 
+@dataclass(frozen=True)
+class ReplicaCount:
+    """`resources.replicas`: a fixed count, `auto`, or a range MIN..MAX.
+
+    Written in the spec (and back into the job record) as an int, "auto" or
+    "MIN..MAX"; what each means on a cluster is decided by jobs/scheduler.py's
+    plan_replicas once the driver has joined it."""
+
+    min: int | None = None  # None: auto
+    max: int | None = None
+
+    reference_kind = "int, `auto` or `MIN..MAX`"  # its type in the README's spec reference
+    _RANGE = re.compile(r"\s*(\d+)\s*\.\.\s*(\d+)\s*")
+
+    @property
+    def auto(self) -> bool:
+        return self.min is None
+
+    @property
+    def fixed(self) -> int | None:
+        """The count when it is one number, else None."""
+        return self.min if self.min is not None and self.min == self.max else None
+
+    @classmethod
+    def parse(cls, value: Any) -> ReplicaCount:
+        if isinstance(value, cls):
+            return value
+        usage = 'give a count (e.g. 2), "auto", or a range "MIN..MAX" (e.g. "2..8")'
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return cls()
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML `true` is no count
+            if value < 1:
+                raise ValueError(f"at least one replica is needed; {usage}")
+            return cls(value, value)
+        match = cls._RANGE.fullmatch(value) if isinstance(value, str) else None
+        if not match:
+            raise ValueError(usage)
+        low, high = int(match[1]), int(match[2])
+        if low < 1 or low > high:
+            raise ValueError(f"a range needs 1 <= MIN <= MAX; {usage}")
+        return cls(low, high)
+
+    def to_json(self) -> int | str:
+        if self.auto:
+            return "auto"
+        return self.fixed or f"{self.min}..{self.max}"
+
+    def __str__(self) -> str:
+        return str(self.to_json())
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler) -> core_schema.CoreSchema:
+        # Parsed by hand (three spellings, one error message) and dumped the way it was written,
+        # so a recorded spec loads again unchanged (resume).
+        return core_schema.no_info_plain_validator_function(
+            cls.parse, serialization=core_schema.plain_serializer_function_ser_schema(cls.to_json)
+        )
+
+
 class ResourcesSpec(_Section):
-    replicas: int = Field(1, ge=1, description="Model replicas (Ray actors).")
+    replicas: ReplicaCount = Field(
+        "auto",
+        validate_default=True,
+        description="Model replicas (Ray actors): a count; `auto`, as many as the cluster holds when the job starts "
+        "(its GPUs / num_gpus, or without num_gpus its CPUs / num_cpus); or a range like \"2..8\" for an "
+        "autoscaling cluster: MAX are started, those without room wait for new nodes, the job starts with the "
+        "first ready. A string or an int; not a mapping.",
+    )
     num_gpus: float = Field(0, ge=0, description="GPUs per replica.")
     num_cpus: float = Field(1, ge=0, description="CPUs per replica.")
     batch_size: int = Field(32, ge=1, description="Most sequences generated together in one batch.")
@@ -139,7 +210,12 @@ class ResourcesSpec(_Section):
 
 
 class ShardsSpec(_Section):
-    rows_per_shard: int = Field(1000, ge=1, description="Input rows per shard (one output file each).")
+    rows_per_shard: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Input rows per shard (one output file each). `auto`: 1000, fewer for a small input, "
+        "so that it still makes 16 shards for the replicas to share (16 rows at least); "
+        "decided by the input's row count, so give a number for an input that grows between runs.",
+    )
     max_attempts: int = Field(3, ge=1, description="Tries per shard before the job fails.")
     max_failed_fraction: float = Field(
         0.0, ge=0, le=1, description="Fraction of rows allowed in errors/ before the job fails."
@@ -304,6 +380,8 @@ def _reference_row(path: str, f) -> str:
         kind = " or ".join(f"`{c}`" for c in choices)
     elif getattr(f.annotation, "__origin__", None) is tuple:
         kind = "list of str"
+    elif hasattr(f.annotation, "reference_kind"):
+        kind = f.annotation.reference_kind
     else:
         kind = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
         kind = kind.replace(" | ", " or ").replace("NoneType", "None")

@@ -22,7 +22,7 @@ BULKGEN = shutil.which("bulkgen", path=str(Path(sys.executable).parent)) or "bul
 @pytest.fixture
 def cluster(tmp_path_factory):
     """A head with 1 CPU; Ray's files and sockets under a short tmp dir."""
-    with LocalCluster(tmp_path_factory.mktemp("rc"), num_cpus=1) as cluster:
+    with LocalCluster(tmp_path_factory.mktemp("rc"), num_cpus=1, dashboard=False) as cluster:
         yield cluster
 
 

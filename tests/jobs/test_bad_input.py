@@ -416,7 +416,9 @@ def refused_input_recorded(tmp_path: Path, err: str) -> None:
     assert record["state"] == "failed"
     assert record["error"]["where"] == "validating"
     assert record["error"]["message"] in err
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"_job.json"}
+    # Nothing but the record and the run's log, which says why it failed.
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"_job.json", "_logs"}
+    assert record["error"]["message"] in (tmp_path / "out" / "_logs" / "run-1.log").read_text()
 
 
 def test_prompt_column_that_is_not_text(tmp_path, tiny_model, capsys, nothing_heavy_starts):

@@ -54,3 +54,15 @@ def test_engine_options_are_tuning_not_identity():
     # A resume may change memory or compilation settings, as it may change resources.
     assert spec("vllm", {"enforce_eager": True}).fingerprint() == spec("vllm").fingerprint()
     assert spec("vllm").fingerprint() != spec("transformers").fingerprint()
+
+
+def test_vllm_on_cpu_runs_eager_unless_asked(tiny_model):
+    from workers.vllm_engine import engine_args
+
+    def on_cpu(options=None):
+        data = spec("vllm", options).model_dump()
+        data["model"]["path"] = str(tiny_model)
+        return engine_args(spec_from_dict(data))
+
+    assert on_cpu()["enforce_eager"] is True  # no compile before the first token
+    assert on_cpu({"enforce_eager": False})["enforce_eager"] is False

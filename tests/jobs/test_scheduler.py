@@ -4,7 +4,8 @@ Balance (every replica one shard before any gets a second; shards up to a
 full engine batch, more only while the queue holds one for every replica),
 suspects after a replica death (charged
 only when one dies running alone), failed shards retried after the healthy
-ones, and max_attempts ending the job.
+ones, and max_attempts ending the job; and how many replicas a run starts and
+counts on (plan_replicas), as a pure function of the cluster's node resources.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 
 from jobs.core.plan import Shard
 from jobs.core.protocol import TaskKind
-from jobs.scheduler import IN_FLIGHT_PER_REPLICA, ShardExhausted, ShardScheduler, Work
+from jobs.core.spec import ReplicaCount
+from jobs.scheduler import IN_FLIGHT_PER_REPLICA, ShardExhausted, ShardScheduler, Work, plan_replicas
 
 
 def shard(i: int) -> Shard:
@@ -348,3 +350,84 @@ def test_a_shard_per_batch():
     assert shards_per_batch(batch_size=32, rows_per_shard=16, samples_per_row=1) == 2
     assert shards_per_batch(batch_size=32, rows_per_shard=5, samples_per_row=2) == 4
     assert shards_per_batch(batch_size=8, rows_per_shard=100, samples_per_row=1) == 1
+
+
+# -- how many replicas: resources.replicas against the cluster's nodes -----------------------------
+
+CPU1 = {"CPU": 1.0, "GPU": 0.0}  # a replica's need at the spec's defaults
+GPU1 = {"CPU": 1.0, "GPU": 1.0}
+
+
+def node(cpus: float, gpus: float = 0, **other) -> dict[str, float]:
+    """A node's total resources as ray.nodes() reports them (memory and the node's own ip resource too)."""
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), "memory": 8e9, "node:127.0.0.1": 1.0, **other}
+
+
+def test_auto_on_this_two_core_machine_is_two_replicas():
+    plan = plan_replicas(ReplicaCount.parse("auto"), CPU1, [node(2)])
+    assert (plan.launch, plan.expect) == (2, 2)
+    assert plan.how == "auto: 2 CPUs / 1 per replica"
+
+
+@pytest.mark.parametrize(
+    "need, nodes, count, how",
+    [
+        (CPU1, [node(8), node(8)], 16, "auto: 16 CPUs / 1 per replica"),
+        ({"CPU": 2.0, "GPU": 0.0}, [node(7)], 3, "auto: 7 CPUs / 2 per replica"),  # floor
+        ({"CPU": 0.5, "GPU": 0.0}, [node(2)], 4, "auto: 2 CPUs / 0.5 per replica"),
+        ({"CPU": 0.1, "GPU": 0.0}, [node(0.3)], 3, "auto: 0.3 CPUs / 0.1 per replica"),  # not 2.9999
+        # GPUs decide when a replica asks for one; the CPUs are not counted
+        (GPU1, [node(32, 8), node(32, 8)], 16, "auto: 16 GPUs / 1 per replica"),
+        ({"CPU": 1.0, "GPU": 0.5}, [node(16, 2)], 4, "auto: 2 GPUs / 0.5 per replica"),
+        ({"CPU": 1.0, "GPU": 2.0}, [node(4), node(16, 8)], 4, "auto: 8 GPUs / 2 per replica"),
+        # a replica never spans nodes, and it needs its CPU beside its GPU: node by node
+        (GPU1, [node(4, 8)], 4, "auto: 8 GPUs / 1 per replica, 4 fit node by node"),
+        ({"CPU": 1.0, "GPU": 2.0}, [node(8, 3), node(8, 3)], 2, "auto: 6 GPUs / 2 per replica, 2 fit node by node"),
+        # nothing fits (the check before refuses that unless an autoscaler may add a node): still one
+        (GPU1, [node(2)], 1, "auto: 0 GPUs / 1 per replica"),
+        # a replica that asks for nothing: one per CPU
+        ({"CPU": 0.0, "GPU": 0.0}, [node(3)], 3, "auto: 3 CPUs / 1 per replica"),
+    ],
+)
+def test_auto_is_what_the_nodes_hold_at_the_replica_size(need, nodes, count, how):
+    plan = plan_replicas(ReplicaCount.parse("auto"), need, nodes)
+    assert (plan.launch, plan.expect, plan.how) == (count, count, how)
+
+
+def test_a_fixed_count_is_kept_whatever_the_cluster_holds():
+    for nodes in ([node(2)], [node(64)], []):
+        plan = plan_replicas(ReplicaCount.parse(3), CPU1, nodes)
+        assert (plan.launch, plan.expect) == (3, 3)
+    assert plan_replicas(ReplicaCount.parse(3), CPU1, [node(2)]).how == "3, as the spec says (the cluster holds 2)"
+
+
+@pytest.mark.parametrize(
+    "nodes, expect, how",
+    [
+        ([node(2)], 2, "2..8: the cluster holds 2 now; 6 wait for new nodes"),
+        ([node(5)], 5, "2..8: the cluster holds 5 now; 3 wait for new nodes"),
+        ([node(4), node(4)], 8, "2..8: the cluster holds 8 now"),
+        ([node(64)], 8, "2..8: the cluster holds 64 now"),  # never more than MAX
+        ([node(0)], 2, "2..8: the cluster holds 0 now; 8 wait for new nodes"),  # at least MIN: the spec's promise
+        ([], 2, "2..8: the cluster holds 0 now; 8 wait for new nodes"),
+    ],
+)
+def test_a_range_starts_max_and_counts_on_those_the_cluster_holds_now(nodes, expect, how):
+    plan = plan_replicas(ReplicaCount.parse("2..8"), CPU1, nodes)
+    assert plan.launch == 8  # all at once: the pending ones are the autoscaler's demand
+    assert plan.expect == expect and plan.how == how
+
+
+def test_a_range_does_not_starve_the_ready_replicas_for_those_that_wait_for_nodes():
+    # 2..8 on a 2-CPU cluster: the scheduler counts on 2, not 8. With 8 it would hold back
+    # a shard for each of the six that may never come, and the ready replicas' batches
+    # would stay underfilled (one shard each of the two that fill a batch) for the whole job.
+    plan = plan_replicas(ReplicaCount.parse("2..8"), CPU1, [node(2)])
+    s = ready(ShardScheduler(work(*range(8)), 3, depth=4, replicas=plan.expect, fill=2), "AB")
+    # Both batches full at once (and a third shard each: the queue still holds one per replica).
+    assert started(s.assign()) == [("A", 0), ("B", 1), ("A", 2), ("B", 3), ("A", 4), ("B", 5)]
+    starved = ready(ShardScheduler(work(*range(8)), 3, depth=4, replicas=8, fill=2), "AB")
+    assert started(starved.assign()) == [("A", 0), ("B", 1)]  # what counting on MAX would do
+    # A replica that joins when its node arrives still gets work.
+    s.add_replica("C")
+    assert started(s.assign())[0] == ("C", 6)

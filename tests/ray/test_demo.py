@@ -16,6 +16,9 @@ def test_demo_job_generates_readable_text(tmp_path, ray_cluster, monkeypatch):
     spec = load_spec(REPO / "examples/demo/job.yaml", [f"output.uri={tmp_path / 'demo'}"])
     record = run_job(spec, progress=False)
     assert record.state == "succeeded" and record.counts.rows_done == 300
+    # Its resources are the defaults: one replica per CPU of this 2-CPU Ray, and both did work.
+    assert record.run.replica_plan["launched"] == 2, record.run.replica_plan
+    assert len(record.run.replicas) == 2, record.run.replicas
 
     texts = ds.dataset(str(tmp_path / "demo" / "data"), format="parquet").to_table().column("text").to_pylist()
     words = [w for t in texts for w in re.findall(r"[A-Za-z]+", t)]

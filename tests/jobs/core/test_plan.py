@@ -242,3 +242,14 @@ def test_footer_reads_touch_a_small_part_of_the_bytes(tmp_path, monkeypatch):
     assert dataset.num_rows == 1200
     assert bytes_read, "footers were not read through fsspec: this check measures nothing"
     assert sum(bytes_read) < total / 10, (sum(bytes_read), total)
+
+
+def test_auto_rows_per_shard_splits_a_small_input_and_caps_a_large_one():
+    from jobs.core.plan import rows_per_shard
+
+    assert rows_per_shard(50, 10) == 50  # a number is kept
+    assert rows_per_shard("auto", 10) == 16  # never tiny shards
+    assert rows_per_shard("auto", 64) == 16  # four shards: both replicas of a small machine get some
+    assert rows_per_shard("auto", 300) == 19  # sixteen shards
+    assert rows_per_shard("auto", 16_000) == 1000
+    assert rows_per_shard("auto", 10_000_000) == 1000

@@ -9,7 +9,15 @@ import pydantic
 import pytest
 import yaml
 
-from jobs.core.spec import JobSpec, SpecError, apply_overrides, load_spec, spec_from_dict, template_fields
+from jobs.core.spec import (
+    JobSpec,
+    ReplicaCount,
+    SpecError,
+    apply_overrides,
+    load_spec,
+    spec_from_dict,
+    template_fields,
+)
 
 
 def minimal(**sections) -> dict:
@@ -46,8 +54,8 @@ def test_valid_spec_loads_with_defaults(tmp_path):
     assert spec.generation.max_new_tokens == 16
     assert spec.generation.stop == ("\n\n",)
     assert spec.generation.do_sample is False
-    assert spec.resources.replicas == 1
-    assert spec.shards.rows_per_shard == 1000
+    assert spec.resources.replicas.auto  # as many as the cluster holds (jobs/scheduler.py plan_replicas)
+    assert spec.shards.rows_per_shard == "auto"
     assert spec.model.use_safetensors is True
 
 
@@ -224,6 +232,82 @@ def test_pass_through_may_not_shadow_output_columns():
     message = spec_error(minimal(input={"pass_through": ["topic", "text", "finish_reason"]}))
     assert "input.pass_through" in message
     assert "'finish_reason'" in message and "'text'" in message
+
+
+# -- resources.replicas: a count, auto, or MIN..MAX ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given, parsed",
+    [
+        (3, ReplicaCount(3, 3)),
+        ("3", ReplicaCount(3, 3)),
+        ("auto", ReplicaCount()),
+        ("Auto", ReplicaCount()),
+        ("2..8", ReplicaCount(2, 8)),
+        (" 2 .. 8 ", ReplicaCount(2, 8)),
+        ("4..4", ReplicaCount(4, 4)),
+    ],
+)
+def test_replicas_take_a_count_auto_or_a_range(given, parsed):
+    spec = spec_from_dict(minimal(resources={"replicas": given}))
+    assert spec.resources.replicas == parsed
+
+
+def test_replica_count_reads_as_what_it_is():
+    assert ReplicaCount.parse(3).fixed == 3 and not ReplicaCount.parse(3).auto
+    assert ReplicaCount.parse("4..4").fixed == 4  # a range of one is a count
+    r = ReplicaCount.parse("2..8")
+    assert (r.min, r.max, r.fixed, r.auto) == (2, 8, None, False)
+    assert ReplicaCount.parse("auto").auto and ReplicaCount.parse("auto").fixed is None
+
+
+@pytest.mark.parametrize("given, written", [(None, "auto"), (3, 3), ("2..8", "2..8"), ("auto", "auto")])
+def test_replicas_are_recorded_as_written_and_load_again(given, written):
+    # The job record holds the spec as JSON, and `bulkgen resume` loads it from there.
+    spec = spec_from_dict(minimal(resources={} if given is None else {"replicas": given}))
+    recorded = spec.redacted()
+    assert recorded["resources"]["replicas"] == written
+    assert spec_from_dict(yaml.safe_load(yaml.safe_dump(recorded))).resources == spec.resources
+
+
+def test_replicas_from_yaml_and_set():
+    ranged = spec_from_dict(apply_overrides(minimal(), ["resources.replicas=2..8"]))
+    assert ranged.resources.replicas == ReplicaCount(2, 8)
+    assert spec_from_dict(apply_overrides(minimal(), ["resources.replicas=auto"])).resources.replicas.auto
+    assert spec_from_dict(apply_overrides(minimal(), ["resources.replicas=5"])).resources.replicas.fixed == 5
+
+
+@pytest.mark.parametrize(
+    "given, why",
+    [
+        (0, "at least one replica"),
+        ("0", "at least one replica"),
+        (-2, "at least one replica"),
+        ("3..1", "1 <= MIN <= MAX"),
+        ("0..4", "1 <= MIN <= MAX"),
+        ("x", "give a count"),
+        ("2..", "give a count"),
+        ("2-8", "give a count"),
+        (2.5, "give a count"),
+        (True, "give a count"),  # YAML `replicas: yes`
+        ({"min": 2, "max": 8}, "give a count"),  # a mapping is not one of the spellings
+    ],
+)
+def test_bad_replicas_name_the_field_the_value_and_the_spellings(given, why):
+    message = spec_error(minimal(resources={"replicas": given}))
+    line = next(line for line in message.splitlines() if "resources.replicas" in line)
+    assert why in line, line
+    assert '"auto"' in line and '"MIN..MAX"' in line, line
+    if not isinstance(given, dict):
+        assert f"(got {given!r})" in line, line
+
+
+def test_reference_spells_the_replica_forms():
+    from jobs.core.spec import reference_markdown
+
+    row = next(r for r in reference_markdown().splitlines() if r.startswith("| `resources.replicas`"))
+    assert "| int, `auto` or `MIN..MAX` | `'auto'` |" in row
 
 
 # -- --set overrides -------------------------------------------------------------------
