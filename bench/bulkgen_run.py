@@ -168,7 +168,7 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
     ray_dir = tempfile.mkdtemp(prefix="bgb-ray-", dir="/tmp")
     started = now()
     try:
-        start_ray(ray_dir, num_gpus=int(cfg.num_gpus and 1) * cfg.replicas)
+        start_ray(ray_dir, num_gpus=int(cfg.num_gpus and 1) * (cfg.replicas or 1))
         run_job(spec, progress=False)
     finally:
         if ray.is_initialized():

@@ -1,4 +1,4 @@
-"""`bulkgen` command line: run, submit, resume, status, logs, cancel, validate, retry-failed.
+"""`bulkgen` command line: run, submit, resume, status, logs, cancel, validate, report, retry-failed.
 
 Exit codes: 0 success, 1 the job failed (or an internal error: its traceback
 is in the log), 2 bad input or usage (jobs.core.errors.BadInput), 130 cancelled.
@@ -24,12 +24,11 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    level = getattr(logging, args.log_level.upper())
-    root = logging.getLogger()
-    before = set(root.handlers)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for handler in set(root.handlers) - before:
-        handler.setLevel(level)  # the console's level; the run log (jobs/run_log.py) keeps INFO
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from jobs.driver import JobCancelled, JobError
 
     try:
@@ -100,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     validate.add_argument("--max-rows", type=int, help="scan at most this many prompts (default: all)")
     validate.set_defaults(func=_cmd_validate)
+
+    report = sub.add_parser("report", help="build a job's report (OUTPUT_URI/_report/index.html), also while it runs")
+    report.add_argument("output_uri")
+    report.add_argument("--open", action="store_true", help="open index.html in the web browser")
+    report.add_argument("--sample", type=int, default=None, metavar="ROWS",
+                        help="texts read for repeats and diversity (default 2000)")
+    report.set_defaults(func=_cmd_report)
 
     retry = sub.add_parser("retry-failed", help="generate a finished job's dead letters (errors/) again")
     retry.add_argument("output_uri")
@@ -214,6 +220,9 @@ def _cmd_status(args) -> int:
         raise
     doc = record.to_json()
     if args.json:
+        from jobs.batch_output import request_counts
+
+        doc["request_counts"] = request_counts(output, record)  # the providers' {total, completed, failed}
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
         print(format_status(record, output))
@@ -260,6 +269,41 @@ def _cmd_validate(args) -> int:
     report = validate_report(load_spec(args.spec, args.overrides), max_rows=args.max_rows)
     print(report.render())
     return 0
+
+
+def _cmd_report(args) -> int:
+    from jobs.report import write_report
+    from jobs.report.data import SAMPLE_ROWS
+
+    if args.sample is not None and args.sample < 0:
+        raise BadInput(f"--sample {args.sample}: give a number of rows, 0 or more")
+    try:
+        written = write_report(args.output_uri, {}, SAMPLE_ROWS if args.sample is None else args.sample)
+    except FileNotFoundError as e:
+        raise BadInput(str(e)) from None
+    print(f"report:   {written.html}")
+    print(f"          {written.markdown}")
+    print(f"state:    {written.notice or written.state}")
+    if args.open:
+        _open_in_browser(written.html)
+    return 0
+
+
+def _open_in_browser(url: str) -> None:
+    """Open a local index.html where it is; a remote one from a local copy (it is self-contained)."""
+    import tempfile
+    import webbrowser
+    from pathlib import Path
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if "file" not in fs.protocol:
+        local = str(Path(tempfile.mkdtemp(prefix="bulkgen-report-")) / "index.html")
+        fs.get(path, local)
+        path = local
+    if not webbrowser.open(Path(path).absolute().as_uri()):
+        print(f"no web browser found here; open {path} in one")
 
 
 def _cmd_retry_failed(args) -> int:

@@ -3,13 +3,16 @@
 The driver reads Parquet footers (row counts, schema) and, when an id column
 is given, that one column to check ids are unique; it holds no prompt rows
 (except `bulkgen validate`'s scan, a shard at a time, and memory:// input,
-which only the driver's process can read).
+which only the driver's process can read). An OpenAI batch file has no
+footer: the driver streams it once, line by line, to count its rows, check its
+custom_ids and add up the samples its requests ask for.
 """
 
 from __future__ import annotations
 
 import logging
 import posixpath
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,7 +23,9 @@ import pyarrow.parquet as pq
 
 from jobs.core import storage
 from jobs.core.errors import InputError
+from jobs.core.openai_batch import request_of
 from jobs.core.plan import InputFile
+from jobs.core.rows import BATCH_FIELDS, BATCH_ID, batch_row, is_batch, iter_batch_lines
 from jobs.core.spec import InputSpec
 
 log = logging.getLogger(__name__)
@@ -32,27 +37,38 @@ _GLOB_CHARS = "*?["
 class Dataset:
     files: tuple[InputFile, ...]
     schema: pa.Schema  # of the first file; every file is checked for the needed columns
+    # Rows that fix their own number of samples (a batch request's n; a line that does not
+    # parse, its one dead letter), and those samples. Every other row takes the spec's n.
+    own_n_rows: int = 0
+    own_n_samples: int = 0
 
     @property
     def num_rows(self) -> int:
         return sum(f.num_rows for f in self.files)
 
+    def output_rows(self, n: int) -> int:
+        """The (id, sample_index) rows the job writes, `n` the spec's samples per row."""
+        return self.own_n_samples + (self.num_rows - self.own_n_rows) * n
 
-def list_parquet_files(uri: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
-    """Resolve `uri` (file, directory or glob) to (fs, root, sorted file paths)."""
+
+def list_parquet_files(
+    uri: str, storage_options: dict, suffix: str = ".parquet"
+) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+    """Resolve `uri` (file, directory or glob) to (fs, root, sorted file paths); a directory
+    contributes the files below it whose names end in `suffix`."""
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     if is_glob(path):
         paths = [p for p in fs.glob(path) if fs.isfile(p)]
         root = glob_root(path)
     elif fs.isdir(path):
         root = path.rstrip("/")
-        paths = [p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(posixpath.relpath(p, root))]
+        paths = [p for p in fs.find(path) if p.endswith(suffix) and not _hidden(posixpath.relpath(p, root))]
     elif fs.isfile(path):
         root, paths = posixpath.dirname(path), [path]
     else:
         raise InputError(f"input.uri {uri!r} does not exist")
     if not paths:
-        raise InputError(f"input.uri {uri!r} matches no Parquet files")
+        raise InputError(f"input.uri {uri!r} matches no {'Parquet' if suffix == '.parquet' else suffix} files")
     return fs, root, sorted(paths)
 
 
@@ -90,6 +106,8 @@ def read_footers(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> 
 
 def open_dataset(spec: InputSpec) -> Dataset:
     """List and check the input; raises before any model or cluster is touched."""
+    if is_batch(spec):
+        return open_batch_dataset(spec)
     with storage.reaching("input.uri", spec.uri, InputError):
         fs, root, paths = list_parquet_files(spec.uri, spec.storage_options)
     files, schemas = read_footers(fs, root, paths)
@@ -97,6 +115,50 @@ def open_dataset(spec: InputSpec) -> Dataset:
         check_schema(spec, schema, f.url)
     log.info("input: %d files, %d rows", len(files), sum(f.num_rows for f in files))
     return Dataset(tuple(files), schemas[0])
+
+
+def open_batch_dataset(spec: InputSpec) -> Dataset:
+    """List the batch files and read each once: its rows (non-blank lines), unique custom_ids,
+    and the samples its requests ask for. Keeps 8 bytes per row (a hash of its id), not the requests."""
+    with storage.reaching("input.uri", spec.uri, InputError):
+        fs, root, paths = list_parquet_files(spec.uri, spec.storage_options, suffix=".jsonl")
+    files, hashes, own_n_rows, own_n_samples = [], array("q"), 0, 0
+    for path in paths:
+        url, relpath = fs.unstrip_protocol(path), posixpath.relpath(path, root) if root else path
+        rows = 0
+        for index, line, text in iter_batch_lines(url, spec.storage_options):
+            row = batch_row(relpath, index, line, text)
+            hashes.append(hash(row[BATCH_ID]))
+            request = request_of(row)
+            if request is None or request.n is not None:
+                own_n_rows += 1
+                own_n_samples += request.n if request is not None else 1
+            rows += 1
+        files.append(InputFile(url, relpath, rows))
+    _check_unique_custom_ids(spec, files, hashes)
+    log.info("input: %d batch files, %d requests", len(files), sum(f.num_rows for f in files))
+    return Dataset(tuple(files), pa.schema(BATCH_FIELDS), own_n_rows, own_n_samples)
+
+
+def _check_unique_custom_ids(spec: InputSpec, files: list[InputFile], hashes: array) -> None:
+    """Raise InputError naming a duplicated custom_id and both its lines."""
+    order = np.sort(np.array(hashes, dtype=np.int64))
+    if not (order[1:] == order[:-1]).any():
+        return
+    # A hash repeats: find the actual duplicate (hash collisions are possible, so confirm).
+    suspects = set(order[1:][order[1:] == order[:-1]].tolist())
+    seen: dict[str, tuple[InputFile, int]] = {}
+    for file in files:
+        for index, line, text in iter_batch_lines(file.url, spec.storage_options):
+            key = batch_row(file.relpath, index, line, text)[BATCH_ID]
+            if hash(key) not in suspects:
+                continue
+            if key in seen:
+                first, first_line = seen[key]
+                where = (f"lines {first_line} and {line} of {file.url}" if first is file
+                         else f"line {first_line} of {first.url} and line {line} of {file.url}")  # fmt: skip
+                raise InputError(f"custom_id {key!r} is not unique: it is on {where}; give every request its own")
+            seen[key] = (file, line)
 
 
 def check_schema(spec: InputSpec, schema: pa.Schema, where: str) -> None:
@@ -127,7 +189,7 @@ def _check_type(spec: InputSpec, schema: pa.Schema, where: str) -> None:
             f"{field} {column!r} in {where} has type {schema.field(column).type}; expected {expected}"
         )
 
-    if spec.prompt_column and not _is_text(schema.field(spec.prompt_column).type):
+    if spec.prompt_column and not is_text(schema.field(spec.prompt_column).type):
         refuse("input.prompt_column", spec.prompt_column, "text (string)")
     if spec.messages_column and not _is_messages(schema.field(spec.messages_column).type):
         refuse("input.messages_column", spec.messages_column, "a list of {role, content} structs of strings")
@@ -137,7 +199,7 @@ def _check_type(spec: InputSpec, schema: pa.Schema, where: str) -> None:
         refuse("input.max_new_tokens_column", spec.max_new_tokens_column, "integers")
 
 
-def _is_text(kind: pa.DataType) -> bool:
+def is_text(kind: pa.DataType) -> bool:
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
     return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
@@ -150,7 +212,7 @@ def _is_messages(kind: pa.DataType) -> bool:
     if not pa.types.is_struct(item):
         return False
     fields = {item.field(i).name: item.field(i).type for i in range(item.num_fields)}
-    return all(name in fields and _is_text(fields[name]) for name in ("role", "content"))
+    return all(name in fields and is_text(fields[name]) for name in ("role", "content"))
 
 
 def _is_nested(kind: pa.DataType) -> bool:
@@ -161,8 +223,9 @@ def check_unique_ids(spec: InputSpec, dataset: Dataset) -> None:
     """Raise InputError naming a duplicated or null id.
 
     Streams the id column one row group at a time and keeps 8 bytes per row
-    (a hash), so memory stays far below the dataset's."""
-    if not spec.id_column:
+    (a hash), so memory stays far below the dataset's. A batch file's custom_ids were
+    checked when it was opened (its one read of every line)."""
+    if not spec.id_column or is_batch(spec):
         return
     hashes = np.empty(dataset.num_rows, dtype=np.int64)
     filled = 0

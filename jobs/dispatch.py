@@ -12,13 +12,14 @@ from typing import Protocol
 
 from jobs.core import storage
 from jobs.core.protocol import ShardResult, ShardTask
-from jobs.core.rows import read_shard_rows
+from jobs.core.rows import extra_columns, read_shard_rows
 from jobs.core.spec import JobSpec
 from jobs.scheduler import ShardScheduler, Work
 
 log = logging.getLogger(__name__)
 
 WAIT_S = 1.0  # longest wait for an outcome before the listener's tick (heartbeat, cancel)
+PUBLISH_WAIT_S = 300.0  # at the end, for the replicas' last writes to the row cache
 
 
 class RunListener(Protocol):
@@ -46,13 +47,14 @@ def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listen
     # memory:// lives in this process only: the rows travel through Ray instead.
     inline_input = storage.process_local(spec.input.uri, spec.input.storage_options)
     in_flight: dict = {}  # ObjectRef -> (replica, work, tries)
+    publishing: list = []  # committed shards' rows on their way to the row cache
     try:
         pool.start(replicas)
         while not scheduler.done():
             listener.tick()
             for replica, work, tries in scheduler.assign():
                 attempt = f"attempt-{tries}-{uuid.uuid4().hex[:8]}"
-                rows = read_shard_rows(spec.input, work.shard) if inline_input else None
+                rows = read_shard_rows(spec.input, work.shard, extra_columns(spec)) if inline_input else None
                 ref = replica.run.remote(ShardTask(work.shard, attempt, work.kind, rows))
                 in_flight[ref] = (replica, work, tries)
             done, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=WAIT_S)
@@ -77,6 +79,9 @@ def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listen
                 else:
                     scheduler.succeeded(replica, work)
                     listener.shard_done(work, result, tries)
+                    if spec.cache is not None:  # committed: now its rows may enter the cache
+                        publishing.append(replica.publish_cache.remote(result.attempt))
+        _wait_for(publishing)
     finally:
         pool.stop()
 
@@ -144,6 +149,21 @@ class _ReplicaPool:
         for replica in [*self.ready, *self.starting.values()]:
             ray.kill(replica, no_restart=True)
         self.ready, self.starting = [], {}
+
+
+def _wait_for(publishing: list) -> None:
+    """Let the replicas finish writing committed rows to the cache before they stop.
+    A write that fails costs a later job a miss, never this job its result."""
+    import ray
+
+    ready, late = ray.wait(publishing, num_returns=len(publishing), timeout=PUBLISH_WAIT_S) if publishing else ([], [])
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as e:
+            log.warning("a replica could not write its rows to the cache: %s", cause(e))
+    if late:
+        log.warning("%d shards' rows did not reach the cache within %.0f s", len(late), PUBLISH_WAIT_S)
 
 
 def cause(error: Exception) -> str:

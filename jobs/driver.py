@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import time
 
-from jobs import dispatch, metrics, preflight
+from jobs import batch_output, dispatch, metrics, preflight
 from jobs.cluster import connect
 from jobs.core import faults, storage
+from jobs.core.dedupe import DedupeIndex, index_name
 from jobs.core.errors import BadInput, OutputError
 from jobs.core.layout import CANCEL, ERRORS, MANIFEST, RECORD, STAGING, SUCCESS
 from jobs.core.protocol import ShardResult, TaskKind
+from jobs.core.rows import id_name
 from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
 from jobs.core.times import now
 from jobs.output import OutputConflict, OutputDir, claim_output, read_record
@@ -90,8 +92,7 @@ class _Run:
         self.shards, self.rows_per_shard = checked.shards, checked.rows_per_shard
         self.show_progress = progress
         c = self.record.counts
-        n = spec.generation.num_return_sequences
-        c.input_rows, c.rows_total, c.shards_total = checked.input_rows, checked.input_rows * n, len(self.shards)
+        c.input_rows, c.rows_total, c.shards_total = checked.input_rows, checked.output_rows, len(self.shards)
         self.retried_before = c.shards_retried
         self.job_facts = self._job_facts()  # the replicas add their engine and write it into every file
         self.commits = out.commit_records()
@@ -115,6 +116,8 @@ class _Run:
         c.shards_committed = len(self.commits)
         c.rows_done = sum(r["rows_done"] for r in commits)
         c.rows_failed = sum(r["rows_failed"] for r in commits)
+        c.rows_cached = sum(r.get("rows_cached", 0) for r in commits)
+        c.rows_filtered = sum(r.get("rows_filtered", 0) for r in commits)
         c.prompt_tokens = sum(r["prompt_tokens"] for r in commits)
         c.completion_tokens = sum(r["completion_tokens"] for r in commits)
 
@@ -126,6 +129,22 @@ class _Run:
                 import ray
 
                 ray.shutdown()
+            if self.record.state in (JobState.SUCCEEDED, JobState.FAILED):  # not on Ctrl-C: the user wants out
+                self._write_report()
+
+    def _write_report(self) -> None:
+        """The job's report (output.report), after _SUCCESS or the failure is recorded.
+        A report that cannot be built must not fail the job: it is logged instead."""
+        if not self.spec.output.report:
+            return
+        try:
+            from jobs.report import write_report
+
+            written = write_report(self.out.uri, self.out.storage_options)
+            log.info("report: %s", written.html)
+        except Exception as e:
+            log.warning("could not write the job's report (`bulkgen report %s` retries): %s: %s", self.out.uri,
+                        type(e).__name__, e)
 
     def _execute(self, retry_failed: bool) -> JobRecord:
         work = [Work(s) for s in self.shards if s.index not in self.commits]
@@ -172,6 +191,7 @@ class _Run:
             )
             self.bar = _progress(self.record, self.show_progress)
             self._tokens_before = self.record.counts.completion_tokens
+            self._start_dedupe_index()
             dispatch.run_shards(self.spec, self.scheduler, self.job_facts, self, replicas.launch)
         except ShardExhausted as e:
             shard = e.work.shard
@@ -185,6 +205,19 @@ class _Run:
         finally:
             if self.bar is not None:
                 self.bar.close()
+
+    def _start_dedupe_index(self) -> None:
+        """filters.deduplicate across the job: the index the replicas share (jobs/core/dedupe.py),
+        seeded with the shards committed before this run. It lives as long as this driver."""
+        import ray
+
+        f = self.spec.filters
+        if f is None or f.deduplicate == "none":
+            return
+        committed = [(self.out.url(c["data"]), self.spec.output.storage_options) for c in self.commits.values()]
+        self._dedupe_index = ray.remote(DedupeIndex).options(name=index_name(self.spec.fingerprint()), num_cpus=0).remote(
+            f.deduplicate == "near", f.near_duplicate_threshold, committed, id_name(self.spec.input)
+        )
 
     # -- what the dispatch loop reports (dispatch.RunListener) ---------------------
 
@@ -210,7 +243,16 @@ class _Run:
         for url, data in (result.inline_files or {}).items():
             storage.write_bytes(url, data, self.spec.output.storage_options)
         shard = work.shard
-        extra = {"input": shard.url, "input_start": shard.start, "input_stop": shard.stop, "attempts": tries}
+        extra = {
+            "input": shard.url,
+            "input_start": shard.start,
+            "input_stop": shard.stop,
+            "attempts": tries,
+            # For the report's throughput over time and per replica.
+            "committed_at": now(),
+            "seconds": round(result.seconds, 3),
+            "replica_pid": (result.replica or {}).get("pid"),
+        }
         self.commits[shard.index] = self.out.commit(result, extra)
         self._recount()
         if result.replica:
@@ -222,7 +264,7 @@ class _Run:
         self.keeper.save(every=RECORD_EVERY_S)
         metrics.progress(self.spec, self.record, self.scheduler, force=True)
         log.info("committed %s: %d rows, %d failed, %.1fs", shard.name, result.samples_ok, result.samples_failed, result.seconds)
-        self.bar.update(result.samples_ok + result.samples_failed)
+        self.bar.update(result.samples_ok + result.samples_failed + result.samples_filtered)
         tokens = self.record.counts.completion_tokens - self._tokens_before
         elapsed = self.bar.format_dict.get("elapsed") or 0
         self.bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s" if elapsed else "", refresh=False)
@@ -246,6 +288,7 @@ class _Run:
             "rows_done": c.rows_done,
             "rows_failed": c.rows_failed,
         }
+        batch_output.write_batch_files(self.spec, self.out, self.commits)  # output.format: openai-batch
         self.out.write_json(MANIFEST, manifest)
         self.out.remove(STAGING)
         self.record.run.finished_at = now()
@@ -260,7 +303,7 @@ def _progress(record: JobRecord, enabled: bool):
     c = record.counts
     return tqdm(
         total=c.rows_total,
-        initial=c.rows_done + c.rows_failed,
+        initial=c.rows_done + c.rows_failed + c.rows_filtered,
         unit="row",
         desc=record.name or "bulkgen",
         disable=None if enabled else True,  # None: only on a terminal
@@ -274,8 +317,9 @@ def resume_spec(output_uri: str, overrides: list[str] = ()) -> JobSpec:
     Storage option values were redacted when recorded; credentials come from
     the environment (or `overrides`, e.g. input.storage_options.key=...)."""
     data = read_record(output_uri).spec
-    for section in ("input", "output"):
-        data[section]["storage_options"] = {}
+    for section in ("input", "output", "cache"):
+        if data.get(section) is not None:
+            data[section]["storage_options"] = {}
     return spec_from_dict(apply_overrides(data, list(overrides)), source=f"{output_uri}/{RECORD}")
 
 

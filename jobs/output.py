@@ -93,6 +93,10 @@ class OutputDir:
             move(result.errors_url, self.url(paths.errors(shard)), self.storage_options)
         else:
             self.remove(paths.errors(shard))  # left by an earlier, uncommitted attempt
+        if result.filtered_url:
+            move(result.filtered_url, self.url(paths.filtered(shard)), self.storage_options)
+        else:
+            self.remove(paths.filtered(shard))
         move(result.data_url, self.url(paths.data(shard)), self.storage_options)
         record = {
             "shard": shard,
@@ -102,6 +106,9 @@ class OutputDir:
             "errors": paths.errors(shard) if result.errors_url else None,
             "rows_done": result.samples_ok,
             "rows_failed": result.samples_failed,
+            "rows_cached": result.samples_cached,
+            "rows_filtered": result.samples_filtered,
+            "filtered": paths.filtered(shard) if result.filtered_url else None,
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
             **extra,

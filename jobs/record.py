@@ -72,6 +72,8 @@ class Counts:
     rows_total: int = 0  # input_rows * num_return_sequences
     rows_done: int = 0  # in data/
     rows_failed: int = 0  # in errors/
+    rows_cached: int = 0  # of rows_done, taken from the row cache (cache.uri) instead of generated
+    rows_filtered: int = 0  # in filtered/: generated, then dropped by a quality filter
     shards_total: int = 0
     shards_committed: int = 0
     shards_retried: int = 0  # attempts that had to be redone
@@ -199,12 +201,16 @@ def _user() -> str:
 def format_status(record: JobRecord, uri: str) -> str:
     """Human-readable summary for `bulkgen status`."""
     c = record.counts
-    pct = 100.0 * (c.rows_done + c.rows_failed) / c.rows_total if c.rows_total else 0.0
+    handled = c.rows_done + c.rows_failed + c.rows_filtered
+    pct = 100.0 * handled / c.rows_total if c.rows_total else 0.0
     lines = [
         f"job:      {record.name or '(unnamed)'}  [{record.fingerprint}]",
         f"output:   {uri}",
         f"state:    {record.state.value}",
-        f"rows:     {c.rows_done + c.rows_failed}/{c.rows_total} ({pct:.1f}%)  done {c.rows_done}  failed {c.rows_failed}",
+        f"rows:     {handled}/{c.rows_total} ({pct:.1f}%)  done {c.rows_done}"
+        + (f" ({c.rows_done - c.rows_cached} generated, {c.rows_cached} from the cache)" if c.rows_cached else "")
+        + f"  failed {c.rows_failed}"
+        + (f"  filtered {c.rows_filtered}" if c.rows_filtered else ""),
         f"shards:   {c.shards_committed}/{c.shards_total} committed  ({c.shards_retried} retried)",
         f"tokens:   {c.prompt_tokens} prompt, {c.completion_tokens} generated",
         f"updated:  {record.updated_at}",

@@ -78,21 +78,41 @@ class RunLog(logging.Handler):
     # -- attaching -----------------------------------------------------------------
 
     def __enter__(self) -> RunLog:
-        """Start collecting: on the root logger, with our loggers at INFO at least
-        (the console keeps the level the user asked for: its handler filters)."""
+        """Start collecting: on the root logger, with our loggers lowered to INFO. The
+        other handlers (the console's) are given a filter that drops what the levels
+        before would have dropped, so they show what they showed."""
+        root = logging.getLogger()
+        shown_from = {name: logging.getLogger(name).getEffectiveLevel() for name in OURS}
+        self._quiet = _ShownFrom(shown_from)
+        self._handlers = [h for h in root.handlers if h is not self]
+        for handler in self._handlers:
+            handler.addFilter(self._quiet)
         for name in OURS:
             logger = logging.getLogger(name)
             self._levels[name] = logger.level
             if logger.getEffectiveLevel() > logging.INFO:
                 logger.setLevel(logging.INFO)
-        logging.getLogger().addHandler(self)
+        root.addHandler(self)
         return self
 
     def __exit__(self, *exc) -> None:
         logging.getLogger().removeHandler(self)
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
+        for handler in self._handlers:
+            handler.removeFilter(self._quiet)
         self.copy()
+
+
+class _ShownFrom(logging.Filter):
+    """Drops our loggers' records below the level each logger had before the run."""
+
+    def __init__(self, levels: dict[str, int]):
+        super().__init__()
+        self.levels = levels
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.levels.get(record.name.split(".", 1)[0], logging.NOTSET)
 
 
 def print_run_log(output_uri: str, run: int | None = None, follow: bool = False, poll_s: float = 2.0) -> None:

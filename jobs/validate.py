@@ -18,13 +18,13 @@ import numpy as np
 
 from jobs import preflight
 from jobs.core import storage
-from jobs.core.errors import OutputError
+from jobs.core.errors import InputError, OutputError
 from jobs.core.model import load_tokenizer
 from jobs.core.plan import Shard, plan, rows_per_shard
 from jobs.core.prompts import RowError, build_prompt
 from jobs.core.rows import read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
-from jobs.dataset import check_unique_ids, glob_root, is_glob, open_dataset
+from jobs.dataset import check_unique_ids, glob_root, is_glob, is_text, open_dataset
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Validated:
     model: dict  # identity: path, revision, dtype, weights hash
     context: int | None
     rows_per_shard: int  # shards.rows_per_shard, `auto` decided
+    output_rows: int  # (id, sample_index) rows the job writes: a batch request asks for its own n
 
 
 def validate(spec: JobSpec) -> Validated:
@@ -46,13 +47,29 @@ def check_input_and_model(spec: JobSpec) -> Validated:
     """The checks after the output is known usable (`run` claims it in between, to record a failure)."""
     dataset = open_dataset(spec.input)
     check_unique_ids(spec.input, dataset)
+    check_reference_column(spec, dataset.schema)
     preflight.check_engine(spec)
     preflight.check_model_source(spec)
     context = preflight.check_model_loadable(spec)
     preflight.check_tokenizer(spec, load_tokenizer(spec.model))
     per_shard = rows_per_shard(spec.shards.rows_per_shard, dataset.num_rows)
     shards = plan(dataset.files, per_shard)
-    return Validated(shards, dataset.num_rows, preflight.model_identity(spec), context, per_shard)
+    output_rows = dataset.output_rows(spec.generation.num_return_sequences)
+    return Validated(shards, dataset.num_rows, preflight.model_identity(spec), context, per_shard, output_rows)
+
+
+def check_reference_column(spec: JobSpec, schema) -> None:
+    """evaluation.reference_column must be a text column of the input."""
+    column = spec.evaluation.reference_column if spec.evaluation is not None else None
+    if column is None:
+        return
+    if column not in schema.names:
+        raise InputError(
+            f"evaluation.reference_column names column {column!r}, which the input does not have; "
+            f"its columns are {sorted(schema.names)}"
+        )
+    if not is_text(schema.field(column).type):
+        raise InputError(f"evaluation.reference_column {column!r} has type {schema.field(column).type}; expected text")
 
 
 def check_output_usable(spec: JobSpec) -> None:
@@ -66,6 +83,21 @@ def check_output_usable(spec: JobSpec) -> None:
         if not fs.isdir(path):
             _check_creatable(fs, path, uri)
     check_output_apart(spec)
+    check_cache_usable(spec)
+
+
+def check_cache_usable(spec: JobSpec) -> None:
+    """A row cache must be a directory (or nothing yet: its first entry creates it) that
+    every replica can reach."""
+    if spec.cache is None:
+        return
+    uri = spec.cache.uri
+    with storage.reaching("cache.uri", uri, OutputError):
+        fs, path = fsspec.core.url_to_fs(uri, **spec.cache.storage_options)
+        if fs.isfile(path):
+            raise OutputError(f"cache.uri {uri!r} is a file; give a directory")
+    if storage.process_local(uri, spec.cache.storage_options):
+        raise OutputError(f"cache.uri {uri!r}: memory:// lives in one process, and replicas run in others")
 
 
 def check_output_apart(spec: JobSpec) -> None:

@@ -61,7 +61,7 @@ def job_dict(input_uri: str, output_uri: str, model: Path, **sections) -> dict:
         "input": {"uri": input_uri, "prompt_column": "prompt", "id_column": "id", "pass_through": ["topic"]},
         "model": {"path": str(model), "engine": "transformers"},  # vLLM's own tests ask for it
         "generation": {"max_new_tokens": 8},
-        "output": {"uri": output_uri},
+        "output": {"uri": output_uri, "report": False},  # tests of the report ask for it (a second each)
         "resources": {"replicas": 1, "batch_size": 8, "num_cpus": 1},
         "shards": {"rows_per_shard": 10},
     }

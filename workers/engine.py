@@ -51,6 +51,9 @@ class Request:
     prompt_ids: tuple[int, ...]
     seed: int  # seeds this sequence's own generator
     max_new_tokens: int  # may be below the job's, where the context is short
+    # This sequence's own sampling (a batch request's temperature, top_p, stop, ...);
+    # None: the engine's job-wide parameters.
+    params: SamplingParams | None = None
 
 
 @dataclass(frozen=True)

@@ -9,19 +9,24 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 
 import pyarrow as pa
 
-from jobs.core import faults
+from jobs.core import faults, openai_batch
+from jobs.core.cache import Entry
+from jobs.core.dedupe import index_name
 from jobs.core.metrics import job_name
 from jobs.core.prompts import GENERATION_ERROR, RowError, build_prompt, max_new_tokens
 from jobs.core.protocol import ShardResult, ShardTask, TaskKind, row_seed
-from jobs.core.rows import METADATA_KEY, id_name, input_columns, read_shard_rows, row_ids
+from jobs.core.rows import METADATA_KEY, extra_columns, id_name, input_columns, is_batch, read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
 from jobs.core.times import now
 from workers import shard_io
-from workers.engine import Request, create_engine
+from workers.engine import Request, SamplingParams, create_engine
 from workers.engine_loop import EngineLoop
+from workers.quality import Candidate, Evaluator, Filters
+from workers.row_cache import ReplicaCache
 
 
 class Replica:
@@ -32,11 +37,18 @@ class Replica:
         facts = json.dumps({**job_facts, **engine}, sort_keys=True)
         self.file_metadata = {METADATA_KEY.encode(): facts.encode()}  # Parquet schema metadata of every file
         self.loop = EngineLoop(self.engine, job_name(spec.name, spec.output.uri), spec.resources.batch_size)
+        self.cache = ReplicaCache(spec, job_facts.get("model", {}), self.engine.describe()) if spec.cache else None
+        self.evaluator = Evaluator(spec.evaluation) if spec.evaluation is not None else None
+        self.filters = Filters(spec.filters, _job_index(spec)) if spec.filters is not None else None
         self.loaded_at = now()
 
     def info(self) -> dict:
         """Facts about this replica for the job record (and for tests: its pid)."""
         return {"pid": os.getpid(), **self.engine.describe()}
+
+    def publish_cache(self, attempt: str) -> int:
+        """The driver committed this attempt: write its generated sequences to the row cache."""
+        return self.cache.publish(attempt) if self.cache else 0
 
     def run(self, task: ShardTask) -> ShardResult:
         """Generate one shard attempt and stage its files under _staging/."""
@@ -50,10 +62,14 @@ class Replica:
         return result
 
     def _process(self, task: ShardTask, started: float) -> ShardResult:
-        table = task.rows if task.rows is not None else read_shard_rows(self.spec.input, task.shard)
+        table = task.rows if task.rows is not None else read_shard_rows(self.spec.input, task.shard, extra_columns(self.spec))
         ids = row_ids(self.spec.input, task.shard, table)
-        n = self.spec.generation.num_return_sequences
-        out, err = self._generate(table.to_pylist(), ids, [range(n)] * len(ids))
+        rows, n = table.to_pylist(), self.spec.generation.num_return_sequences
+        if is_batch(self.spec.input):  # every request asks for its own number of samples
+            samples = [range(openai_batch.samples(row, n)) for row in rows]
+        else:
+            samples = [range(n)] * len(ids)
+        out, err = self._generate(rows, ids, samples)
         return self._stage(task, out, err, table.schema, started)
 
     def _retry_failed(self, task: ShardTask, started: float) -> ShardResult:
@@ -86,40 +102,75 @@ class Replica:
             except RowError as e:
                 failures[i] = e
 
-        stride = gen.num_return_sequences  # request key = row * stride + sample_index
+        # request key = row * stride + sample_index; a batch request may ask for more samples than the spec
+        stride = max((max(indices, default=0) + 1 for indices in samples), default=1)
+        job_params = SamplingParams.from_spec(gen)
         requests = [
-            Request(
-                key=i * stride + s,
-                prompt_ids=tuple(token_ids),
-                seed=row_seed(gen.seed, ids[i], s),
-                max_new_tokens=max_new_tokens(self.spec, rows[i], len(token_ids), context),
-            )
+            request
             for i, (_, token_ids) in prompts.items()
-            for s in samples[i]
+            for request in self._requests(i * stride, rows[i], ids[i], samples[i], token_ids, job_params)
         ]
-        completions = {c.key: c for c in self.loop.generate(requests)}
+        keys = self.cache.keys(requests, stride) if self.cache else {}
+        cached = self.cache.lookup(keys) if self.cache else {}
+        completions = {c.key: c for c in self.loop.generate([r for r in requests if r.key not in cached])}
 
         out, err = shard_io.OutputRows(), shard_io.OutputRows()
+        out.dropped = shard_io.OutputRows()
+        candidates: list[Candidate] = []  # generated (or cached) sequences, for the filters
+        finished: list[Entry] = []
         for i, row in enumerate(rows):
             for s in samples[i]:
                 if i in failures:
                     err.add(id=ids[i], sample_index=s, error_code=failures[i].code, error=str(failures[i]), row=row)
                     continue
-                c = completions[i * stride + s]
-                if c.error is not None:
-                    err.add(id=ids[i], sample_index=s, error_code=GENERATION_ERROR, error=c.error, row=row)
-                    continue
-                out.add(
-                    id=ids[i],
-                    sample_index=s,
-                    text=c.text,
-                    finish_reason=c.finish_reason,
-                    prompt_tokens=len(prompts[i][1]),
-                    completion_tokens=len(c.token_ids),
-                    prompt=prompts[i][0],
-                    row=row,
-                )
+                key = i * stride + s
+                done = cached.get(key)
+                if done is None:
+                    c = completions[key]
+                    if c.error is not None:
+                        err.add(id=ids[i], sample_index=s, error_code=GENERATION_ERROR, error=c.error, row=row)
+                        continue
+                    done = Entry(c.text, c.finish_reason, len(c.token_ids))
+                    if key in keys:
+                        out.fresh[keys[key]] = done
+                candidates.append(Candidate(i, s, done.text, prompts[i][0], done.completion_tokens))
+                finished.append(done)
+        if self.filters is not None:
+            self.filters.apply(candidates, [(ids[c.row_index], c.sample_index) for c in candidates])
+        for c, done in zip(candidates, finished):
+            i = c.row_index
+            scores = self.evaluator.scores(done.text, rows[i]) if self.evaluator is not None else {}
+            kept = c.dropped_by is None
+            out.cached += kept and (i * stride + c.sample_index) in cached  # of the rows in data/
+            (out if kept else out.dropped).add(
+                id=ids[i],
+                sample_index=c.sample_index,
+                text=done.text,
+                finish_reason=done.finish_reason,
+                prompt_tokens=len(prompts[i][1]),
+                completion_tokens=done.completion_tokens,
+                prompt=prompts[i][0],
+                row=rows[i],
+                **scores,
+                **({} if kept else {"filter": c.dropped_by}),
+            )
         return out, err
+
+    def _requests(self, first_key: int, row: dict, row_id, samples, token_ids, job_params: SamplingParams) -> list[Request]:
+        """A row's sequences (keys first_key + sample_index): the spec's settings, or those a batch request gives itself."""
+        gen, context = self.spec.generation, self.engine.context_length
+        seed, limit = gen.seed, max_new_tokens(self.spec, row, len(token_ids), context)
+        params = None
+        asked = openai_batch.request_of(row) if is_batch(self.spec.input) else None
+        if asked is not None:
+            seed = gen.seed if asked.seed is None else asked.seed  # replaces the job seed in row_seed
+            if asked.max_tokens is not None:  # overrides the spec's limit; the context still bounds it
+                limit = min(asked.max_tokens, context - len(token_ids)) if context else asked.max_tokens
+            own = replace(job_params, **asked.sampling)
+            params = own if own != job_params else None  # None: the engine's job-wide path
+        return [
+            Request(first_key + s, tuple(token_ids), row_seed(seed, row_id, s), limit, params) for s in samples
+        ]
 
     def _stage(
         self,
@@ -134,7 +185,11 @@ class Replica:
         if previous is not None:
             data = pa.concat_tables([previous.cast(data.schema), data])
         errors = shard_io.errors_table(self.spec, err, input_schema, self.file_metadata) if err.count else None
-        data_url, errors_url, inline = shard_io.stage(self.spec, task.shard.index, task.attempt, data, errors)
+        dropped = out.dropped
+        filtered = shard_io.filtered_table(self.spec, dropped, input_schema, self.file_metadata) if dropped.count else None
+        staged = shard_io.stage(self.spec, task.shard.index, task.attempt, data, errors, filtered)
+        if self.cache is not None and out.fresh:
+            self.cache.hold(task.attempt, out.fresh)
         return ShardResult(
             shard=task.shard.index,
             attempt=task.attempt,
@@ -143,8 +198,31 @@ class Replica:
             prompt_tokens=sum(data.column("prompt_tokens").to_pylist()),
             completion_tokens=sum(data.column("completion_tokens").to_pylist()),
             seconds=time.perf_counter() - started,
-            data_url=data_url,
-            errors_url=errors_url,
+            data_url=staged.data_url,
+            errors_url=staged.errors_url,
+            samples_cached=out.cached,
+            samples_filtered=dropped.count,
+            filtered_url=staged.filtered_url,
             replica={"pid": os.getpid(), "loaded_at": self.loaded_at, **self.loop.stats()},
-            inline_files=inline,
+            inline_files=staged.inline,
         )
+
+
+def _job_index(spec: JobSpec):
+    """The run's index of sequences for filters.deduplicate across the job (jobs/core/dedupe.py),
+    which the driver starts; None outside Ray (a bare Replica: duplicates within a row only)."""
+    import ray
+
+    if spec.filters.deduplicate == "none" or not ray.is_initialized():
+        return None
+    return _JobIndex(ray.get_actor(index_name(spec.fingerprint())))
+
+
+class _JobIndex:
+    def __init__(self, actor):
+        self.actor = actor
+
+    def check_and_add(self, items: list) -> list[bool]:
+        import ray
+
+        return ray.get(self.actor.check_and_add.remote(items))

@@ -3,6 +3,9 @@ repetition penalty, no-repeat n-grams, temperature, top-k, top-p, in that order.
 
 Every row samples from its own seeded generator, so a row's text depends on
 (job seed, row id, sample_index) only, never on its neighbours in the batch.
+A row whose request has its own parameters (a batch request's temperature,
+top_p, top_k) is chosen with those; every step picks the rows of one set of
+parameters together, and each row's choice reads only its own logits.
 """
 
 from __future__ import annotations
@@ -14,7 +17,22 @@ from workers.kv_batch import Row
 
 
 def next_tokens(p: SamplingParams, logits: torch.Tensor, rows: list[Row], seen: torch.Tensor | None) -> torch.Tensor:
-    """Pick each row's next token from its (V,) logits; (B, V) float logits in, (B,) token ids out."""
+    """Pick each row's next token from its (V,) logits, with its request's parameters or else `p`;
+    (B, V) float logits in, (B,) token ids out."""
+    groups: dict[SamplingParams, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.request.params or p, []).append(i)
+    if len(groups) == 1:  # the common case (no request of its own): the whole batch at once
+        return _next_tokens(next(iter(groups)), logits, rows, seen)
+    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    for params, members in groups.items():
+        index = torch.tensor(members, device=logits.device)
+        picked = _next_tokens(params, logits[index], [rows[i] for i in members], None if seen is None else seen[index])
+        tokens[index] = picked
+    return tokens
+
+
+def _next_tokens(p: SamplingParams, logits: torch.Tensor, rows: list[Row], seen: torch.Tensor | None) -> torch.Tensor:
     if seen is not None:
         penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
         logits = torch.where(seen, penalized, logits)

@@ -8,11 +8,13 @@ that storage.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 from jobs.core import storage
 from jobs.core.layout import OutputLayout
-from jobs.core.rows import data_fields, error_fields
+from jobs.core.rows import data_fields, error_fields, filtered_fields
 from jobs.core.spec import JobSpec
 
 
@@ -23,6 +25,9 @@ class OutputRows:
         self.columns: dict[str, list] = {}
         self.count = 0
         self._rows: list[dict] = []
+        self.cached = 0  # rows taken from the row cache
+        self.dropped: OutputRows | None = None  # data rows a filter dropped, for filtered/
+        self.fresh: dict = {}  # cache key -> jobs.core.cache.Entry: generated, for the cache once committed
 
     def add(self, *, id, row: dict, **values) -> None:
         self._rows.append(row)
@@ -44,32 +49,46 @@ class OutputRows:
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=metadata))
 
 
+@dataclass(frozen=True)
+class Staged:
+    data_url: str
+    errors_url: str | None
+    filtered_url: str | None
+    inline: dict[str, bytes] | None  # bytes by URL, for the driver to write (process-local output)
+
+
 def stage(
     spec: JobSpec,
     shard: int,
     attempt: str,
     data: pa.Table,
     errors: pa.Table | None,
-) -> tuple[str, str | None, dict[str, bytes] | None]:
-    """Write an attempt's files under _staging/; returns (data url, errors url, inline files).
-
-    Inline files (bytes by URL) are returned instead of written when the
-    output is process-local."""
+    filtered: pa.Table | None = None,
+) -> Staged:
+    """Write an attempt's files under _staging/. Their bytes are returned instead of
+    written when the output is process-local."""
     layout = OutputLayout(spec.output.uri)
     data_url = layout.url(layout.staged_data(shard, attempt))
     errors_url = layout.url(layout.staged_errors(shard, attempt)) if errors is not None else None
+    filtered_url = layout.url(layout.staged_filtered(shard, attempt)) if filtered is not None else None
     staged = {data_url: storage.parquet_bytes(data)}
     if errors is not None:
         staged[errors_url] = storage.parquet_bytes(errors)
+    if filtered is not None:
+        staged[filtered_url] = storage.parquet_bytes(filtered)
     if storage.process_local(spec.output.uri, spec.output.storage_options):
-        return data_url, errors_url, staged
+        return Staged(data_url, errors_url, filtered_url, staged)
     for url, payload in staged.items():
         storage.write_bytes(url, payload, spec.output.storage_options)
-    return data_url, errors_url, None
+    return Staged(data_url, errors_url, filtered_url, None)
 
 
 def data_table(spec: JobSpec, rows: OutputRows, input_schema: pa.Schema, metadata: dict[bytes, bytes]) -> pa.Table:
     return rows.to_table(data_fields(spec, input_schema), metadata)
+
+
+def filtered_table(spec: JobSpec, rows: OutputRows, input_schema: pa.Schema, metadata: dict[bytes, bytes]) -> pa.Table:
+    return rows.to_table(filtered_fields(spec, input_schema), metadata)
 
 
 def errors_table(spec: JobSpec, rows: OutputRows, input_schema: pa.Schema, metadata: dict[bytes, bytes]) -> pa.Table:

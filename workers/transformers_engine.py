@@ -55,9 +55,7 @@ class TransformersEngine:
         self.device = model.device
         self.pad_id = _pad_id(model, tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
-        # Stop strings are found in the decoded tail of each sequence; a byte-level
-        # token can be a quarter of a character, hence the factor 4.
-        self.stop_window = 4 * max((len(s) for s in params.stop), default=0) + 4
+        self.stop_window = _stop_window(params.stop)
         self.context_length = context_length(model.config)
         self.waiting: deque[Request] = deque()
         self.running: Batch | None = None
@@ -65,7 +63,8 @@ class TransformersEngine:
         self.prefill_pad_limit = PREFILL_PAD_LIMIT
         self._healthy_batch_size = batch_size  # restored once a failing sequence is isolated
         # Token positions pushed through the model: real ones, and with padding.
-        self.counters = {"forward_tokens": 0, "padded_tokens": 0, "prefill_positions": 0, "steps": 0}
+        # generated_tokens: of finished sequences, as vLLM's engine counts them (the row cache's test reads it).
+        self.counters = {"forward_tokens": 0, "padded_tokens": 0, "prefill_positions": 0, "steps": 0, "generated_tokens": 0}
 
     @classmethod
     def from_spec(cls, spec) -> TransformersEngine:
@@ -262,16 +261,19 @@ class TransformersEngine:
             return
         row.tokens.append(token)
         sampling.note_ngram(row, self.params.no_repeat_ngram_size)
-        if self.params.stop:
-            tail = self.tokenizer.decode(row.tokens[-self.stop_window :], skip_special_tokens=True)
-            if any(s in tail for s in self.params.stop):
+        stop = (row.request.params or self.params).stop
+        if stop:
+            window = self.stop_window if row.request.params is None else _stop_window(stop)
+            tail = self.tokenizer.decode(row.tokens[-window:], skip_special_tokens=True)
+            if any(s in tail for s in stop):
                 row.finish_reason = "stop"
                 return
         if len(row.tokens) >= row.request.max_new_tokens:
             row.finish_reason = "length"
 
     def _completion(self, row: Row) -> Completion:
-        text = completion_text(self.tokenizer, row.tokens, self.params.stop)
+        self.counters["generated_tokens"] += len(row.tokens)
+        text = completion_text(self.tokenizer, row.tokens, (row.request.params or self.params).stop)
         return Completion(row.request.key, tuple(row.tokens), text, row.finish_reason or "length")
 
     # -- failures ----------------------------------------------------------------------
@@ -304,6 +306,12 @@ class TransformersEngine:
             self.batch_size,
         )
         self.waiting.extendleft(reversed(suspects))
+
+
+def _stop_window(stop: tuple[str, ...]) -> int:
+    # Stop strings are found in the decoded tail of each sequence; a byte-level
+    # token can be a quarter of a character, hence the factor 4.
+    return 4 * max((len(s) for s in stop), default=0) + 4
 
 
 def _is_oom(e: Exception) -> bool:

@@ -101,7 +101,7 @@ class VllmEngine:
         finished = []
         for out in outputs:
             if out.finished:
-                finished.append(self._completion(self._pending.pop(out.request_id).key, out.outputs[0]))
+                finished.append(self._completion(self._pending.pop(out.request_id), out.outputs[0]))
         return finished
 
     def abort_all(self) -> list[Request]:
@@ -139,7 +139,7 @@ class VllmEngine:
     def _params(self, r: Request):
         from vllm import SamplingParams as VllmSamplingParams
 
-        p = self.params
+        p = r.params or self.params
         return VllmSamplingParams(
             n=1,
             max_tokens=r.max_new_tokens,
@@ -152,7 +152,8 @@ class VllmEngine:
             skip_special_tokens=True,
         )
 
-    def _completion(self, key, out) -> Completion:
+    def _completion(self, request: Request, out) -> Completion:
+        key, stop = request.key, (request.params or self.params).stop
         tokens = tuple(out.token_ids)
         self.counters["generated_tokens"] += len(tokens)
         # Our contract counts no end-of-sequence token; vLLM keeps the one it stopped on.
@@ -164,7 +165,7 @@ class VllmEngine:
             return Completion(key, (), "", "error", f"vLLM ended the sequence: {out.finish_reason}")
         # Our own decoding, not vLLM's incremental text (which ends a cut character
         # with a replacement mark): the same tokens give the same text on either engine.
-        return Completion(key, tokens, completion_text(self.tokenizer, tokens, self.params.stop), out.finish_reason)
+        return Completion(key, tokens, completion_text(self.tokenizer, tokens, stop), out.finish_reason)
 
 
 def engine_args(spec) -> dict:

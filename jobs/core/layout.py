@@ -8,8 +8,12 @@
     _manifest.json             all commit records, written at the end
     _staging/part-NNNNN/ATTEMPT/{data,errors}.parquet  an attempt's files before commit
     _logs/run-N.log            the driver's log of run N
-    _report/                   the job's report
+    _report/index.html         the job's report, one self-contained page (jobs/report/)
+    _report/report.md          the same content as Markdown, beside its figures
+    _report/figures/NAME.png   the report's figures
     _CANCEL                    a cancel request, polled by the driver
+    output.jsonl, errors.jsonl with output.format openai-batch: one line per request, as the
+                               providers' batch output and error files (jobs/batch_output.py)
     _SUCCESS                   written last, only when the job succeeded
 
 Names starting with `_` or `.` are not data (the convention of Spark and
@@ -30,10 +34,14 @@ COMMITS = "_commits"
 STAGING = "_staging"
 LOGS = "_logs"
 REPORT = "_report"
+REPORT_HTML, REPORT_MARKDOWN, REPORT_FIGURES = "index.html", "report.md", "figures"
 DATA, ERRORS, FILTERED = "data", "errors", "filtered"
+BATCH_OUTPUT, BATCH_ERRORS = "output.jsonl", "errors.jsonl"
 
 # What `--overwrite` deletes: everything a job writes, and nothing else.
-JOB_ENTRIES = (SUCCESS, MANIFEST, COMMITS, DATA, ERRORS, FILTERED, STAGING, REPORT, LOGS, CANCEL, RECORD)
+JOB_ENTRIES = (
+    SUCCESS, MANIFEST, BATCH_OUTPUT, BATCH_ERRORS, COMMITS, DATA, ERRORS, FILTERED, STAGING, REPORT, LOGS, CANCEL, RECORD
+)
 
 
 @dataclass(frozen=True)
@@ -79,5 +87,25 @@ class OutputLayout:
         return f"{OutputLayout.staging(shard, attempt)}/errors.parquet"
 
     @staticmethod
+    def staged_filtered(shard: int, attempt: str) -> str:
+        return f"{OutputLayout.staging(shard, attempt)}/filtered.parquet"
+
+    @staticmethod
     def run_log(run: int) -> str:
         return f"{LOGS}/run-{run}.log"
+
+    @staticmethod
+    def report_html() -> str:
+        return f"{REPORT}/{REPORT_HTML}"
+
+    @staticmethod
+    def report_markdown() -> str:
+        return f"{REPORT}/{REPORT_MARKDOWN}"
+
+    @staticmethod
+    def report_figures() -> str:
+        return f"{REPORT}/{REPORT_FIGURES}"
+
+    @staticmethod
+    def report_figure(name: str) -> str:
+        return f"{OutputLayout.report_figures()}/{name}.png"

@@ -66,6 +66,10 @@ def tokenize_prompt(spec: InputSpec, text: str, tokenizer) -> list[int]:
 
 def build_prompt(spec: InputSpec, row: dict[str, Any], tokenizer, context: int | None) -> tuple[str, list[int]]:
     """(prompt text, token ids) for `row`, or RowError; the prompt must leave room for one new token."""
+    if spec.format == "openai-batch":  # chat or completion, decided by each line
+        from jobs.core import openai_batch  # which imports this module
+
+        return openai_batch.build_prompt(row, tokenizer, context)
     text = render_prompt(spec, row, tokenizer)
     token_ids = tokenize_prompt(spec, text, tokenizer)
     if context and len(token_ids) >= context:

@@ -43,6 +43,9 @@ class ShardResult:
     seconds: float
     data_url: str
     errors_url: str | None
+    samples_cached: int = 0  # of samples_ok, taken from the row cache instead of generated
+    samples_filtered: int = 0  # generated, then dropped by a quality filter (filters:)
+    filtered_url: str | None = None
     # The replica's engine counters (cumulative over the replica's life) and
     # its pid: the driver keeps the latest per replica in the job record.
     replica: dict = field(default_factory=dict)

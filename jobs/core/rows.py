@@ -3,12 +3,22 @@
 A row's id is the spec's `id_column` when given (checked unique), else
 '<file relative to the input root>:<row index>'. With num_return_sequences
 = n, each id yields n rows, sample_index 0..n-1, across data/ and errors/.
+
+An OpenAI batch file (input.format openai-batch) has a row per non-blank
+line, its id the line's custom_id (checked unique; a line whose custom_id
+cannot be read gets the derived id), and n is per row: the request's own n
+(jobs/core/openai_batch.py). Its rows hold custom_id, line (1-based, for
+messages), url and the request as written, so a dead letter holds all it
+needs to be generated again.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import fsspec
 import pyarrow as pa
 
 from jobs.core import storage
@@ -33,7 +43,21 @@ ERROR_FIELDS = (
     pa.field("error_code", pa.string()),
     pa.field("error", pa.string()),
 )
-WRITTEN_COLUMNS = frozenset(f.name for f in (*GENERATED, PROMPT, *ERROR_FIELDS))
+# evaluation: sentence scores against the row's reference (sacreBLEU, rouge-score F-measures).
+EVALUATION_FIELDS = [pa.field(name, pa.float64()) for name in ("bleu", "chrf", "rouge1", "rouge2", "rougeL")]
+FILTER = pa.field("filter", pa.string())  # filtered/: the filter that dropped the row
+WRITTEN_COLUMNS = frozenset(f.name for f in (*GENERATED, PROMPT, *ERROR_FIELDS, *EVALUATION_FIELDS, FILTER))
+
+OPENAI_BATCH = "openai-batch"  # the value of input.format and output.format (jobs/core/spec.py)
+BATCH_ID = "custom_id"
+# The input columns of a batch file's rows.
+BATCH_FIELDS = (
+    pa.field(BATCH_ID, pa.string()),
+    pa.field("line", pa.int64()),
+    pa.field("url", pa.string()),
+    pa.field("request", pa.string()),
+)
+BATCH_CARRIED = ("url",)  # copied to data/: output.jsonl answers a chat or a completion by it
 
 
 def derived_id(relpath: str, index: int) -> str:
@@ -42,6 +66,10 @@ def derived_id(relpath: str, index: int) -> str:
 
 def id_name(spec: InputSpec) -> str:
     return spec.id_column or DERIVED_ID
+
+
+def is_batch(spec: InputSpec) -> bool:
+    return spec.format == OPENAI_BATCH
 
 
 def row_ids(spec: InputSpec, shard: Shard, table: pa.Table) -> list:
@@ -53,15 +81,31 @@ def row_ids(spec: InputSpec, shard: Shard, table: pa.Table) -> list:
 
 def input_columns(spec: InputSpec) -> list[str]:
     """The input columns a job reads: id, prompt sources, pass-through, per-row limits."""
+    if is_batch(spec):
+        return [f.name for f in BATCH_FIELDS]
     columns = [spec.id_column] if spec.id_column else []
     columns += [*spec.source_columns(), *spec.pass_through]
     columns += [spec.max_new_tokens_column] if spec.max_new_tokens_column else []
     return list(dict.fromkeys(columns))  # unique, in order
 
 
-def read_shard_rows(spec: InputSpec, shard: Shard) -> pa.Table:
-    """The input columns the job uses, for the shard's row range."""
-    return storage.read_row_range(shard.url, spec.storage_options, shard.start, shard.stop, input_columns(spec))
+def read_shard_rows(spec: InputSpec, shard: Shard, extra_columns: tuple[str, ...] = ()) -> pa.Table:
+    """The input columns the job uses (and `extra_columns`: references), for the shard's row range."""
+    if is_batch(spec):
+        return read_batch_rows(shard.url, spec.storage_options, shard.relpath, shard.start, shard.stop)
+    columns = input_columns(spec)
+    columns += [c for c in extra_columns if c not in columns]
+    return storage.read_row_range(shard.url, spec.storage_options, shard.start, shard.stop, columns)
+
+
+def extra_columns(spec: JobSpec) -> tuple[str, ...]:
+    """Input columns read beside the input's own: the evaluation's references."""
+    return (spec.evaluation.reference_column,) if spec.evaluation is not None else ()
+
+
+def carried_columns(spec: InputSpec) -> tuple[str, ...]:
+    """Input columns copied to every output row."""
+    return spec.pass_through + (BATCH_CARRIED if is_batch(spec) else ())
 
 
 def id_field(spec: InputSpec, input_schema: pa.Schema) -> pa.Field:
@@ -69,11 +113,21 @@ def id_field(spec: InputSpec, input_schema: pa.Schema) -> pa.Field:
 
 
 def data_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
-    """Columns of data/: id, generated columns, prompt (optional), pass-through."""
+    """Columns of data/: id, generated columns, prompt (optional), scores (evaluation), pass-through."""
     fields = [id_field(spec.input, input_schema), *GENERATED]
     if spec.output.include_prompt:
         fields.append(PROMPT)
-    return fields + [input_schema.field(c) for c in spec.input.pass_through]
+    carried = list(carried_columns(spec.input))
+    if spec.evaluation is not None:
+        fields += EVALUATION_FIELDS
+        if spec.evaluation.reference_column not in carried:  # the report's corpus scores need it
+            carried.append(spec.evaluation.reference_column)
+    return fields + [input_schema.field(c) for c in carried]
+
+
+def filtered_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
+    """Columns of filtered/: those of data/ and the name of the filter that dropped the row."""
+    return [*data_fields(spec, input_schema), FILTER]
 
 
 def error_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
@@ -82,3 +136,61 @@ def error_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
     first = id_field(spec.input, input_schema)
     rest = [input_schema.field(c) for c in input_columns(spec.input) if c != first.name]
     return [first, *ERROR_FIELDS, *rest]
+
+
+# -- batch files: rows are lines --------------------------------------------------------
+
+
+def iter_batch_lines(url: str, storage_options: dict, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, str]]:
+    """(row index, 1-based line number, text) of a batch file's rows [start, stop): its non-blank lines,
+    as vLLM's run-batch counts them. Streams the file up to `stop`; nothing after it is read."""
+    with fsspec.open(url, "rb", **storage_options) as f:
+        index = 0
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            if stop is not None and index >= stop:
+                return
+            if index >= start:
+                yield index, number, raw.decode("utf-8", errors="replace").strip()
+            index += 1
+
+
+def custom_id_of(text: str) -> str | None:
+    """A line's custom_id, when it has a readable one (a non-empty string)."""
+    return _readable_custom_id(_json_object(text))
+
+
+def batch_row(relpath: str, index: int, line: int, text: str) -> dict:
+    """A batch line as a row; its id is its custom_id, or the derived id when it has none."""
+    doc = _json_object(text)
+    url = doc.get("url")
+    return {
+        BATCH_ID: _readable_custom_id(doc) or derived_id(relpath, index),
+        "line": line,
+        "url": url if isinstance(url, str) else None,
+        "request": text,
+    }
+
+
+def _readable_custom_id(doc: dict) -> str | None:
+    custom_id = doc.get(BATCH_ID)
+    return custom_id if isinstance(custom_id, str) and custom_id else None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def read_batch_rows(url: str, storage_options: dict, relpath: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a batch file, as a table of BATCH_FIELDS."""
+
+    def read() -> list[dict]:
+        return [batch_row(relpath, i, line, text) for i, line, text in iter_batch_lines(url, storage_options, start, stop)]
+
+    rows = storage.with_retries(read, f"reading lines of rows {start}:{stop} of {url}")
+    return pa.Table.from_pylist(rows, schema=pa.schema(BATCH_FIELDS))

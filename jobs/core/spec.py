@@ -33,6 +33,13 @@ class _Section(BaseModel):
 class InputSpec(_Section):
     uri: str = Field(description="A Parquet file, a directory of them, or a glob; any fsspec protocol.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec for the input.")
+    format: Literal["parquet", "openai-batch"] = Field(
+        "parquet",
+        description="`openai-batch`: OpenAI batch JSONL files (a file, a directory of `*.jsonl`, or a glob), one "
+        "request a line; ids are the custom_ids, prompts and per-request settings come from each line's body, so "
+        "no prompt or id field is given. Default: openai-batch for a uri ending in .jsonl when no prompt field is "
+        "given, else parquet.",
+    )
     prompt_column: str | None = Field(None, description="Column holding the prompt text.")
     prompt_template: str | None = Field(
         None, description='Python format string over the row\'s columns, e.g. "Write a {style} poem about {topic}".'
@@ -48,8 +55,32 @@ class InputSpec(_Section):
         None, description="Integer column with a per-row limit on new tokens (capped by generation.max_new_tokens)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_format(cls, data: Any) -> Any:
+        # A .jsonl input that names no prompt column is a batch file; a batch file's ids are its custom_ids.
+        if isinstance(data, dict):
+            sources = ("prompt_column", "prompt_template", "messages_column")
+            batch = data.get("format") == "openai-batch" or (
+                data.get("format") is None
+                and str(data.get("uri", "")).endswith(".jsonl")
+                and not any(data.get(name) is not None for name in sources)
+            )
+            data = {**data, "format": "openai-batch" if batch else data.get("format") or "parquet"}
+            if batch:
+                data.setdefault("id_column", "custom_id")
+        return data
+
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSpec:
+        if self.format == "openai-batch":
+            given = [n for n in ("prompt_column", "prompt_template", "messages_column", "max_new_tokens_column")
+                     if getattr(self, n) is not None] + (["pass_through"] if self.pass_through else [])  # fmt: skip
+            if given:
+                raise ValueError(f"an openai-batch input takes prompts and settings from each line's body; drop {given}")
+            if self.id_column != "custom_id":
+                raise ValueError(f"an openai-batch input's ids are its custom_ids; drop id_column {self.id_column!r}")
+            return self
         given = [n for n in ("prompt_column", "prompt_template", "messages_column") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(
@@ -128,6 +159,17 @@ class OutputSpec(_Section):
     uri: str = Field(description="Directory for data/, errors/, _job.json, _manifest.json, _SUCCESS.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec for the output.")
     include_prompt: bool = Field(False, description="Add the rendered prompt as a `prompt` column.")
+    format: Literal["parquet", "openai-batch"] = Field(
+        "parquet",
+        description="`openai-batch`: at the end, also write output.jsonl and errors.jsonl, one line per request "
+        "shaped like the providers' batch output and error files (bodies are chat completion or completion "
+        "objects with all n choices and usage); data/ and errors/ are written as always.",
+    )
+    report: bool = Field(
+        True,
+        description="Write the job's report (_report/index.html, report.md, figures) as the job ends, succeeded or "
+        "failed; `bulkgen report` builds it at any time.",
+    )
 
 
 @dataclass(frozen=True)
@@ -191,6 +233,11 @@ class ReplicaCount:
         )
 
 
+class CacheSpec(_Section):
+    uri: str = Field(description="Where generated rows are kept for later jobs (any fsspec URL); see the README's cache.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec for the cache.")
+
+
 class ResourcesSpec(_Section):
     replicas: ReplicaCount = Field(
         "auto",
@@ -222,6 +269,40 @@ class ShardsSpec(_Section):
     )
 
 
+class EvaluationSpec(_Section):
+    reference_column: str = Field(
+        description="Input column with each row's reference text: sentence BLEU and chrF (sacreBLEU) and "
+        "ROUGE-1/2/L (rouge-score) per row in data/, corpus scores in the report."
+    )
+
+
+class FiltersSpec(_Section):
+    """Quality gates: a sequence a filter drops goes to filtered/ with the filter's name."""
+
+    min_completion_tokens: int | None = Field(None, ge=0, description="Drop shorter completions.")
+    max_completion_tokens: int | None = Field(None, ge=0, description="Drop longer completions.")
+    must_match: str | None = Field(None, description="A regular expression a completion must contain.")
+    must_not_match: str | None = Field(None, description="A regular expression a completion must not contain.")
+    drop_empty: bool = Field(True, description="Drop completions that are empty or only whitespace.")
+    drop_prompt_echo: bool = Field(True, description="Drop completions the prompt already contains.")
+    deduplicate: Literal["none", "exact", "near"] = Field(
+        "near",
+        description="Drop repeats among a row's samples and across the job: `exact` (same words), "
+        "`near` (MinHash of word 3-grams at near_duplicate_threshold), or `none`. The first one seen stays.",
+    )
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity of a near duplicate.")
+
+    @field_validator("must_match", "must_not_match")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"not a regular expression: {e}") from None
+        return pattern
+
+
 class JobSpec(_Section):
     name: str | None = Field(None, description="A label shown in the record and the progress bar.")
     input: InputSpec
@@ -229,6 +310,9 @@ class JobSpec(_Section):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     output: OutputSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    cache: CacheSpec | None = Field(None, description="A row cache shared across jobs (nightly runs).")
+    evaluation: EvaluationSpec | None = Field(None, description="Scores against reference texts.")
+    filters: FiltersSpec | None = Field(None, description="Quality gates for augmentation data.")
     shards: ShardsSpec = Field(default_factory=ShardsSpec)
 
     @model_validator(mode="after")
@@ -255,9 +339,10 @@ class JobSpec(_Section):
             exclude={
                 "name": True,
                 "input": {"storage_options"},
-                "output": {"storage_options", "uri"},
+                "output": {"storage_options", "uri", "report"},  # the report is about the rows, not of them
                 "model": {"engine_options"},  # tuning knobs (memory, compilation), like resources
                 "resources": True,
+                "cache": True,  # a hit is the row a miss would generate: a cache changes no output
                 "shards": {"max_attempts", "max_failed_fraction"},
             },
         )
@@ -266,8 +351,9 @@ class JobSpec(_Section):
     def redacted(self) -> dict[str, Any]:
         """The spec as JSON with storage option values hidden (credentials live there)."""
         data = self.model_dump(mode="json")
-        for section in ("input", "output"):
-            data[section]["storage_options"] = {k: "<redacted>" for k in data[section]["storage_options"]}
+        for section in ("input", "output", "cache"):
+            if data.get(section) is not None:
+                data[section]["storage_options"] = {k: "<redacted>" for k in data[section]["storage_options"]}
         return data
 
 
@@ -365,13 +451,18 @@ def reference_markdown() -> str:
     """The spec reference table in the README, generated from the field docs above."""
     lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
     for section_name, section in JobSpec.model_fields.items():
-        model = section.annotation
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        # An optional section (cache) is documented by its fields, like the others.
+        model = next((a for a in (section.annotation, *getattr(section.annotation, "__args__", ())) if _is_section(a)), None)
+        if model is None:
             lines.append(_reference_row(section_name, section))
             continue
         for name, f in model.model_fields.items():
             lines.append(_reference_row(f"{section_name}.{name}", f))
     return "\n".join(lines)
+
+
+def _is_section(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _reference_row(path: str, f) -> str:
@@ -382,6 +473,12 @@ def _reference_row(path: str, f) -> str:
         kind = "list of str"
     elif hasattr(f.annotation, "reference_kind"):
         kind = f.annotation.reference_kind
+    elif any(getattr(c, "__origin__", None) is Literal for c in choices):  # e.g. int or `auto`
+        kind = " or ".join(
+            " or ".join(f"`{v}`" for v in c.__args__) if getattr(c, "__origin__", None) is Literal
+            else (c.__origin__ if hasattr(c, "__metadata__") else c).__name__  # Annotated[int, ...]: int
+            for c in choices
+        )  # fmt: skip
     else:
         kind = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
         kind = kind.replace(" | ", " or ").replace("NoneType", "None")

@@ -90,13 +90,13 @@ def check_output(
     id_column: str = "id",
 ) -> Checked:
     """The exactly-once check: every (id, sample_index) of the input appears exactly once
-    across data/ and errors/, nothing but part-NNNNN.parquet lives there, every file
+    across data/, errors/ and filtered/, nothing but part-NNNNN.parquet lives there, every file
     reads whole, and _SUCCESS is there iff the record says succeeded."""
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     root = root.rstrip("/")
     fs.invalidate_cache()
     files = sorted(posixpath.relpath(p, root) for p in fs.find(root))
-    rows: dict[str, list[dict]] = {"data": [], "errors": []}
+    rows: dict[str, list[dict]] = {"data": [], "errors": [], "filtered": []}
     for rel in files:
         top, _, name = rel.partition("/")
         if top not in rows:
@@ -105,7 +105,7 @@ def check_output(
         with fs.open(posixpath.join(root, rel), "rb") as f:
             table = pq.read_table(f)  # the whole file, or it raises
         rows[top].extend(table.to_pylist())
-    keys = Counter((r[id_column], r["sample_index"]) for r in rows["data"] + rows["errors"])
+    keys = Counter((r[id_column], r["sample_index"]) for r in rows["data"] + rows["errors"] + rows["filtered"])
     duplicated = {k: c for k, c in keys.items() if c > 1}
     assert not duplicated, f"rows written more than once: {sorted(duplicated.items())[:10]}"
     expected = {(i, s) for i in expected_ids for s in range(n)}

@@ -57,3 +57,23 @@ def test_a_log_that_cannot_be_copied_does_not_fail_the_run(tmp_path, caplog):
     log.handle(logging.LogRecord("jobs.x", logging.INFO, __file__, 1, "hello", None, None))
     log.copy()  # no exception
     assert "could not copy the run log" in caplog.text
+
+
+def test_the_console_shows_what_it_showed_before(tmp_path):
+    import io
+
+    console = io.StringIO()
+    handler = logging.StreamHandler(console)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        assert logging.getLogger("jobs").getEffectiveLevel() == logging.WARNING  # the default
+        with RunLog(str(tmp_path), {}, run=1):
+            logging.getLogger("jobs.driver").info("for the run log only")
+            logging.getLogger("jobs.driver").warning("for both")
+    finally:
+        root.removeHandler(handler)
+    assert console.getvalue().splitlines() == ["for both"]
+    assert handler.filters == []
+    text = (tmp_path / "_logs" / "run-1.log").read_text()
+    assert "for the run log only" in text and "for both" in text

@@ -21,6 +21,7 @@ class Output:
     files: list[str]  # every file, relative to the output root
     data: list[dict]  # rows of data/*.parquet
     errors: list[dict]  # rows of errors/*.parquet
+    filtered: list[dict]  # rows of filtered/*.parquet
     metadata: dict[str, bytes]  # relpath -> schema metadata b"bulkgen" of each data/errors file
     record: dict | None  # _job.json
     manifest: dict | None  # _manifest.json
@@ -36,35 +37,38 @@ def read_output(uri: str, storage_options: dict | None = None) -> Output:
     root = root.rstrip("/")
     fs.invalidate_cache()
     files = sorted(posixpath.relpath(p, root) for p in fs.find(root))
-    data, errors, metadata = [], [], {}
+    rows, metadata = {"data": [], "errors": [], "filtered": []}, {}
     for rel in files:
         top = rel.split("/", 1)[0]
-        if top not in ("data", "errors"):
+        if top not in rows:
             continue
         with fs.open(posixpath.join(root, rel), "rb") as f:
             table = pq.read_table(f)
         metadata[rel] = (table.schema.metadata or {}).get(b"bulkgen")
-        (data if top == "data" else errors).extend(table.to_pylist())
+        rows[top].extend(table.to_pylist())
 
     def doc(name: str) -> dict | None:
         path = posixpath.join(root, name)
         return json.loads(fs.cat_file(path)) if fs.exists(path) else None
 
-    return Output(files, data, errors, metadata, doc("_job.json"), doc("_manifest.json"), fs, root)
+    return Output(
+        files, rows["data"], rows["errors"], rows["filtered"], metadata, doc("_job.json"), doc("_manifest.json"), fs, root
+    )
 
 
 def assert_exactly_once(
     uri: str, storage_options: dict | None, expected_ids, n: int, id_column: str = "id", allow_errors: bool = False
 ) -> Output:
-    """Every expected id has exactly samples 0..n-1, each once, across data/ and errors/; nothing else is there."""
+    """Every expected id has exactly samples 0..n-1, each once, across data/, errors/ and filtered/;
+    nothing else is there."""
     out = read_output(uri, storage_options)
     for rel in out.files:
         top, _, name = rel.partition("/")
-        if top in ("data", "errors"):
+        if top in ("data", "errors", "filtered"):
             assert PART.fullmatch(name), f"unexpected file {rel!r} in the output"
     if not allow_errors:
         assert not out.fs.exists(posixpath.join(out.root, "errors")), f"errors/ should not exist: {out.files}"
-    keys = Counter((r[id_column], r["sample_index"]) for r in out.data + out.errors)
+    keys = Counter((r[id_column], r["sample_index"]) for r in out.data + out.errors + out.filtered)
     duplicated = {k: c for k, c in keys.items() if c > 1}
     assert not duplicated, f"rows written more than once: {sorted(duplicated.items())[:10]}"
     expected = {(i, s) for i in expected_ids for s in range(n)}

@@ -1,0 +1,130 @@
+"""output.format: openai-batch — output.jsonl and errors.jsonl, written at the job's end from the committed shards.
+
+One line per request (input row): in output.jsonl when every sample it asked
+for was generated, in errors.jsonl (with its first error) when any sample is
+in errors/, so every request appears in exactly one of the two. The lines come
+from the committed data/ and errors/ files, read one shard at a time, in input
+order: the driver holds one shard's rows, never the dataset. Each file is
+written under a temporary name and moved into place whole before the manifest
+and _SUCCESS; finalizing again (a resume) writes the same lines.
+
+Also `request_counts`: the providers' {total, completed, failed} for `bulkgen status --json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+import fsspec
+import pyarrow.compute as pc
+
+from jobs.core import storage
+from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT
+from jobs.core.openai_batch import CHAT, COMPLETIONS, error_line, response_line
+from jobs.core.rows import DERIVED_ID, OPENAI_BATCH, custom_id_of, id_name
+from jobs.core.spec import JobSpec
+from jobs.output import OutputDir
+
+if TYPE_CHECKING:
+    from jobs.record import JobRecord
+
+log = logging.getLogger(__name__)
+
+_DATA_COLUMNS = ["sample_index", "text", "finish_reason", "prompt_tokens", "completion_tokens"]
+_ERROR_COLUMNS = ["sample_index", "error_code", "error"]
+
+
+def write_batch_files(spec: JobSpec, out: OutputDir, commits: dict[int, dict]) -> None:
+    """Write output.jsonl and errors.jsonl from the committed shards (`commits`: by shard index),
+    when the spec asks for them."""
+    if spec.output.format != OPENAI_BATCH:
+        return
+    key = id_name(spec.input)
+    batch_input = spec.input.format == OPENAI_BATCH
+    data_columns = [key, *_DATA_COLUMNS, *(["url"] if batch_input else [])]
+    error_columns = [key, *_ERROR_COLUMNS, *(["line", "request"] if batch_input else [])]
+    created, written = int(time.time()), [0, 0]
+    with _whole_file(out, BATCH_OUTPUT) as responses, _whole_file(out, BATCH_ERRORS) as failures:
+        for index in sorted(commits):
+            commit, opts = commits[index], out.storage_options
+            data = storage.read_parquet(out.url(commit["data"]), opts, columns=data_columns).to_pylist()
+            errors = []
+            if commit.get("errors"):
+                errors = storage.read_parquet(out.url(commit["errors"]), opts, columns=error_columns).to_pylist()
+            ok, failed = shard_lines(spec, data, errors, created)
+            for target, lines, count in ((responses, ok, 0), (failures, failed, 1)):
+                target.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode())
+                written[count] += len(lines)
+    log.info("wrote %s (%d requests) and %s (%d)", out.url(BATCH_OUTPUT), written[0], out.url(BATCH_ERRORS), written[1])
+
+
+def shard_lines(spec: JobSpec, data: list[dict], errors: list[dict], created: int) -> tuple[list[dict], list[dict]]:
+    """One shard's (output lines, error lines), in input order; `data`/`errors`: its rows."""
+    key = id_name(spec.input)
+    failed: dict = {}
+    for row in errors:
+        failed.setdefault(row[key], row)  # a request's first error speaks for it
+    generated: dict = {}
+    for row in data:
+        if row[key] not in failed:  # a request half generated is a failed request, as at the providers
+            generated.setdefault(row[key], []).append(row)
+    model, fingerprint = spec.model.path, spec.fingerprint()
+    responses = [
+        response_line(str(k), _url(spec, rows[0]), rows, rows[0]["prompt_tokens"], model, fingerprint, created)
+        for k, rows in generated.items()
+    ]
+    failures = [
+        error_line(_custom_id(spec, k, row), row["error_code"], row["error"], row.get("line"), fingerprint, str(k))
+        for k, row in failed.items()
+    ]
+    return responses, failures
+
+
+def _url(spec: JobSpec, row: dict) -> str:
+    """The endpoint a row answers: its line's url, or for a Parquet input the one its prompt source matches."""
+    if spec.input.format == OPENAI_BATCH:
+        return row["url"]
+    return CHAT if spec.input.messages_column else COMPLETIONS
+
+
+def _custom_id(spec: JobSpec, key, row: dict) -> str | None:
+    # A batch line whose custom_id cannot be read has a derived row id, which is no custom_id of the user's.
+    if spec.input.format == OPENAI_BATCH:
+        return custom_id_of(row["request"])
+    return str(key)
+
+
+@contextlib.contextmanager
+def _whole_file(out: OutputDir, name: str):
+    """Write `name` under a temporary name, then move it into place: a reader sees a whole file."""
+    final = out.url(name)
+    temporary = f"{final}.tmp-{secrets.token_hex(6)}"
+    try:
+        with fsspec.open(temporary, "wb", **out.storage_options) as f:
+            yield f
+        storage.move(temporary, final, out.storage_options)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs, path = fsspec.core.url_to_fs(temporary, **out.storage_options)
+            fs.rm(path)
+        raise
+
+
+def request_counts(output_uri: str, record: JobRecord) -> dict[str, int]:
+    """The providers' request_counts for a job: a request is an input row (a batch line);
+    failed, any of its samples in errors/; completed, its shard committed and none failed."""
+    out = OutputDir(output_uri, {})
+    key = record.spec.get("input", {}).get("id_column") or DERIVED_ID
+    commits = out.commit_records()
+    failed = 0
+    for commit in commits.values():
+        if commit.get("errors"):
+            ids = storage.read_parquet(out.url(commit["errors"]), out.storage_options, columns=[key]).column(0)
+            failed += len(pc.unique(ids))  # a request's samples all live in its one shard
+    committed = sum(c.get("input_stop", 0) - c.get("input_start", 0) for c in commits.values())
+    return {"total": record.counts.input_rows, "completed": committed - failed, "failed": failed}

@@ -1,0 +1,131 @@
+"""The row cache: generated sequences kept under `cache.uri`, shared by every job that names it.
+
+A nightly prompt set is mostly last night's. With a cache, a replica looks up
+each sequence before generating it and writes the hits to the output as if it
+had generated them; only the misses reach the engine. Entries are written
+only for committed shards (the driver asks the replica after the commit), so
+a killed job leaves no entry for rows it never committed, and exactly-once
+holds as without a cache.
+
+Layout, content-addressed and append-only (delete any part of it at any time:
+a missing entry is only a miss):
+
+    <cache.uri>/v1/<key[:2]>/<key>.json   {"text", "finish_reason", "completion_tokens"}
+
+The key is a SHA-256 over everything that decides a sequence's text:
+
+- the rendered prompt's token ids and the sequence's own max_new_tokens;
+- its sampling seed (row_seed of the job seed, row id and sample index) and sample index;
+- the sampling parameters (do_sample, temperature, top_p, top_k, repetition_penalty,
+  no_repeat_ngram_size, stop), the job's or a batch request's own;
+- the model: path, revision, the weights' SHA-256 (a local checkpoint) or the hub
+  commit it resolved to, and the dtype it ran in;
+- the tokenizer: its path and revision, and a hash of its files (a local one);
+- the engine and its version.
+
+Two jobs may share a cache at once: an entry is one whole object, and two
+writers of one key write the same sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import fsspec
+
+from jobs.core.storage import with_retries, write_bytes
+
+VERSION = "v1"
+WRITERS = 16  # concurrent entry writes: object stores take many small PUTs in parallel well
+# Generation fields that are per sequence (in the key on their own) or decide no text.
+_NOT_CONTEXT = ("seed", "max_new_tokens", "num_return_sequences")
+_TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template", "spiece")
+
+
+@dataclass(frozen=True)
+class Entry:
+    text: str
+    finish_reason: str  # stop | length
+    completion_tokens: int
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Entry:
+        doc = json.loads(data)
+        return cls(doc["text"], doc["finish_reason"], int(doc["completion_tokens"]))
+
+
+def context_digest(model: dict, tokenizer: dict, engine: dict, generation: dict) -> str:
+    """What every sequence of one replica shares: model, tokenizer, engine, sampling parameters."""
+    doc = {
+        "version": VERSION,
+        "model": model,
+        "tokenizer": tokenizer,
+        "engine": engine,
+        "generation": {k: v for k, v in generation.items() if k not in _NOT_CONTEXT},
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sequence_key(
+    context: str, prompt_ids, seed: int, sample_index: int, max_new_tokens: int, params: dict | None = None
+) -> str:
+    """`params`: the sequence's own sampling parameters, where they differ from the job's (a batch request's)."""
+    doc = [context, list(prompt_ids), seed, sample_index, max_new_tokens]
+    if params is not None:
+        doc.append(params)
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
+
+
+def tokenizer_identity(path: str, revision: str | None) -> dict:
+    """The tokenizer's name and revision, and for a local one a hash of its files."""
+    identity = {"path": path, "revision": revision}
+    if os.path.isdir(path):
+        digest = hashlib.sha256()
+        for p in sorted(Path(path).iterdir()):
+            if p.is_file() and any(part in p.name for part in _TOKENIZER_FILES):
+                digest.update(p.name.encode() + b"\0" + p.read_bytes())
+        identity["files_sha256"] = digest.hexdigest()
+    return identity
+
+
+class RowCache:
+    def __init__(self, uri: str, storage_options: dict):
+        self.uri = uri.rstrip("/")
+        self.storage_options = storage_options
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options)
+
+    def url(self, key: str) -> str:
+        return f"{self.uri}/{VERSION}/{key[:2]}/{key}.json"
+
+    def _path(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/{VERSION}/{key[:2]}/{key}.json"
+
+    def get_many(self, keys) -> dict[str, Entry]:
+        """The entries found among `keys`, in one batched read (s3fs fetches them concurrently).
+        An entry that cannot be parsed (a user's stray file) is a miss."""
+        paths = {self._path(k): k for k in set(keys)}
+        if not paths:
+            return {}
+        found = with_retries(lambda: self.fs.cat(list(paths), on_error="omit"), f"reading the cache at {self.uri}")
+        entries = {}
+        for path, data in found.items():
+            try:
+                entries[paths[self.fs._strip_protocol(path)]] = Entry.from_bytes(data)
+            except (KeyError, ValueError, TypeError):
+                continue
+        return entries
+
+    def put_many(self, entries: dict[str, Entry]) -> None:
+        """Write entries, each one whole object (a reader never sees half of one)."""
+        with ThreadPoolExecutor(WRITERS) as pool:
+            for _ in pool.map(lambda kv: write_bytes(self.url(kv[0]), kv[1].to_bytes(), self.storage_options),
+                              entries.items()):  # fmt: skip
+                pass

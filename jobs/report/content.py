@@ -1,0 +1,297 @@
+"""What the report says, section by section, from what jobs/report/data.py read.
+
+The headline numbers come from the job record as it is (what `bulkgen
+status` shows), so the report and the record never disagree; the sections
+come from the committed files. A section whose data is absent (no errors, no
+filters, no evaluation columns) says so in a line or is left out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+
+from jobs.core.times import now, seconds_between
+from jobs.record import JobState
+from jobs.report import figures
+from jobs.report.data import EVALUATION_COLUMNS, OutputData
+from jobs.report.diversity import diversity, most_repeated
+from jobs.report.render import Fact, Figure, Report, Section, Table
+
+TEXT_CHARS = 200  # of a text or an error message in a table
+REPEATED = 10  # most repeated outputs listed
+
+
+def build(d: OutputData) -> Report:
+    record = d.record
+    name = record.get("name") or "(unnamed job)"
+    sections = [
+        _throughput(d),
+        _lengths(d),
+        _finish_reasons(d),
+        _errors(d),
+        *_filtered(d),
+        *_evaluation(d),
+        _repeats_and_diversity(d),
+    ]
+    texts = f"{len(d.sample):,} texts sampled" if d.sample else "no texts sampled"
+    footer = (
+        f"bulkgen report of {d.uri}, built {now()} from {len(d.commits):,} committed shards "
+        f"({d.rows:,} rows read, {texts}). Job {name} [{record.get('fingerprint')}], "
+        f"bulkgen {record.get('versions', {}).get('bulkgen', '?')}."
+    )
+    if d.missing_files:  # a shard being rewritten (retry-failed) as the report read the output
+        footer += f" {len(d.missing_files)} committed files were gone when read: {', '.join(d.missing_files[:3])}."
+    return Report(f"bulkgen report: {name}", notice(d), facts(record, d.driver_alive), sections, footer)
+
+
+def notice(d: OutputData) -> str | None:
+    """The line a reader must see first when the job did not simply succeed."""
+    c, state = d.record.get("counts", {}), d.state
+    so_far = f"{c.get('shards_committed', 0):,} of {c.get('shards_total', 0):,} shards committed"
+    error = d.record.get("error") or {}
+    if state is JobState.SUCCEEDED:
+        return None
+    if state is JobState.RUNNING and d.driver_alive:
+        return f"running: a report of the {so_far} so far (record updated {d.record.get('updated_at')})"
+    if state is JobState.RUNNING:
+        return (f"the record says running, but its driver is gone (killed?): a report of the {so_far} "
+                "before it stopped; `bulkgen resume` finishes the job")
+    if state is JobState.FAILED:
+        return f"failed (while {error.get('where', '?')}): {error.get('message', 'no message')}; {so_far}"
+    if state is JobState.CANCELLED:
+        return f"cancelled: {error.get('message', '')}; {so_far}"
+    return f"{state.value}: the job has not started generating; {so_far}"
+
+
+def facts(record: dict, driver_alive: bool = False) -> list[Fact]:
+    """The job at a glance, from its record."""
+    c = record.get("counts", {})
+    model = record.get("model", {})
+    engine = model.get("replica", {})
+    runs = record.get("runs") or [{}]
+    plan = runs[-1].get("replica_plan") or {}
+    wall = wall_seconds(record, driver_alive)
+    tokens = c.get("completion_tokens", 0)
+    engine_name = " ".join(str(engine[k]) for k in ("engine", "engine_version") if engine.get(k))
+    model_name = str(model.get("path", "-")) + (f"@{model['revision']}" if model.get("revision") else "")
+    out = [
+        Fact("state", "state", record.get("state", "pending")),
+        Fact("rows_generated", "rows generated", f"{c.get('rows_done', 0) - c.get('rows_cached', 0):,}"),
+        Fact("rows_cached", "rows from the cache", f"{c.get('rows_cached', 0):,}"),
+        Fact("rows_failed", "rows failed", f"{c.get('rows_failed', 0):,}"),
+    ]
+    if c.get("rows_filtered") or (record.get("spec") or {}).get("filters"):
+        out.append(Fact("rows_filtered", "rows filtered", f"{c['rows_filtered']:,}"))
+    out += [
+        Fact("rows_total", "rows in the job", f"{c.get('rows_total', 0):,}"),
+        Fact("shards", "shards committed", f"{c.get('shards_committed', 0):,}/{c.get('shards_total', 0):,}"),
+        Fact("wall_time", "wall time", duration(wall) if wall is not None else "-"),
+        Fact("tokens_per_second", "tokens/s over the wall time", f"{tokens / wall:,.1f}" if wall else "-"),
+        Fact("completion_tokens", "tokens generated", f"{tokens:,}"),
+        Fact("engine", "engine", engine_name or "-"),
+        Fact("model", "model", model_name),
+        Fact("replicas", "replicas", str(plan.get("launched", len(runs[-1].get("replicas") or {})))),
+    ]
+    if len(runs) > 1:
+        out.append(Fact("runs", "driver runs", str(len(runs))))
+    return out
+
+
+def wall_seconds(record: dict, driver_alive: bool = False) -> float | None:
+    """From the job's first start (state running) to its end; to now while its driver runs,
+    to the record's last update when the driver is gone. A resumed job counts the pause too."""
+    start = record.get("started_at")
+    if not start:
+        return None
+    end = record.get("finished_at") or (now() if driver_alive else record.get("updated_at"))
+    return max(seconds_between(start, end), 0.0) if end else None
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+# -- sections ----------------------------------------------------------------------------------
+
+
+def _start(d: OutputData) -> str:
+    runs = d.record.get("runs") or [{}]
+    return d.record.get("started_at") or runs[0].get("started_at") or datetime.now(timezone.utc).isoformat()
+
+
+def _throughput(d: OutputData) -> Section:
+    s = Section("Throughput")
+    c = d.record.get("counts", {})
+    if not d.commits:
+        s.blocks.append("No shard committed yet.")
+        return s
+    pids = {x.get("replica_pid") for x in d.commits if x.get("replica_pid") is not None}
+    s.blocks.append(
+        f"{len(d.commits):,} shards committed by {len(pids) or 'unknown'} replicas; "
+        f"{c.get('shards_retried', 0):,} shard attempts redone."
+    )
+    drawn = [
+        (figures.throughput(d.commits, _start(d)), "throughput", "Completion tokens/s over time and rows committed"),
+        (figures.replicas(d.commits, _start(d)), "replicas", "Work per replica"),
+    ]
+    s.blocks += [Figure(name, caption, png) for png, name, caption in drawn if png]
+    if len(s.blocks) == 1:
+        s.blocks.append("The commit records hold no timings (written by an older bulkgen).")
+    return s
+
+
+def _lengths(d: OutputData) -> Section:
+    s = Section("Prompt and completion lengths")
+    png = figures.lengths(d.prompt_tokens, d.completion_tokens)
+    if png is None:
+        s.blocks.append("No generated rows yet.")
+        return s
+    s.blocks.append(Figure("lengths", "Prompt and completion lengths in tokens", png))
+    rows = [[what, *_quantiles(h)] for what, h in (("prompt", d.prompt_tokens), ("completion", d.completion_tokens))]
+    s.blocks.append(Table(["tokens", "mean", "p50", "p90", "p99", "max"], rows))
+    return s
+
+
+def _quantiles(histogram: np.ndarray) -> list[str]:
+    total = histogram.sum()
+    if not total:
+        return ["-"] * 5
+    cumulative = np.cumsum(histogram)
+    at = [int(np.searchsorted(cumulative, q * total)) for q in (0.5, 0.9, 0.99)]
+    mean = (np.arange(len(histogram)) * histogram).sum() / total
+    return [f"{mean:.1f}", *map(str, at), str(int(np.nonzero(histogram)[0].max()))]
+
+
+def _finish_reasons(d: OutputData) -> Section:
+    s = Section("Finish reasons")
+    if not d.finish_reasons:
+        s.blocks.append("No generated rows yet.")
+        return s
+    s.blocks.append("stop: the model ended the text (or a stop string did); length: it hit max_new_tokens.")
+    png = figures.categories(d.finish_reasons, "finish reason")
+    s.blocks.append(Figure("finish_reasons", "Rows by finish reason", png))
+    s.blocks.append(_count_table("finish reason", d.finish_reasons))
+    return s
+
+
+def _count_table(what: str, counts) -> Table:
+    total = sum(counts.values())
+    return Table([what, "rows", "share"], [[str(k), f"{n:,}", f"{n / total:.1%}"] for k, n in counts.most_common()])
+
+
+def _errors(d: OutputData) -> Section:
+    s = Section("Errors")
+    if not d.errors.counts:
+        s.blocks.append("No row failed." if d.commits else "No shard committed yet.")
+        return s
+    png = figures.categories(d.errors.counts, "error code")
+    s.blocks.append(Figure("error_codes", "Failed rows by error code", png))
+    s.blocks.append(_count_table("error code", d.errors.counts))
+    s.blocks.append("Examples (the first rows of each code; all of them are in errors/):")
+    rows = []
+    for code, examples in sorted(d.errors.examples.items()):
+        for row in examples:
+            rows.append([code, _row_key(row), _clip(row.get("error", ""))])
+    s.blocks.append(Table(["error code", "row (id, sample_index)", "error"], rows))
+    return s
+
+
+def _filtered(d: OutputData) -> list[Section]:
+    counted = d.record.get("counts", {}).get("rows_filtered")
+    if not d.filtered.counts and not counted:
+        return []
+    s = Section("Filtered rows")
+    if counted is not None:
+        s.blocks.append(f"{counted:,} rows dropped by the quality filters, each kept in filtered/ with its filter.")
+    if d.filtered.counts:
+        png = figures.categories(d.filtered.counts, "filter")
+        s.blocks.append(Figure("filters", "Rows dropped by each filter", png))
+        s.blocks.append(_count_table("filter", d.filtered.counts))
+        examples = sorted(d.filtered.examples.items())
+        rows = [[name, _row_key(r), _clip(r.get("text") or "")] for name, dropped in examples for r in dropped]
+        s.blocks.append(Table(["filter", "row (id, sample_index)", "text"], rows))
+    return [s]
+
+
+def _evaluation(d: OutputData) -> list[Section]:
+    overall = d.corpus
+    scores = d.scores
+    metrics = scores.metrics
+    if not overall and not metrics:
+        return []
+    s = Section("Evaluation")
+    if overall:
+        s.blocks.append(f"Corpus scores (sacreBLEU) over {d.corpus_rows:,} rows of data/ and their references:")
+        s.blocks.append(Table(["metric", "score"], [[k, f"{v:.2f}"] for k, v in overall.items()]))
+    if metrics:
+        samples = sorted(scores.by_sample)
+        header = ["metric", "mean per row", *([f"best of {d.max_sample_index + 1}"] if d.max_sample_index else [])]
+        header += [f"sample {i}" for i in samples] if len(samples) > 1 else []
+        rows = []
+        for m in metrics:
+            row = [m, f"{scores.total[m] / scores.count[m]:.2f}"]
+            if d.max_sample_index:
+                row.append(f"{scores.best_total[m] / scores.best_count[m]:.2f}" if scores.best_count[m] else "-")
+            if len(samples) > 1:
+                row += [_mean(scores.by_sample[i][m], scores.by_sample_count[i][m]) for i in samples]
+            rows.append(row)
+        s.blocks.append("Per-row scores in data/ (" + ", ".join(m for m in EVALUATION_COLUMNS if m in metrics) + "):")
+        s.blocks.append(Table(header, rows))
+        means = {i: {m: scores.by_sample[i][m] / scores.by_sample_count[i][m] for m in metrics
+                     if scores.by_sample_count[i][m]} for i in samples}
+        png = figures.scores_by_sample(means, metrics)
+        if png:
+            s.blocks.append(Figure("scores_by_sample", "Mean score per sample_index", png))
+    return [s]
+
+
+def _mean(total: float, count: int) -> str:
+    return f"{total / count:.2f}" if count else "-"
+
+
+def _repeats_and_diversity(d: OutputData) -> Section:
+    s = Section("Repeats and diversity")
+    if not d.sample:
+        s.blocks.append("No texts sampled (--sample 0)." if d.rows else "No generated rows yet.")
+        return s
+    div = diversity(d.sample)
+    share = "all" if len(d.sample) == d.rows else f"a random sample of {len(d.sample):,} of {d.rows:,}"
+    s.blocks.append(f"Measured on {share} generated texts.")
+    rows = [
+        ["distinct-1", _number(div.distinct_1, 3), "distinct words / all words; higher is more varied"],
+        ["distinct-2", _number(div.distinct_2, 3), "distinct word pairs / all word pairs"],
+        ["self-BLEU", _number(div.self_bleu, 1),
+         f"mean BLEU of each of {div.self_bleu_texts} texts against the others; lower is more varied"],
+        ["empty texts", f"{div.empty:,}", "texts with no words"],
+    ]
+    s.blocks.append(Table(["measure", "value", "meaning"], rows))
+    repeated = most_repeated(d.sample, REPEATED)
+    if repeated:
+        s.blocks.append("The most repeated outputs:")
+        s.blocks.append(Table(["times", "share", "text"], [[f"{n:,}", f"{n / len(d.sample):.1%}", _clip(t) or "(empty)"]
+                                                           for t, n in repeated]))
+    else:
+        s.blocks.append("No output occurs twice.")
+    return s
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _row_key(row: dict) -> str:
+    first = next(iter(row.values()), None)  # every output file starts with the row id
+    return f"{first}, {row.get('sample_index')}"
+
+
+def _clip(text: str) -> str:
+    text = str(text)
+    return text if len(text) <= TEXT_CHARS else text[: TEXT_CHARS - 1] + "…"

@@ -1,0 +1,84 @@
+"""The row cache's contract (jobs/core/cache.py): what decides a key, and entries on local disk and S3."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.core.cache import Entry, RowCache, context_digest, sequence_key, tokenizer_identity
+
+MODEL = {"path": "m", "revision": None, "weights_sha256": "aa", "commit_hash": None, "dtype": "float32"}
+TOKENIZER = {"path": "m", "revision": None, "files_sha256": "bb"}
+ENGINE = {"engine": "transformers", "engine_version": "5.19.0", "device": "cpu"}
+GENERATION = {
+    "max_new_tokens": 8, "do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 0,
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "stop": [], "seed": 1, "num_return_sequences": 2,
+}  # fmt: skip
+
+
+def key(model=MODEL, tokenizer=TOKENIZER, engine=ENGINE, generation=GENERATION, prompt=(1, 2, 3), seed=7, sample=0,
+        limit=8) -> str:  # fmt: skip
+    return sequence_key(context_digest(model, tokenizer, engine, generation), prompt, seed, sample, limit)
+
+
+def test_the_same_sequence_has_the_same_key():
+    assert key() == key(generation=dict(GENERATION))
+    # Fields that decide no text of their own (the seed and limit enter per sequence).
+    assert key() == key(generation={**GENERATION, "seed": 99, "num_return_sequences": 4, "max_new_tokens": 64})
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"prompt": (1, 2, 4)},
+        {"seed": 8},
+        {"sample": 1},
+        {"limit": 9},
+        {"model": {**MODEL, "weights_sha256": "ab"}},
+        {"model": {**MODEL, "revision": "v2"}},
+        {"model": {**MODEL, "commit_hash": "c0ffee"}},
+        {"model": {**MODEL, "dtype": "bfloat16"}},
+        {"tokenizer": {**TOKENIZER, "files_sha256": "bc"}},
+        {"engine": {**ENGINE, "engine": "vllm"}},
+        {"engine": {**ENGINE, "engine_version": "5.20.0"}},
+        {"engine": {**ENGINE, "device": "cuda"}},
+        *({"generation": {**GENERATION, field: value}} for field, value in [
+            ("temperature", 0.7), ("top_p", 0.9), ("top_k", 5), ("repetition_penalty", 1.1),
+            ("no_repeat_ngram_size", 3), ("stop", ["\n"]), ("do_sample", False),
+        ]),
+    ],
+)  # fmt: skip
+def test_anything_that_decides_the_text_changes_the_key(changed):
+    assert key(**changed) != key()
+
+
+def test_a_local_tokenizer_is_known_by_its_files(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights are the model's, not the tokenizer's")
+    before = tokenizer_identity(str(tmp_path), None)
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    assert tokenizer_identity(str(tmp_path), None) == before
+    (tmp_path / "tokenizer.json").write_text('{"added": 1}')
+    assert tokenizer_identity(str(tmp_path), None) != before
+
+
+def check_round_trip(cache: RowCache) -> None:
+    a, b, missing = "a1" * 32, "b2" * 32, "c3" * 32
+    assert cache.get_many([a, b]) == {}
+    cache.put_many({a: Entry("hello", "length", 3), b: Entry("bye", "stop", 1)})
+    assert cache.get_many([a, b, missing]) == {a: Entry("hello", "length", 3), b: Entry("bye", "stop", 1)}
+    assert cache.url(a).endswith(f"/v1/a1/{a}.json")  # the documented layout
+
+
+def test_entries_on_local_disk(tmp_path):
+    cache = RowCache(str(tmp_path / "cache"), {})
+    check_round_trip(cache)
+    stray = "d4" * 32
+    path = tmp_path / "cache" / "v1" / "d4" / f"{stray}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("not an entry")
+    assert cache.get_many([stray]) == {}  # a miss, not an error
+
+
+@pytest.mark.s3
+def test_entries_on_s3(s3):
+    check_round_trip(RowCache(f"s3://{s3['bucket']}/cache", s3["options"]))

@@ -1,0 +1,72 @@
+"""A replica's side of the row cache (jobs/core/cache.py): look sequences up
+before generating them, and write the generated ones only after the driver has
+committed their shard (it calls Replica.publish_cache with the attempt)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+
+from jobs.core.cache import Entry, RowCache, context_digest, sequence_key, tokenizer_identity
+from jobs.core.spec import JobSpec
+from workers.engine import Request
+
+log = logging.getLogger(__name__)
+
+
+def _params(r: Request) -> dict | None:
+    params = r.params  # a batch request's own sampling parameters
+    return dataclasses.asdict(params) if params is not None else None
+
+
+HELD_ATTEMPTS = 64  # attempts whose commit may still come; older ones were never committed
+MODEL_IDENTITY = ("path", "revision", "weights_sha256")  # of the record's model facts
+
+
+class ReplicaCache:
+    def __init__(self, spec: JobSpec, model: dict, engine: dict):
+        """`model`: the job's model identity (jobs/preflight.model_identity); `engine`: the
+        replica's engine.describe(), for what actually ran (engine, version, dtype, device, commit)."""
+        self.cache = RowCache(spec.cache.uri, spec.cache.storage_options)
+        m = spec.model
+        self.context = context_digest(
+            model={
+                **{k: model.get(k) for k in MODEL_IDENTITY},
+                "commit_hash": engine.get("commit_hash"),  # the hub revision a name resolved to
+                "dtype": engine.get("dtype"),
+            },
+            tokenizer=tokenizer_identity(m.tokenizer or m.path, m.revision),
+            engine={k: engine.get(k) for k in ("engine", "engine_version", "device")},
+            generation=spec.generation.model_dump(mode="json"),
+        )
+        self._held: OrderedDict[str, dict[str, Entry]] = OrderedDict()
+
+    def keys(self, requests: list[Request], stride: int) -> dict[object, str]:
+        """Each request's cache key (request key = row * stride + sample index)."""
+        return {
+            r.key: sequence_key(self.context, r.prompt_ids, r.seed, r.key % stride, r.max_new_tokens, _params(r))
+            for r in requests
+        }
+
+    def lookup(self, keys: dict[object, str]) -> dict[object, Entry]:
+        """The cached sequences among `keys` (request key -> cache key), by request key.
+        A cache that cannot be read is a miss, never a failed shard."""
+        try:
+            found = self.cache.get_many(keys.values())
+        except Exception as e:
+            log.warning("cannot read the row cache at %s (%s); generating every row", self.cache.uri, e)
+            return {}
+        return {request: found[key] for request, key in keys.items() if key in found}
+
+    def hold(self, attempt: str, entries: dict[str, Entry]) -> None:
+        """Keep an attempt's generated sequences until its shard is committed (or forgotten)."""
+        self._held[attempt] = entries
+        while len(self._held) > HELD_ATTEMPTS:
+            self._held.popitem(last=False)
+
+    def publish(self, attempt: str) -> int:
+        """Write a committed attempt's sequences to the cache; how many."""
+        entries = self._held.pop(attempt, {})
+        self.cache.put_many(entries)
+        return len(entries)
