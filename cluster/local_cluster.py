@@ -17,6 +17,10 @@ One state directory holds all of it:
     python -m cluster.local_cluster stop
 
 From Python (tests): `with LocalCluster(dir) as cluster: cluster.add_node()`.
+
+Over 300 lines because starting and, above all, stopping exactly our own
+processes (sessions, process groups, reused pids) takes care, and it is kept
+in one place with its command line.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ is in the log), 2 bad input or usage (jobs.core.errors.BadInput), 130 cancelled.
 
 status, logs and cancel take a job's output URI (any job, run or submitted) or
 the id `bulkgen submit` printed (with --address, as `ray job status` does).
+
+Over 300 lines because every command's arguments are declared here, in one
+parser; each command's body is a few lines that call the module doing the work.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 It reads Parquet footers to plan and sends replicas shard tasks; rows go
 from storage to the replicas and back (jobs/dispatch.py, jobs/output.py).
+
+Over 300 lines because one run's life is one story told in order (claim,
+validate, plan the replicas, dispatch, commit, finalize, report); what each
+step does lives in its own module, and this one only sequences them.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class _Run:
         self._recount()
         self.scheduler: ShardScheduler | None = None
         self.started_ray = False  # whether this run started Ray (and so shuts it down)
+        self._dedupe_index = None  # filters.deduplicate: the replicas' shared index (a Ray actor)
         self.bar = None
         self._next_cancel_poll = 0.0
 

@@ -9,6 +9,9 @@ not: repeats and diversity look at a sample of at most `sample_rows` texts,
 read from row groups picked at random, so a report on a million rows reads a
 few thousand texts. Only committed shards count, so a running job's report
 is true of what it has finished so far.
+
+Over 300 lines because all reading of an output for the report is here, so the
+rendering modules never touch storage.
 """
 
 from __future__ import annotations
