@@ -1,8 +1,10 @@
 """output.format: openai-batch — output.jsonl and errors.jsonl, written at the job's end from the committed shards.
 
 One line per request (input row): in output.jsonl when every sample it asked
-for was generated, in errors.jsonl (with its first error) when any sample is
-in errors/, so every request appears in exactly one of the two. The lines come
+for was generated (those a filter dropped are left out of its choices), in
+errors.jsonl (with its first error) when any sample is in errors/, or with
+code `filtered` when filters dropped all of its samples: every request
+appears in exactly one of the two. The lines come
 from the committed data/ and errors/ files, read one shard at a time, in input
 order: the driver holds one shard's rows, never the dataset. Each file is
 written under a temporary name and moved into place whole before the manifest
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 _DATA_COLUMNS = ["sample_index", "text", "finish_reason", "prompt_tokens", "completion_tokens"]
 _ERROR_COLUMNS = ["sample_index", "error_code", "error"]
+_FILTERED_COLUMNS = ["sample_index", "filter"]
+FILTERED = "filtered"  # errors.jsonl's code for a request whose every sample a filter dropped
 
 
 def write_batch_files(spec: JobSpec, out: OutputDir, commits: dict[int, dict]) -> None:
@@ -56,19 +60,33 @@ def write_batch_files(spec: JobSpec, out: OutputDir, commits: dict[int, dict]) -
             errors = []
             if commit.get("errors"):
                 errors = storage.read_parquet(out.url(commit["errors"]), opts, columns=error_columns).to_pylist()
-            ok, failed = shard_lines(spec, data, errors, created)
+            filtered = []
+            if commit.get("filtered"):
+                columns = [key, *_FILTERED_COLUMNS, *(["line", "request"] if batch_input else [])]
+                filtered = storage.read_parquet(out.url(commit["filtered"]), opts, columns=columns).to_pylist()
+            ok, failed = shard_lines(spec, data, errors, created, filtered)
             for target, lines, count in ((responses, ok, 0), (failures, failed, 1)):
                 target.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode())
                 written[count] += len(lines)
     log.info("wrote %s (%d requests) and %s (%d)", out.url(BATCH_OUTPUT), written[0], out.url(BATCH_ERRORS), written[1])
 
 
-def shard_lines(spec: JobSpec, data: list[dict], errors: list[dict], created: int) -> tuple[list[dict], list[dict]]:
-    """One shard's (output lines, error lines), in input order; `data`/`errors`: its rows."""
+def shard_lines(
+    spec: JobSpec, data: list[dict], errors: list[dict], created: int, filtered: list[dict] = ()
+) -> tuple[list[dict], list[dict]]:
+    """One shard's (output lines, error lines), in input order; `data`/`errors`/`filtered`: its rows."""
     key = id_name(spec.input)
     failed: dict = {}
     for row in errors:
         failed.setdefault(row[key], row)  # a request's first error speaks for it
+    kept = {row[key] for row in data}
+    for row in filtered:
+        if row[key] not in kept and row[key] not in failed:  # nothing of it is left to answer with
+            failed[row[key]] = {
+                **row,
+                "error_code": FILTERED,
+                "error": f"every sample was dropped by a quality filter (the first by {row['filter']})",
+            }
     generated: dict = {}
     for row in data:
         if row[key] not in failed:  # a request half generated is a failed request, as at the providers
@@ -122,9 +140,17 @@ def request_counts(output_uri: str, record: JobRecord) -> dict[str, int]:
     key = record.spec.get("input", {}).get("id_column") or DERIVED_ID
     commits = out.commit_records()
     failed = 0
-    for commit in commits.values():
-        if commit.get("errors"):
-            ids = storage.read_parquet(out.url(commit["errors"]), out.storage_options, columns=[key]).column(0)
-            failed += len(pc.unique(ids))  # a request's samples all live in its one shard
+    for commit in commits.values():  # a request's samples all live in its one shard
+        errors = _ids(out, commit.get("errors"), key)
+        failed += len(errors)
+        if commit.get("filtered"):  # a request a filter emptied is failed too (errors.jsonl: filtered)
+            failed += len(_ids(out, commit["filtered"], key) - _ids(out, commit["data"], key) - errors)
     committed = sum(c.get("input_stop", 0) - c.get("input_start", 0) for c in commits.values())
     return {"total": record.counts.input_rows, "completed": committed - failed, "failed": failed}
+
+
+def _ids(out: OutputDir, relpath: str | None, key: str) -> set:
+    """The distinct row ids in one of a shard's files (none when it has no such file)."""
+    if not relpath:
+        return set()
+    return set(pc.unique(storage.read_parquet(out.url(relpath), out.storage_options, columns=[key]).column(0)).to_pylist())

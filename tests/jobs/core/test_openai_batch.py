@@ -275,3 +275,21 @@ def test_a_parquet_input_answers_by_its_prompt_source():
     (response,), _ = shard_lines(spec, [row], [], created=0)
     assert response["custom_id"] == "12"
     assert ChatCompletion.model_validate(response["response"]["body"]).choices[0].message.content == "t"
+
+
+def test_a_request_whose_every_sample_was_filtered_is_an_error_line():
+    from jobs.batch_output import FILTERED, shard_lines
+
+    spec = spec_from_dict(
+        {"input": {"uri": "/in/b.jsonl"}, "model": {"path": "m"}, "output": {"uri": "/o", "format": "openai-batch"}}
+    )
+    request = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}})
+    kept = {"custom_id": "b", "sample_index": 0, "text": "t", "finish_reason": "stop", "prompt_tokens": 1,
+            "completion_tokens": 1, "url": "/v1/completions"}  # fmt: skip
+    dropped = [
+        {"custom_id": "a", "sample_index": 0, "filter": "empty", "line": 1, "request": request},
+        {"custom_id": "b", "sample_index": 1, "filter": "near_duplicate", "line": 2, "request": request},
+    ]
+    responses, failures = shard_lines(spec, [kept], [], 0, dropped)
+    assert [r["custom_id"] for r in responses] == ["b"]  # its kept sample answers it
+    assert [(f["custom_id"], f["error"]["code"]) for f in failures] == [("a", FILTERED)]
