@@ -30,6 +30,11 @@ VLLM_TARGET = 0.95
 ENGINE_WORKLOADS = ("long-tail", "uniform")
 
 
+def _vllm_workloads(results: dict) -> list[str]:
+    """Where bulkgen[vllm] meets vLLM offline: the engine workloads and the larger long-tail only they run."""
+    return [w for w in results if w in ENGINE_WORKLOADS or w.startswith("long-tail-")]
+
+
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
@@ -288,7 +293,7 @@ def _targets(results: dict[str, list[Result]]) -> list[str]:
             name = f"bulkgen[{engine}]" if engine != "auto" else f"bulkgen[auto={b.extra.get('engine_name', '?')}]"
             lines.append(f"| {workload}: {name} steady state >= {threshold}x {what} | {ratio:.2f}x | "
                          f"{_verdict(ratio, threshold)} |")  # fmt: skip
-    for workload in ENGINE_WORKLOADS:
+    for workload in _vllm_workloads(results):
         rs = results.get(workload, [])
         v, offline = _bulkgen(rs, "vllm"), _best_offline(rs)
         if v is None or offline is None:

@@ -14,6 +14,7 @@ system gets, is the experiment, and reads best in one place.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -184,9 +185,11 @@ def vllm_settings(preset: Preset, wl: Workload, threads: int) -> VllmSettings:
 
 
 def run_workload(
-    preset: Preset, wl: Workload, model, tokenizer, model_dir: Path, work: Path, plan: Plan, sync
-) -> list[Result]:
-    say(f"\n== {wl.name}: {wl.describe()}")
+    preset: Preset, wl: Workload, model, tokenizer, model_dir: Path, work: Path, plan: Plan, sync,
+    engines_only: bool = False,
+) -> list[Result]:  # fmt: skip
+    """Every system on `wl`; with `engines_only`, vLLM offline and bulkgen[vllm] alone."""
+    say(f"\n== {wl.name}: {wl.describe()}" + (" (vLLM offline and bulkgen[vllm] only)" if engines_only else ""))
     results: list[Result] = []
 
     def record(r: Result) -> Result:
@@ -200,6 +203,25 @@ def run_workload(
         say(f"   {system} failed: {type(e).__name__}: {e}")
         results.append(Result(system, wl.name, 0, math.nan, notes=f"failed: {type(e).__name__}: {e}"))
 
+    if not engines_only:
+        run_baselines(preset, wl, model, tokenizer, sync, record, failed)
+    _run_engines(preset, wl, model, tokenizer, model_dir, work, plan, record, failed, engines_only)
+    offline = [r for r in results if "vllm" in r.extra and r.completion_tokens]
+    if offline:
+        # Greedy tokens (and sampled ones: the same per-sequence seeds) should match vLLM offline's.
+        reference = max(offline, key=lambda r: r.tokens_per_s)
+        for r in results:
+            if "texts" in r.extra and r is not reference:
+                same, total = same_texts(r.extra["texts"], reference.extra["texts"])
+                r.extra["same_as_vllm"] = (same, total)
+    for r in results:
+        r.extra.setdefault("flops", workload_flops(preset, wl))
+        r.extra.pop("texts", None)
+    return results
+
+
+def run_baselines(preset: Preset, wl: Workload, model, tokenizer, sync, record, failed) -> None:
+    """(a) naive, (b) static batches, (d) transformers continuous batching."""
     sub = subset(wl, preset.naive_every)
     threads, calibration = calibrate_threads(model, tokenizer, preset, 1, sync)
     say(f"   torch threads for (a): {threads}" + report.calibration_note(calibration))
@@ -218,6 +240,16 @@ def run_workload(
         record(r).extra["threads"] = threads
     except Exception as e:  # (d) is "where it runs"
         failed("transformers CB", e)
+
+
+def _run_engines(preset, wl, model, tokenizer, model_dir, work, plan, record, failed, engines_only: bool) -> None:
+    """(e) vLLM offline and (c) bulkgen on each engine, auto and the spec's defaults."""
+    results: list[Result] = []
+
+    def keep(r: Result) -> Result:
+        results.append(record(r))
+        return r
+
     if preset.device.startswith("cuda"):
         import torch
 
@@ -229,7 +261,7 @@ def run_workload(
         for t in sorted(plan.vllm_threads):
             settings = vllm_settings(preset, wl, t)
             try:
-                r = record(run_vllm_offline(wl, model_dir, work, settings, tokenizer, _eos(model, tokenizer), timeout))
+                r = keep(run_vllm_offline(wl, model_dir, work, settings, tokenizer, _eos(model, tokenizer), timeout))
             except subprocess.TimeoutExpired:
                 failed(settings.label(), RuntimeError(f"stopped after {timeout:.0f} s, 3x the time of the run before"))
                 continue
@@ -242,10 +274,12 @@ def run_workload(
                 f"{t} OMP thread(s), one engine; EngineArgs {r.extra['vllm']['engine_args']}"
             )
     for engine, layouts in plan.layouts.items():
+        if engines_only and engine != "vllm":
+            continue
         for replicas, threads in layouts:
             cfg = bulkgen_config(preset, wl, replicas, threads, engine)
             try:
-                record(run_bulkgen(wl, model_dir, work, cfg))
+                keep(run_bulkgen(wl, model_dir, work, cfg))
             except Exception as e:
                 failed(cfg.label(), e)
     runs = [r for r in results if "config" in r.extra and r.completion_tokens]
@@ -254,7 +288,7 @@ def run_workload(
         fastest = max(runs, key=lambda r: r.tokens_per_s).extra["config"]
         cfg = bulkgen_config(preset, wl, fastest.replicas, fastest.torch_threads, "auto")
         try:
-            r = record(run_bulkgen(wl, model_dir, work, cfg))
+            r = keep(run_bulkgen(wl, model_dir, work, cfg))
             say(f"   -> auto ran engine {r.extra['engine_name']} {r.extra['engine_version']}")
         except Exception as e:
             failed(cfg.label(), e)
@@ -262,22 +296,10 @@ def run_workload(
         # What a user gets who sets nothing but input, model, generation and output.
         cfg = BulkgenConfig.spec_defaults()
         try:
-            r = record(run_bulkgen(wl, model_dir, work, cfg))
+            r = keep(run_bulkgen(wl, model_dir, work, cfg))
             say(f"   -> the defaults ran {r.extra['config'].replicas} replica(s) of engine {r.extra['engine_name']}")
         except Exception as e:
             failed(cfg.label(), e)
-    offline = [r for r in results if "vllm" in r.extra and r.completion_tokens]
-    if offline:
-        # Greedy tokens (and sampled ones: the same per-sequence seeds) should match vLLM offline's.
-        reference = max(offline, key=lambda r: r.tokens_per_s)
-        for r in results:
-            if "texts" in r.extra and r is not reference:
-                same, total = same_texts(r.extra["texts"], reference.extra["texts"])
-                r.extra["same_as_vllm"] = (same, total)
-    for r in results:
-        r.extra.setdefault("flops", workload_flops(preset, wl))
-        r.extra.pop("texts", None)
-    return results
 
 
 def narrow(plan: Plan, results: list[Result]) -> None:
@@ -376,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             narrow(plan, all_results[wl.name])
             if plan.notes:
                 say("   -> faster, and what the rest use: " + "; ".join(plan.notes))
+    rows = preset.engine_long_tail_rows
+    if rows and plan.vllm_skip is None and (not args.only or any(o.startswith("long-tail") for o in args.only)):
+        wl = dataclasses.replace(long_tail(tokenizer, rows), name=f"long-tail-{rows}")
+        all_results[wl.name] = run_workload(preset, wl, model, tokenizer, model_dir, work, plan, sync, engines_only=True)
     peak = max(peak, machine_peak(preset))
     elapsed = time.perf_counter() - started
     text = report.render(env, preset, all_results, peak, scale, elapsed, plan)
