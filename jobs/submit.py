@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,8 +177,6 @@ def _working_dir(spec_data: dict):
 
 def wait_ended(submission: str, address: str | None, timeout: float, poll_s: float = 1.0) -> bool:
     """Whether the submission ended within `timeout` seconds."""
-    import time
-
     deadline = time.monotonic() + timeout
     with job_client(address) as client:
         while True:
