@@ -51,7 +51,7 @@ class Dataset:
         return self.own_n_samples + (self.num_rows - self.own_n_rows) * n
 
 
-def list_parquet_files(
+def list_input_files(
     uri: str, storage_options: dict, suffix: str = ".parquet"
 ) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     """Resolve `uri` (file, directory or glob) to (fs, root, sorted file paths); a directory
@@ -109,7 +109,7 @@ def open_dataset(spec: InputSpec) -> Dataset:
     if is_batch(spec):
         return open_batch_dataset(spec)
     with storage.reaching("input.uri", spec.uri, InputError):
-        fs, root, paths = list_parquet_files(spec.uri, spec.storage_options)
+        fs, root, paths = list_input_files(spec.uri, spec.storage_options)
     files, schemas = read_footers(fs, root, paths)
     for f, schema in zip(files, schemas):
         check_schema(spec, schema, f.url)
@@ -121,7 +121,7 @@ def open_batch_dataset(spec: InputSpec) -> Dataset:
     """List the batch files and read each once: its rows (non-blank lines), unique custom_ids,
     and the samples its requests ask for. Keeps 8 bytes per row (a hash of its id), not the requests."""
     with storage.reaching("input.uri", spec.uri, InputError):
-        fs, root, paths = list_parquet_files(spec.uri, spec.storage_options, suffix=".jsonl")
+        fs, root, paths = list_input_files(spec.uri, spec.storage_options, suffix=".jsonl")
     files, hashes, own_n_rows, own_n_samples = [], array("q"), 0, 0
     for path in paths:
         url, relpath = fs.unstrip_protocol(path), posixpath.relpath(path, root) if root else path
@@ -142,11 +142,9 @@ def open_batch_dataset(spec: InputSpec) -> Dataset:
 
 def _check_unique_custom_ids(spec: InputSpec, files: list[InputFile], hashes: array) -> None:
     """Raise InputError naming a duplicated custom_id and both its lines."""
-    order = np.sort(np.array(hashes, dtype=np.int64))
-    if not (order[1:] == order[:-1]).any():
+    suspects = _repeated(np.array(hashes, dtype=np.int64))
+    if not suspects:
         return
-    # A hash repeats: find the actual duplicate (hash collisions are possible, so confirm).
-    suspects = set(order[1:][order[1:] == order[:-1]].tolist())
     seen: dict[str, tuple[InputFile, int]] = {}
     for file in files:
         for index, line, text in iter_batch_lines(file.url, spec.storage_options):
@@ -235,11 +233,9 @@ def check_unique_ids(spec: InputSpec, dataset: Dataset) -> None:
             raise InputError(f"input.id_column {spec.id_column!r} is null in {file.url} (a row near {row})")
         hashes[filled : filled + len(ids)] = [hash(v) for v in ids.to_pylist()]
         filled += len(ids)
-    order = np.sort(hashes[:filled])
-    if not (order[1:] == order[:-1]).any():
+    suspects = _repeated(hashes[:filled])
+    if not suspects:
         return
-    # A hash repeats: find the actual duplicate (hash collisions are possible, so confirm).
-    suspects = set(order[1:][order[1:] == order[:-1]].tolist())
     seen: dict = {}
     for ids, file, _ in _iter_ids(spec, dataset):
         for value in ids.to_pylist():
@@ -250,6 +246,13 @@ def check_unique_ids(spec: InputSpec, dataset: Dataset) -> None:
                         f"and {file.url}"
                     )
                 seen[value] = file.url
+
+
+def _repeated(hashes: np.ndarray) -> set[int]:
+    """The id hashes that occur more than once: where a duplicate may be (hashes can
+    collide, so the caller confirms on the ids themselves)."""
+    order = np.sort(hashes)
+    return set(order[1:][order[1:] == order[:-1]].tolist())
 
 
 def _iter_ids(spec: InputSpec, dataset: Dataset):
