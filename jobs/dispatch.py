@@ -12,7 +12,7 @@ from typing import Protocol
 
 from jobs.core import storage
 from jobs.core.protocol import ShardResult, ShardTask
-from jobs.core.rows import extra_columns, read_shard_rows
+from jobs.core.rows import read_shard_rows
 from jobs.core.spec import JobSpec
 from jobs.scheduler import ShardScheduler, Work
 
@@ -54,7 +54,7 @@ def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listen
             listener.tick()
             for replica, work, tries in scheduler.assign():
                 attempt = f"attempt-{tries}-{uuid.uuid4().hex[:8]}"
-                rows = read_shard_rows(spec.input, work.shard, extra_columns(spec)) if inline_input else None
+                rows = read_shard_rows(spec, work.shard) if inline_input else None
                 ref = replica.run.remote(ShardTask(work.shard, attempt, work.kind, rows))
                 in_flight[ref] = (replica, work, tries)
             done, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=WAIT_S)

@@ -182,7 +182,7 @@ def validate_report(spec: JobSpec, max_rows: int | None = None) -> Report:
         model=spec.model.path,
     )
     for shard in checked.shards:
-        table = read_shard_rows(spec.input, shard)  # one shard's rows at a time
+        table = read_shard_rows(spec, shard)  # one shard's rows at a time
         ids = row_ids(spec.input, shard, table)
         for i, row in enumerate(table.to_pylist()):
             if max_rows is not None and report.scanned >= max_rows:

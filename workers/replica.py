@@ -19,7 +19,7 @@ from jobs.core.dedupe import index_name
 from jobs.core.metrics import job_name
 from jobs.core.prompts import GENERATION_ERROR, RowError, build_prompt, max_new_tokens
 from jobs.core.protocol import ShardResult, ShardTask, TaskKind, row_seed
-from jobs.core.rows import METADATA_KEY, extra_columns, id_name, input_columns, is_batch, read_shard_rows, row_ids
+from jobs.core.rows import METADATA_KEY, id_name, is_batch, job_input_columns, read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
 from jobs.core.times import now
 from workers import shard_io
@@ -62,7 +62,7 @@ class Replica:
         return result
 
     def _process(self, task: ShardTask, started: float) -> ShardResult:
-        table = task.rows if task.rows is not None else read_shard_rows(self.spec.input, task.shard, extra_columns(self.spec))
+        table = task.rows if task.rows is not None else read_shard_rows(self.spec, task.shard)
         ids = row_ids(self.spec.input, task.shard, table)
         rows, n = table.to_pylist(), self.spec.generation.num_return_sequences
         if is_batch(self.spec.input):  # every request asks for its own number of samples
@@ -87,7 +87,7 @@ class Replica:
                 ids.append(key)
                 samples.append([])
             samples[where[key]].append(record["sample_index"])
-        input_schema = pa.schema([errors.schema.field(c) for c in input_columns(self.spec.input)])
+        input_schema = pa.schema([errors.schema.field(c) for c in job_input_columns(self.spec)])
         out, err = self._generate(rows, ids, samples)
         return self._stage(task, out, err, input_schema, started, previous=data)
 

@@ -194,4 +194,4 @@ class Recorder:
 
 
 if __name__ == "__main__":
-    print(markdown_table())  # the table in cluster/README.md's Metrics section
+    print(markdown_table())  # the table in the README's "Operating jobs" section

@@ -89,13 +89,12 @@ def input_columns(spec: InputSpec) -> list[str]:
     return list(dict.fromkeys(columns))  # unique, in order
 
 
-def read_shard_rows(spec: InputSpec, shard: Shard, extra_columns: tuple[str, ...] = ()) -> pa.Table:
-    """The input columns the job uses (and `extra_columns`: references), for the shard's row range."""
-    if is_batch(spec):
-        return read_batch_rows(shard.url, spec.storage_options, shard.relpath, shard.start, shard.stop)
-    columns = input_columns(spec)
-    columns += [c for c in extra_columns if c not in columns]
-    return storage.read_row_range(shard.url, spec.storage_options, shard.start, shard.stop, columns)
+def read_shard_rows(spec: JobSpec, shard: Shard) -> pa.Table:
+    """The input columns the job reads (job_input_columns), for the shard's row range."""
+    i = spec.input
+    if is_batch(i):
+        return read_batch_rows(shard.url, i.storage_options, shard.relpath, shard.start, shard.stop)
+    return storage.read_row_range(shard.url, i.storage_options, shard.start, shard.stop, job_input_columns(spec))
 
 
 def extra_columns(spec: JobSpec) -> tuple[str, ...]:
@@ -134,8 +133,14 @@ def error_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
     """Columns of errors/: id, sample_index, error_code, error, and every input column the job reads,
     so a dead letter can be generated again from its own row."""
     first = id_field(spec.input, input_schema)
-    rest = [input_schema.field(c) for c in input_columns(spec.input) if c != first.name]
+    rest = [input_schema.field(c) for c in job_input_columns(spec) if c != first.name]
     return [first, *ERROR_FIELDS, *rest]
+
+
+def job_input_columns(spec: JobSpec) -> list[str]:
+    """Every input column a job reads: the input's own, then extra_columns (references)."""
+    columns = input_columns(spec.input)
+    return columns + [c for c in extra_columns(spec) if c not in columns]
 
 
 # -- batch files: rows are lines --------------------------------------------------------

@@ -359,3 +359,30 @@ def test_retry_failed_regenerates_dead_letters_and_keeps_the_rest(tmp_path, tiny
     still = read(again.errors_url).to_pylist()
     assert [(r["id"], r["sample_index"], r["error_code"]) for r in still] == [("b", 0, "empty_prompt")]
     assert (again.samples_ok, again.samples_failed) == (3, 1)
+
+
+def test_dead_letters_keep_the_reference_and_retry_scores_them(tmp_path, tiny_model):
+    path = tmp_path / "in" / "p.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "prompt": ["Write a poem", None], "topic": ["ta", "tb"],
+                  "ref": ["a poem", "a note"]}),
+        path,
+    )  # fmt: skip
+    spec = make_spec(tmp_path, tiny_model, evaluation={"reference_column": "ref"})
+    replica = Replica(spec, {})
+    [shard] = plan(open_dataset(spec.input).files, 10)
+    first = replica.run(ShardTask(shard, "attempt-0-a"))
+    errors = read(first.errors_url)
+    assert errors.column("ref").to_pylist() == ["a note"]  # all a retry needs, the reference included
+    out = tmp_path / "out"
+    (out / "data").mkdir()
+    (out / "errors").mkdir()
+    pq.write_table(read(first.data_url), out / "data" / f"{shard.name}.parquet")
+    b_row = {**errors.to_pylist()[0], "prompt": "Write a note"}  # fixed at the source, say
+    pq.write_table(pa.Table.from_pylist([b_row], schema=errors.schema), out / "errors" / f"{shard.name}.parquet")
+
+    again = read(replica.run(ShardTask(shard, "attempt-1-b", TaskKind.RETRY_FAILED)).data_url)
+    scored = {r["id"]: r for r in again.to_pylist()}
+    assert sorted(scored) == ["a", "b"] and scored["b"]["ref"] == "a note"
+    assert scored["b"]["bleu"] is not None
