@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from jobs.core.dedupe import Print
 from jobs.core.spec import EvaluationSpec, FiltersSpec
 
 EVALUATION_COLUMNS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
@@ -63,15 +64,13 @@ class Filters:
 
     def apply(self, candidates: list[Candidate], keys: list) -> None:
         """Set `dropped_by` on the candidates a filter drops; `keys` are their (id, sample_index)."""
-        from jobs.core.dedupe import fingerprint
-
         for c in candidates:
             c.dropped_by = self._rule(c)
         kept = [(c, k) for c, k in zip(candidates, keys) if c.dropped_by is None]
         if self.spec.deduplicate == "none":
             return
         near = self.spec.deduplicate == "near"
-        prints = [fingerprint(c.text, near) for c, _ in kept]
+        prints = [Print(c.text, near) for c, _ in kept]
         # Among a row's own samples: the first one stays.
         seen: dict[int, list] = {}
         for (c, _), p in zip(kept, prints):

@@ -33,18 +33,19 @@ class Replica:
     def __init__(self, spec: JobSpec, job_facts: dict):
         self.spec = spec
         self.engine = create_engine(spec)
-        engine = {k: v for k, v in self.engine.describe().items() if k in ("engine", "engine_version")}
+        self.described = self.engine.describe()
+        engine = {k: v for k, v in self.described.items() if k in ("engine", "engine_version")}
         facts = json.dumps({**job_facts, **engine}, sort_keys=True)
         self.file_metadata = {METADATA_KEY.encode(): facts.encode()}  # Parquet schema metadata of every file
         self.loop = EngineLoop(self.engine, job_name(spec.name, spec.output.uri), spec.resources.batch_size)
-        self.cache = ReplicaCache(spec, job_facts.get("model", {}), self.engine.describe()) if spec.cache else None
+        self.cache = ReplicaCache(spec, job_facts.get("model", {}), self.described) if spec.cache else None
         self.evaluator = Evaluator(spec.evaluation) if spec.evaluation is not None else None
         self.filters = Filters(spec.filters, _job_index(spec)) if spec.filters is not None else None
         self.loaded_at = now()
 
     def info(self) -> dict:
         """Facts about this replica for the job record (and for tests: its pid)."""
-        return {"pid": os.getpid(), **self.engine.describe()}
+        return {"pid": os.getpid(), **self.described}
 
     def publish_cache(self, attempt: str) -> int:
         """The driver committed this attempt: write its generated sequences to the row cache."""

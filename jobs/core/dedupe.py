@@ -47,10 +47,6 @@ class Print:
         return self.minhash is not None and self.minhash.jaccard(other.minhash) >= threshold
 
 
-def fingerprint(text: str, near: bool) -> Print:
-    return Print(text, near)
-
-
 class DedupeIndex:
     """Every kept sequence of the job so far; a Ray actor (one per run, see index_name)."""
 
