@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from jobs.core.errors import BadInput
-from jobs.core.spec import JobSpec, ResourcesSpec, apply_overrides, load_spec
+from jobs.core.spec import JobSpec, ReplicaCount, ResourcesSpec, apply_overrides, load_spec
 
 RAY_VERSION = "2.60.0"  # the ray pin in pyproject.toml and the image's tag (a test keeps them equal)
 SPEC_DIR = "/etc/bulkgen"
@@ -157,17 +157,9 @@ def pod_shape(resources: ResourcesSpec) -> tuple[int, int, int]:
 
 def replica_bounds(replicas) -> tuple[int, int] | None:
     """(min, max) replicas the spec asks for, or None for `auto` (as many as the cluster holds).
-
-    Accepts an int, a "MIN..MAX" string or a value object with `min` and `max`."""
-    if isinstance(replicas, int):
-        return replicas, replicas
-    low, high = getattr(replicas, "min", None), getattr(replicas, "max", None)
-    if isinstance(low, int) and isinstance(high, int) and not getattr(replicas, "auto", False):
-        return low, high
-    low, sep, high = str(replicas).partition("..")
-    if sep and low.strip().isdigit() and high.strip().isdigit():
-        return int(low), int(high)
-    return None
+    `replicas`: a ReplicaCount, or anything ReplicaCount.parse reads (3, "2..8", "auto")."""
+    count = replicas if isinstance(replicas, ReplicaCount) else ReplicaCount.parse(replicas)
+    return None if count.auto else (count.min, count.max)
 
 
 def _meta(api_version: str, kind: str, name: str, opts: Options, labels: dict) -> dict:
