@@ -5,6 +5,12 @@ shard): while one is read or written, the others' sequences decode, and the
 next shard's sequences join the running batch as the last one's finish, so
 the model never idles at a shard boundary.
 
+That thread also builds the engine. On CPU, every thread that runs torch's
+parallel kernels gets its own OpenMP team, and GNU OpenMP's threads stop
+spinning and sleep between kernels once a process holds more of them than it
+has cores: a model loaded on one thread and stepped on another ran 1.3x slower
+on 2 cores (vLLM, bench long-tail: 10.7 s against 8.0 s).
+
 With a job name it records each step's time and batch occupancy as
 Prometheus series (jobs/core/metrics.py), straight from the engine thread: a
 record costs microseconds against a step's milliseconds.
@@ -17,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from jobs.core import metrics
 from jobs.core.times import now
@@ -26,16 +33,22 @@ log = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, job_name: str | None = None, batch_size: int | None = None):
-        """`job_name` (the `job_name` label) and `batch_size` (resources.batch_size) turn
+    def __init__(self, make_engine: Callable[[], Engine], job_name: str | None = None, batch_size: int | None = None):
+        """Builds the engine on the loop's thread; raises what `make_engine` raised.
+        `job_name` (the `job_name` label) and `batch_size` (resources.batch_size) turn
         on the step metrics; without them nothing is recorded."""
-        self.engine = engine
         self._cv = threading.Condition()
         self._tickets: dict[int, _Ticket] = {}
-        self._thread: threading.Thread | None = None
         self.times: dict[str, str] = {}  # first_step_at, idle_at: how busy this replica was
         self._held = 0  # sequences submitted and not finished: the engine's running and waiting ones
         self._metrics = _StepMetrics(job_name, batch_size) if job_name and batch_size else None
+        self.engine: Engine
+        built = threading.Event()
+        failed: list[BaseException] = []
+        threading.Thread(target=self._serve, args=(make_engine, built, failed), name="engine", daemon=True).start()
+        built.wait()
+        if failed:
+            raise failed[0]
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Completions for `requests`, in order; blocks until all are done."""
@@ -46,9 +59,6 @@ class EngineLoop:
             self._tickets[id(ticket)] = ticket
             self._held += len(requests)
             self.engine.submit([dataclasses.replace(r, key=(id(ticket), r.key)) for r in requests])
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-                self._thread.start()
             self._cv.notify()
         ticket.done.wait()
         if ticket.error is not None:
@@ -58,6 +68,16 @@ class EngineLoop:
     def stats(self) -> dict:
         with self._cv:
             return {**self.engine.stats(), **self.times}
+
+    def _serve(self, make_engine: Callable[[], Engine], built: threading.Event, failed: list) -> None:
+        try:
+            self.engine = make_engine()
+        except BaseException as e:  # the constructor raises it
+            failed.append(e)
+            return
+        finally:
+            built.set()
+        self._run()
 
     def _run(self) -> None:
         while True:

@@ -32,12 +32,12 @@ from workers.row_cache import ReplicaCache
 class Replica:
     def __init__(self, spec: JobSpec, job_facts: dict):
         self.spec = spec
-        self.engine = create_engine(spec)
+        self.loop = EngineLoop(lambda: create_engine(spec), job_name(spec.name, spec.output.uri), spec.resources.batch_size)
+        self.engine = self.loop.engine
         self.described = self.engine.describe()
         engine = {k: v for k, v in self.described.items() if k in ("engine", "engine_version")}
         facts = json.dumps({**job_facts, **engine}, sort_keys=True)
         self.file_metadata = {METADATA_KEY.encode(): facts.encode()}  # Parquet schema metadata of every file
-        self.loop = EngineLoop(self.engine, job_name(spec.name, spec.output.uri), spec.resources.batch_size)
         self.cache = ReplicaCache(spec, job_facts.get("model", {}), self.described) if spec.cache else None
         self.evaluator = Evaluator(spec.evaluation) if spec.evaluation is not None else None
         self.filters = Filters(spec.filters, _job_index(spec)) if spec.filters is not None else None

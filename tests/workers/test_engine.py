@@ -334,7 +334,7 @@ def test_top_k_restricts_the_choice(lm):
     ids = prompt_ids(lm)
     with torch.no_grad():
         logits = [model(torch.tensor([p])).logits[0, -1] for p in ids]
-    allowed = [set(torch.topk(l, 2).indices.tolist()) for l in logits]
+    allowed = [set(torch.topk(row, 2).indices.tolist()) for row in logits]
     for seed in range(5):
         for tokens, ok in zip(sampled(lm, requests(lm, max_new=1, seed=seed), top_k=2), allowed):
             assert len(tokens) <= 1 and (not tokens or tokens[0] in ok)

@@ -1,0 +1,51 @@
+"""The replica's engine loop: one thread builds the engine and steps it; shards' threads feed it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from jobs.core.errors import ModelError
+from tests.workers.test_engine import lm, make_engine, requests  # noqa: F401 (lm is a fixture)
+from workers.engine_loop import EngineLoop
+
+
+def test_the_engine_is_built_and_stepped_on_the_loops_own_thread(lm):  # noqa: F811
+    threads: dict[str, set[int]] = {"built": set(), "stepped": set()}
+
+    def build():
+        threads["built"].add(threading.get_ident())
+        engine = make_engine(lm)
+        step = engine.step
+
+        def recorded_step():
+            threads["stepped"].add(threading.get_ident())
+            return step()
+
+        engine.step = recorded_step
+        return engine
+
+    loop = EngineLoop(build)
+    # Two shards' threads at once, as a replica's threaded actor calls it.
+    results: list = [None, None]
+    reqs = requests(lm)
+    callers = [threading.Thread(target=lambda i=i: results.__setitem__(i, loop.generate(reqs))) for i in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(60)
+    assert results[0] is not None and results[0] == results[1]
+    assert [c.key for c in results[0]] == [r.key for r in reqs]
+    # One thread did every torch call, neither this one nor a caller's: on CPU each
+    # thread running torch's kernels keeps an OpenMP team of its own (engine_loop.py).
+    assert len(threads["built"]) == 1 and threads["stepped"] == threads["built"]
+    assert threads["built"].isdisjoint({threading.get_ident(), *(t.ident for t in callers)})
+
+
+def test_an_engine_that_cannot_be_built_fails_the_constructor():
+    def build():
+        raise ModelError("model.path /nowhere: no config.json")
+
+    with pytest.raises(ModelError, match="/nowhere"):
+        EngineLoop(build)
