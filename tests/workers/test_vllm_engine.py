@@ -80,6 +80,16 @@ def test_stop_strings_cut_the_text_like_the_transformers_engine(run):
     assert got[row] == want[row]
 
 
+def test_rows_that_may_run_longest_are_admitted_first(host, tiny_model):
+    # One sequence at a time, so the order they finish in is the order vLLM admitted them.
+    limits = [2, 9, 4, 12, 1]
+    longest_first = host.submit(vllm_host.admission_order, str(tiny_model), limits, {}).result()
+    assert longest_first == [3, 1, 2, 0, 4]
+    # engine_options may ask for vLLM's own arrival order instead.
+    arrival = host.submit(vllm_host.admission_order, str(tiny_model), limits, {"scheduling_policy": "fcfs"}).result()
+    assert arrival == [0, 1, 2, 3, 4]
+
+
 def test_a_sampled_row_depends_on_its_seed_only(host, tiny_model):
     sampling = {"do_sample": True, "temperature": 1.0, "top_p": 0.95}
     model = str(tiny_model)

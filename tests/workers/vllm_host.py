@@ -53,3 +53,18 @@ def abort_then_serve(model: str, prompts: list[str]) -> tuple[list, bool, list]:
     e.step()
     aborted = sorted(r.key for r in e.abort_all())
     return aborted, e.has_work(), [c.key for c in run(e, reqs[:2])]
+
+
+def admission_order(model: str, limits: list[int], engine_options: dict) -> list[int]:
+    """Keys of requests with these max_new_tokens, in the order one-at-a-time (batch_size 1)
+    vLLM finished them: the order it admitted them."""
+    from workers.engine import create_engine
+
+    data = job_dict("/in", "/out", model, resources={"batch_size": 1})
+    data["model"].update(engine="vllm", engine_options={"enforce_eager": True, **engine_options})
+    e = create_engine(spec_from_dict(data))
+    e.submit(_requests(e, ["Write a short poem about the sea"] * len(limits), limits, list(range(len(limits)))))
+    finished = []
+    while e.has_work():
+        finished += [c.key for c in e.step()]
+    return finished
