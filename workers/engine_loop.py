@@ -5,7 +5,7 @@ shard): while one is read or written, the others' sequences decode, and the
 next shard's sequences join the running batch as the last one's finish, so
 the model never idles at a shard boundary.
 
-That thread also builds the engine. On CPU, every thread that runs torch's
+That thread also builds the engine, and makes every call on it. On CPU, every thread that runs torch's
 parallel kernels gets its own OpenMP team, and GNU OpenMP's threads stop
 spinning and sleep between kernels once a process holds more of them than it
 has cores: a model loaded on one thread and stepped on another ran 1.3x slower
@@ -38,7 +38,8 @@ class EngineLoop:
         `job_name` (the `job_name` label) and `batch_size` (resources.batch_size) turn
         on the step metrics; without them nothing is recorded."""
         self._cv = threading.Condition()
-        self._tickets: dict[int, _Ticket] = {}
+        self._arrived: list[_Ticket] = []  # handed over by the shards' threads, not yet submitted
+        self._tickets: dict[int, _Ticket] = {}  # submitted, not yet done; the engine thread's alone
         self.times: dict[str, str] = {}  # first_step_at, idle_at: how busy this replica was
         self._held = 0  # sequences submitted and not finished: the engine's running and waiting ones
         self._metrics = _StepMetrics(job_name, batch_size) if job_name and batch_size else None
@@ -55,10 +56,9 @@ class EngineLoop:
         if not requests:
             return []
         ticket = _Ticket(len(requests))
+        ticket.requests = [dataclasses.replace(r, key=(id(ticket), r.key)) for r in requests]
         with self._cv:
-            self._tickets[id(ticket)] = ticket
-            self._held += len(requests)
-            self.engine.submit([dataclasses.replace(r, key=(id(ticket), r.key)) for r in requests])
+            self._arrived.append(ticket)
             self._cv.notify()
         ticket.done.wait()
         if ticket.error is not None:
@@ -66,8 +66,7 @@ class EngineLoop:
         return [ticket.results[r.key] for r in requests]
 
     def stats(self) -> dict:
-        with self._cv:
-            return {**self.engine.stats(), **self.times}
+        return {**self.engine.stats(), **self.times}
 
     def _serve(self, make_engine: Callable[[], Engine], built: threading.Event, failed: list) -> None:
         try:
@@ -80,40 +79,61 @@ class EngineLoop:
         self._run()
 
     def _run(self) -> None:
+        """Every engine call happens here. The lock guards only the hand-over: held
+        through a step, it starved the shards' threads (a released lock went straight
+        back to this loop), and shards joined the batch steps late."""
         while True:
             with self._cv:
-                while not self.engine.has_work():
+                while not self._arrived and not self.engine.has_work():
                     self._cv.wait()
-                self.times.setdefault("first_step_at", now())
-                held, started = self._held, time.perf_counter()
-                try:
-                    finished = self.engine.step()
-                except FatalDeviceError:
-                    # This process's device is unusable: end it, so the driver
-                    # starts a fresh replica and requeues its shards.
-                    log.exception("fatal device error; exiting so the replica is replaced")
-                    os._exit(1)
-                except BaseException as e:  # a bug: fail the shards in flight, keep serving
-                    log.exception("engine step failed")
-                    self.engine.abort_all()
-                    self._held = 0
-                    for ticket in self._tickets.values():
-                        ticket.error = e
-                        ticket.done.set()
-                    self._tickets.clear()
+                arrived, self._arrived = self._arrived, []
+            self._admit(arrived)
+            if not self.engine.has_work():
+                continue
+            self.times.setdefault("first_step_at", now())
+            held, started = self._held, time.perf_counter()
+            try:
+                finished = self.engine.step()
+            except FatalDeviceError:
+                # This process's device is unusable: end it, so the driver
+                # starts a fresh replica and requeues its shards.
+                log.exception("fatal device error; exiting so the replica is replaced")
+                os._exit(1)
+            except BaseException as e:  # a bug: fail the shards in flight, keep serving
+                log.exception("engine step failed")
+                self.engine.abort_all()
+                for ticket in list(self._tickets.values()):
+                    self._fail(ticket, e)
+                continue
+            if self._metrics is not None:
+                self._metrics.step(time.perf_counter() - started, held)
+            self._held -= len(finished)
+            for c in finished:
+                ticket_id, key = c.key
+                ticket = self._tickets.get(ticket_id)
+                if ticket is None:  # its shard failed already (a submit that raised part-way)
                     continue
-                if self._metrics is not None:
-                    self._metrics.step(time.perf_counter() - started, held)
-                self._held -= len(finished)
-                for c in finished:
-                    ticket_id, key = c.key
-                    ticket = self._tickets[ticket_id]
-                    ticket.results[key] = dataclasses.replace(c, key=key)
-                    if len(ticket.results) == ticket.expected:
-                        ticket.done.set()
-                        del self._tickets[ticket_id]
-                if not self.engine.has_work():
-                    self.times["idle_at"] = now()
+                ticket.results[key] = dataclasses.replace(c, key=key)
+                if len(ticket.results) == ticket.expected:
+                    del self._tickets[ticket_id]
+                    ticket.done.set()
+            if not self.engine.has_work():
+                self.times["idle_at"] = now()
+
+    def _admit(self, tickets: list[_Ticket]) -> None:
+        for ticket in tickets:
+            self._tickets[id(ticket)] = ticket
+            self._held += ticket.expected
+            try:
+                self.engine.submit(ticket.requests)
+            except Exception as e:  # this shard's requests only (an injected fault, say)
+                self._fail(ticket, e)
+
+    def _fail(self, ticket: _Ticket, error: BaseException) -> None:
+        del self._tickets[id(ticket)]
+        self._held -= ticket.expected - len(ticket.results)
+        ticket.error = error
+        ticket.done.set()
 
 
 class _StepMetrics:
@@ -135,6 +155,7 @@ class _StepMetrics:
 @dataclasses.dataclass
 class _Ticket:
     expected: int
+    requests: list[Request] = dataclasses.field(default_factory=list)
     results: dict = dataclasses.field(default_factory=dict)
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     error: BaseException | None = None

@@ -12,18 +12,19 @@ from workers.engine_loop import EngineLoop
 
 
 def test_the_engine_is_built_and_stepped_on_the_loops_own_thread(lm):  # noqa: F811
-    threads: dict[str, set[int]] = {"built": set(), "stepped": set()}
+    threads: dict[str, set[int]] = {"built": set(), "submit": set(), "step": set()}
 
     def build():
         threads["built"].add(threading.get_ident())
         engine = make_engine(lm)
-        step = engine.step
+        for name in ("submit", "step"):
+            method = getattr(engine, name)
 
-        def recorded_step():
-            threads["stepped"].add(threading.get_ident())
-            return step()
+            def recorded(*args, name=name, method=method):
+                threads[name].add(threading.get_ident())
+                return method(*args)
 
-        engine.step = recorded_step
+            setattr(engine, name, recorded)
         return engine
 
     loop = EngineLoop(build)
@@ -39,7 +40,7 @@ def test_the_engine_is_built_and_stepped_on_the_loops_own_thread(lm):  # noqa: F
     assert [c.key for c in results[0]] == [r.key for r in reqs]
     # One thread did every torch call, neither this one nor a caller's: on CPU each
     # thread running torch's kernels keeps an OpenMP team of its own (engine_loop.py).
-    assert len(threads["built"]) == 1 and threads["stepped"] == threads["built"]
+    assert len(threads["built"]) == 1 and threads["submit"] == threads["step"] == threads["built"]
     assert threads["built"].isdisjoint({threading.get_ident(), *(t.ident for t in callers)})
 
 
@@ -49,3 +50,36 @@ def test_an_engine_that_cannot_be_built_fails_the_constructor():
 
     with pytest.raises(ModelError, match="/nowhere"):
         EngineLoop(build)
+
+
+def test_a_shard_arriving_mid_generation_joins_at_the_next_step(lm):  # noqa: F811
+    steps = {"done": 0, "at_submit": []}
+
+    def build():
+        engine = make_engine(lm, batch_size=8)
+        step, submit = engine.step, engine.submit
+
+        def counted_step():
+            out = step()
+            steps["done"] += 1
+            return out
+
+        def recorded_submit(requests):
+            steps["at_submit"].append(steps["done"])
+            return submit(requests)
+
+        engine.step, engine.submit = counted_step, recorded_submit
+        return engine
+
+    loop = EngineLoop(build)
+    first = threading.Thread(target=loop.generate, args=(requests(lm, max_new=400),))
+    first.start()
+    while steps["done"] < 20:  # the first shard is decoding
+        threading.Event().wait(0.001)
+    called_at = steps["done"]
+    second = loop.generate(requests(lm, max_new=2, seed=100))
+    first.join(120)
+    assert len(second) == 3
+    # Handed over between two steps: the engine thread never holds the lock through a
+    # step, so a shard's thread does not wait behind step after step.
+    assert steps["at_submit"][1] - called_at <= 1, steps
