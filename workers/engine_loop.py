@@ -5,11 +5,12 @@ shard): while one is read or written, the others' sequences decode, and the
 next shard's sequences join the running batch as the last one's finish, so
 the model never idles at a shard boundary.
 
-That thread also builds the engine, and makes every call on it. On CPU, every thread that runs torch's
-parallel kernels gets its own OpenMP team, and GNU OpenMP's threads stop
-spinning and sleep between kernels once a process holds more of them than it
-has cores: a model loaded on one thread and stepped on another ran 1.3x slower
-on 2 cores (vLLM, bench long-tail: 10.7 s against 8.0 s).
+That thread also builds the engine, and makes every call on it. On CPU,
+every thread that runs torch's parallel kernels gets its own OpenMP team, and
+GNU OpenMP's threads stop spinning and sleep between kernels once a process
+holds more of them than it has cores: a model loaded on one thread and stepped
+on another ran 1.3x slower on 2 cores (vLLM, bench long-tail: 10.7 s against
+8.0 s).
 
 With a job name it records each step's time and batch occupancy as
 Prometheus series (jobs/core/metrics.py), straight from the engine thread: a
@@ -107,12 +108,12 @@ class EngineLoop:
                 continue
             if self._metrics is not None:
                 self._metrics.step(time.perf_counter() - started, held)
-            self._held -= len(finished)
             for c in finished:
                 ticket_id, key = c.key
                 ticket = self._tickets.get(ticket_id)
                 if ticket is None:  # its shard failed already (a submit that raised part-way)
                     continue
+                self._held -= 1
                 ticket.results[key] = dataclasses.replace(c, key=key)
                 if len(ticket.results) == ticket.expected:
                     del self._tickets[ticket_id]

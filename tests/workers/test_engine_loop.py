@@ -74,9 +74,10 @@ def test_a_shard_arriving_mid_generation_joins_at_the_next_step(lm):  # noqa: F8
     loop = EngineLoop(build)
     first = threading.Thread(target=loop.generate, args=(requests(lm, max_new=400),))
     first.start()
-    while steps["done"] < 20:  # the first shard is decoding
+    while steps["done"] < 20 and first.is_alive():  # the first shard is decoding
         threading.Event().wait(0.001)
     called_at = steps["done"]
+    assert first.is_alive(), "the first shard ended before the second arrived: nothing to join"
     second = loop.generate(requests(lm, max_new=2, seed=100))
     first.join(120)
     assert len(second) == 3
