@@ -6,7 +6,9 @@ own max_tokens, greedy as temperature 0, and the sequence's own seed
 (jobs.core.protocol.row_seed of the job seed, the row's id and the sample index). The
 engine's settings are the ones bulkgen's engine gets: max_num_seqs and
 max_num_batched_tokens from the replica's batch sizes, the KV cache bulkgen's engine
-sizes from that token budget (CPU), and the preset's vllm_options.
+sizes from that token budget (CPU), and the preset's vllm_options. The admission
+order is vLLM's default, arrival order, unless `longest_first` asks for the order
+bulkgen's engine uses.
 
 A fresh process (`python -m bench.vllm_offline IN.json OUT.json`): vLLM reads its
 settings from the environment before it starts, and its CPU backend takes over the
