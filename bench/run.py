@@ -319,7 +319,7 @@ def narrow(plan: Plan, results: list[Result]) -> None:
     faster thread count, run the other workloads. bulkgen[vllm], the one the targets hold
     to vLLM offline, tries every layout on every workload: on this machine the faster one
     changed with the workload (one 2-thread replica on 64 long-tail prompts, two 1-thread
-    ones on uniform prompts), within a few percent of each other."""
+    ones on uniform prompts), by 8-26% either way."""
     for engine, layouts in plan.layouts.items():
         if engine == "vllm":
             continue
