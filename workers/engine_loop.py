@@ -42,7 +42,6 @@ class EngineLoop:
         self._arrived: list[_Ticket] = []  # handed over by the shards' threads, not yet submitted
         self._tickets: dict[int, _Ticket] = {}  # submitted, not yet done; the engine thread's alone
         self.times: dict[str, str] = {}  # first_step_at, idle_at: how busy this replica was
-        self._held = 0  # sequences submitted and not finished: the engine's running and waiting ones
         self._metrics = _StepMetrics(job_name, batch_size) if job_name and batch_size else None
         self.engine: Engine
         built = threading.Event()
@@ -92,7 +91,8 @@ class EngineLoop:
             if not self.engine.has_work():
                 continue
             self.times.setdefault("first_step_at", now())
-            held, started = self._held, time.perf_counter()
+            held = self._held() if self._metrics is not None else 0  # for the occupancy metric only
+            started = time.perf_counter()
             try:
                 finished = self.engine.step()
             except FatalDeviceError:
@@ -113,7 +113,6 @@ class EngineLoop:
                 ticket = self._tickets.get(ticket_id)
                 if ticket is None:  # its shard failed already (a submit that raised part-way)
                     continue
-                self._held -= 1
                 ticket.results[key] = dataclasses.replace(c, key=key)
                 if len(ticket.results) == ticket.expected:
                     del self._tickets[ticket_id]
@@ -121,10 +120,13 @@ class EngineLoop:
             if not self.engine.has_work():
                 self.times["idle_at"] = now()
 
+    def _held(self) -> int:
+        """Sequences submitted and not finished: the engine's running and waiting ones."""
+        return sum(ticket.expected - len(ticket.results) for ticket in self._tickets.values())
+
     def _admit(self, tickets: list[_Ticket]) -> None:
         for ticket in tickets:
             self._tickets[id(ticket)] = ticket
-            self._held += ticket.expected
             try:
                 self.engine.submit(ticket.requests)
             except Exception as e:  # this shard's requests only (an injected fault, say)
@@ -132,7 +134,6 @@ class EngineLoop:
 
     def _fail(self, ticket: _Ticket, error: BaseException) -> None:
         del self._tickets[id(ticket)]
-        self._held -= ticket.expected - len(ticket.results)
         ticket.error = error
         ticket.done.set()
 
