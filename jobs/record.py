@@ -69,7 +69,7 @@ def library_versions() -> dict[str, str]:
 @dataclass
 class Counts:
     input_rows: int = 0
-    rows_total: int = 0  # input_rows * num_return_sequences
+    rows_total: int = 0  # (id, sample_index) rows the job writes: input_rows * n, a batch request its own n
     rows_done: int = 0  # in data/
     rows_failed: int = 0  # in errors/
     rows_cached: int = 0  # of rows_done, taken from the row cache (cache.uri) instead of generated
