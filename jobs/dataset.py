@@ -14,6 +14,7 @@ import logging
 import posixpath
 from array import array
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import fsspec
@@ -25,6 +26,7 @@ from jobs.core import storage
 from jobs.core.errors import InputError
 from jobs.core.openai_batch import request_of
 from jobs.core.plan import InputFile
+from jobs.core.snapshot import PinnedFile, pin_files
 from jobs.core.rows import BATCH_FIELDS, BATCH_ID, batch_row, is_batch, iter_batch_lines
 from jobs.core.spec import InputSpec
 
@@ -264,3 +266,16 @@ def _iter_ids(spec: InputSpec, dataset: Dataset):
                 ids = pf.read_row_group(group, columns=[spec.id_column]).column(0).combine_chunks()
                 yield ids, file, offset
                 offset += len(ids)
+
+
+def pin_input(spec: InputSpec, files: Sequence[InputFile] | None = None) -> list[PinnedFile]:
+    """The input's files as they are now, each with its size and version stamp: one listing
+    and a stat per file, no reads. With `files` (the footers validation read), exactly those
+    files, with their row counts."""
+    with storage.reaching("input.uri", spec.uri, InputError):
+        if files is not None:
+            fs, _ = fsspec.core.url_to_fs(spec.uri, **spec.storage_options)
+            return pin_files(fs, [(f.url, f.relpath, f.num_rows) for f in files])
+        fs, root, paths = list_input_files(spec.uri, spec.storage_options, ".jsonl" if is_batch(spec) else ".parquet")
+        listed = [(fs.unstrip_protocol(p), posixpath.relpath(p, root) if root else p, None) for p in paths]
+        return pin_files(fs, listed)

@@ -17,13 +17,23 @@ from jobs import batch_output, dispatch, metrics, preflight
 from jobs.cluster import connect
 from jobs.core import faults, storage
 from jobs.core.dedupe import DedupeIndex, index_name
-from jobs.core.errors import BadInput, OutputError
+from jobs.core.errors import BadInput, InputChanged, OutputError
 from jobs.core.layout import CANCEL, ERRORS, MANIFEST, RECORD, STAGING, SUCCESS
 from jobs.core.protocol import ShardResult, TaskKind
 from jobs.core.rows import id_name
 from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
 from jobs.core.times import now
-from jobs.output import OutputConflict, OutputDir, claim_output, read_record
+from jobs.claim import ClaimLost, OutputClaim
+from jobs.core.snapshot import InputSnapshot
+from jobs.dataset import pin_input
+from jobs.output import (
+    OutputDir,
+    check_commits_match_plan,
+    input_changed_message,
+    input_changes,
+    open_output,
+    read_record,
+)
 from jobs.record import HEARTBEAT_S, JobFailure, JobRecord, JobState, RecordKeeper, library_versions
 from jobs.run_log import COPY_EVERY_S, RunLog
 from jobs.scheduler import ShardExhausted, ShardScheduler, Work, plan_replicas, shards_per_batch, shards_per_replica
@@ -55,17 +65,22 @@ def run_job(
     With `retry_failed`, committed shards that have dead letters are generated
     again too. Raises BadInput (before any replica starts), JobError or JobCancelled."""
     check_output_usable(spec)
-    out, record = claim_output(spec, overwrite)
+    out, claim, record = open_output(spec, overwrite)  # refused before anything is written, or ours alone
+    try:
+        return _run_claimed(spec, out, claim, record, address, progress, retry_failed)
+    finally:
+        claim.release()
+
+
+def _run_claimed(
+    spec: JobSpec, out: OutputDir, claim: OutputClaim, record: JobRecord, address, progress, retry_failed
+) -> JobRecord:
     if retry_failed:
-        if record.state is JobState.RUNNING:
-            raise OutputConflict(
-                f"the job in {out.uri} is running; wait for it (if its driver is dead, `bulkgen resume` it first)"
-            )
         if storage.process_local(out.uri, out.storage_options):
             raise OutputError("retry-failed needs output storage that Ray workers can reach, not memory://")
         out.remove(SUCCESS)  # the output is about to change
     keeper = RecordKeeper(out, record, on_state=lambda r: metrics.job_state(spec, r))
-    record.start_run(address)
+    record.start_run(address, claim.number)
     with RunLog(out.uri, out.storage_options, len(record.runs)) as run_log:
         log.info("run %d of %s (%s) into %s", len(record.runs), spec.name or "job", spec.fingerprint(), out.uri)
         run_log.copy()  # the log exists from the start, even if this driver is killed
@@ -73,33 +88,58 @@ def run_job(
         try:
             faults.inject("driver.validate")
             checked = check_input_and_model(spec)
+            snapshot = _planned_input(spec, out, record, checked)
         except BaseException as e:  # bad input, a bug, or storage gone: the record says which
             keeper.fail(str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}")
             log.error("validation failed: %s", e)
             raise
         record.model = checked.model
         try:
-            return _Run(spec, out, keeper, checked, address, progress, run_log).execute(retry_failed)
+            return _Run(spec, out, keeper, checked, snapshot, claim, address, progress, run_log).execute(retry_failed)
         except BaseException as e:
             log.error("run %d ended: %s: %s", len(record.runs), type(e).__name__, e)
             raise
+
+
+def _planned_input(spec: JobSpec, out: OutputDir, record: JobRecord, checked: Validated) -> InputSnapshot:
+    """The input snapshot this job plans from: pinned now by its first run, else the one it
+    was planned on, which the input read just now must still equal (row counts included)."""
+    if record.input is None:
+        snapshot = InputSnapshot(checked.rows_per_shard, tuple(pin_input(spec.input, checked.files)))
+        record.input = snapshot.to_json()
+        return snapshot
+    snapshot = InputSnapshot.from_json(record.input)
+    changed = input_changes(spec, snapshot, checked.files)
+    if changed:
+        raise InputChanged(input_changed_message(out, changed))
+    return snapshot
 
 
 class _Run:
     """One driver run of a job: feeds the scheduler's shards to replicas and commits them."""
 
     def __init__(
-        self, spec: JobSpec, out: OutputDir, keeper: RecordKeeper, checked: Validated, address, progress, run_log: RunLog
+        self,
+        spec: JobSpec,
+        out: OutputDir,
+        keeper: RecordKeeper,
+        checked: Validated,
+        snapshot: InputSnapshot,
+        claim: OutputClaim,
+        address,
+        progress,
+        run_log: RunLog,
     ):
         self.spec, self.out, self.keeper, self.address, self.run_log = spec, out, keeper, address, run_log
-        self.record = keeper.record
-        self.shards, self.rows_per_shard = checked.shards, checked.rows_per_shard
+        self.record, self.claim = keeper.record, claim
+        self.shards, self.rows_per_shard = snapshot.shards(), snapshot.rows_per_shard
         self.show_progress = progress
         c = self.record.counts
         c.input_rows, c.rows_total, c.shards_total = checked.input_rows, checked.output_rows, len(self.shards)
         self.retried_before = c.shards_retried
         self.job_facts = self._job_facts()  # the replicas add their engine and write it into every file
         self.commits = out.commit_records()
+        check_commits_match_plan(out, self.commits, self.shards)
         self._recount()
         self.scheduler: ShardScheduler | None = None
         self.started_ray = False  # whether this run started Ray (and so shuts it down)
@@ -169,6 +209,8 @@ class _Run:
         except JobError as e:
             self.keeper.fail(str(e))
             raise
+        except ClaimLost:  # the output is another driver's now: leave its record alone
+            raise
         except BaseException as e:  # storage gone for good, a bug: still leave a true record
             self.keeper.fail(f"{type(e).__name__}: {e}")
             raise
@@ -234,6 +276,7 @@ class _Run:
         if time.monotonic() >= self._next_cancel_poll:
             if self.out.exists(CANCEL):
                 raise JobCancelled(f"cancelled through {self.out.url(CANCEL)}")
+            self.claim.check_still_ours()
             self._next_cancel_poll = time.monotonic() + CANCEL_POLL_S
 
     def replica_ready(self, info: dict, ready: int) -> None:
@@ -294,6 +337,7 @@ class _Run:
             "rows_failed": c.rows_failed,
         }
         batch_output.write_batch_files(self.spec, self.out, self.commits)  # output.format: openai-batch
+        self.claim.check_still_ours()
         self.out.write_json(MANIFEST, manifest)
         self.out.remove(STAGING)
         self.record.run.finished_at = now()

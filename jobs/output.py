@@ -14,24 +14,24 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 
+from jobs.claim import OutputClaim, OutputConflict
 from jobs.core import layout
-from jobs.core.errors import OutputError
+from jobs.core.errors import BadInput, InputChanged, InputError, OutputError
 from jobs.core.layout import CANCEL, RECORD, OutputLayout
-from jobs.core.plan import shard_name
+from jobs.core.plan import InputFile, Shard, shard_name
 from jobs.core.protocol import ShardResult
-from jobs.core.spec import JobSpec
+from jobs.core.snapshot import InputSnapshot, changes
+from jobs.core.spec import JobSpec, spec_from_dict
 from jobs.core.storage import move, read_bytes, with_retries, write_bytes
-from jobs.record import JobRecord, JobState, driver_alive
+from jobs.dataset import pin_input
+from jobs.record import JobRecord
 
 log = logging.getLogger(__name__)
-
-
-class OutputConflict(OutputError):
-    """The output holds another job's committed results, or a live driver writes it."""
 
 
 class OutputDir:
@@ -68,11 +68,31 @@ class OutputDir:
 
         with_retries(rm, f"removing {self.url(name)}")
 
-    def is_empty(self) -> bool:
+    def list(self, name: str = "") -> list[str]:
+        """Names directly under `name` (the root by default); none if it does not exist."""
+        def ls() -> list[str]:
+            try:
+                return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self._path(name), detail=False)]
+            except FileNotFoundError:
+                return []
+
+        return with_retries(ls, f"listing {self.url(name)}")
+
+    def foreign_entries(self) -> list[str]:
+        """What the output's root holds besides the claims, sorted: in a directory that has no job
+        record, these were not made by a bulkgen job."""
+        return sorted(n for n in self.list() if n != layout.CLAIMS and n)
+
+    def read_record_doc(self) -> dict | None:
+        """The job record as a dict, None if there is none; OutputError if it is not a job record."""
         try:
-            return not self.fs.ls(self.root)
-        except FileNotFoundError:
-            return True
+            doc = self.read_json(RECORD)
+        except ValueError as e:  # truncated, or edited by hand
+            raise OutputError(f"{self.url(RECORD)} is not a bulkgen job record (not JSON: {e}); restore it, "
+                              "or move the output away and start the job again") from None  # fmt: skip
+        if doc is not None and not isinstance(doc, dict):
+            raise OutputError(f"{self.url(RECORD)} is not a bulkgen job record (a JSON {type(doc).__name__})")
+        return doc
 
     def wipe(self) -> None:
         """Delete everything this job wrote (for --overwrite)."""
@@ -132,39 +152,111 @@ class OutputDir:
             return {doc["shard"]: doc for doc in docs}
 
 
-def claim_output(spec: JobSpec, overwrite: bool) -> tuple[OutputDir, JobRecord]:
-    """Open the output for this spec: resume its own record, or refuse another job's results."""
+def open_output(spec: JobSpec, overwrite: bool) -> tuple[OutputDir, OutputClaim, JobRecord]:
+    """Claim the output for this driver and open this job's record in it (a new one for a new job).
+
+    Refused (OutputConflict, InputChanged: exit 2) before anything is written: a directory
+    bulkgen did not make, another driver's claim, another job's committed shards, or an input
+    that changed since the job was planned. `overwrite` deletes what blocks the last two."""
     out = OutputDir(spec.output.uri, spec.output.storage_options)
-    existing = out.read_json(RECORD)
-    if existing and existing.get("state") == JobState.RUNNING.value and driver_alive(existing):
-        run = existing["runs"][-1]
+    if out.read_record_doc() is None and out.foreign_entries():
         raise OutputConflict(
-            f"{out.uri} is being written by a running driver (pid {run.get('pid')} on {run.get('host')}, "
-            f"record updated {existing.get('updated_at')}); `bulkgen cancel` it or wait for it"
+            f"{out.uri} is not empty ({', '.join(out.foreign_entries()[:5])}) and holds no bulkgen job record "
+            f"({RECORD}); bulkgen neither writes into nor deletes a directory it did not make, --overwrite "
+            "included: give another output.uri"
         )
-    if existing and existing.get("fingerprint") != spec.fingerprint():
+    claim = OutputClaim.acquire(out)
+    try:
+        return out, claim, _open_record(out, spec, overwrite)
+    except BaseException:
+        claim.release()
+        raise
+
+
+def _open_record(out: OutputDir, spec: JobSpec, overwrite: bool) -> JobRecord:
+    existing = out.read_record_doc()  # again: read under the claim
+    if existing is not None and not same_job(existing, spec):
         committed = out.commit_records()
-        if overwrite:
-            log.warning("--overwrite: deleting the previous job's output in %s", out.uri)
-            out.wipe()
-        elif committed:
+        if committed and not overwrite:
             raise OutputConflict(
                 f"{out.uri} holds {len(committed)} committed shards of a different job spec "
                 f"(fingerprint {existing.get('fingerprint')}, this spec is {spec.fingerprint()}); "
                 "use another output.uri, or --overwrite to delete them"
             )
-        else:
-            out.wipe()  # nothing committed to lose (e.g. an earlier spec failed validation)
+        log.warning("deleting the previous job's output in %s (%s)", out.uri,
+                    "--overwrite" if committed else "it committed nothing")  # fmt: skip
+        out.wipe()
         existing = None
-    elif not existing and not out.is_empty() and not overwrite:
-        raise OutputConflict(f"{out.uri} is not empty and was not written by bulkgen; use another output.uri")
-    if existing:
-        record = JobRecord.from_json(existing)
-    else:
+    if existing is not None and existing.get("input"):
+        changed = input_changes(spec, InputSnapshot.from_json(existing["input"]))
+        if changed and not overwrite:
+            raise InputChanged(input_changed_message(out, changed))
+        if changed:
+            log.warning("--overwrite: the input changed since %s was planned; deleting its output", out.uri)
+            out.wipe()
+            existing = None
+    if existing is None:
         record = JobRecord(spec.redacted(), spec.fingerprint(), spec.name)  # state pending
-        out.write_json(RECORD, record.to_json())  # claims the output for this spec
+        out.write_json(RECORD, record.to_json())
+    else:
+        record = JobRecord.from_json(existing)
+        record.fingerprint = spec.fingerprint()  # a record of an earlier release keeps its job, under today's hash
     out.remove(CANCEL)
-    return out, record
+    return record
+
+
+def same_job(record_doc: dict, spec: JobSpec) -> bool:
+    """Whether a record is of this spec's job: the same fingerprint, or (a record an earlier
+    release wrote, under its own fingerprint formula) a recorded spec with today's fingerprint."""
+    if record_doc.get("fingerprint") == spec.fingerprint():
+        return True
+    try:
+        recorded = spec_from_dict(record_doc.get("spec") or {}, source=RECORD)
+    except BadInput:
+        return False
+    return recorded.fingerprint() == spec.fingerprint()
+
+
+def input_changes(spec: JobSpec, pinned: InputSnapshot, files: Sequence[InputFile] | None = None) -> list[str]:
+    """How the input differs from the pinned snapshot, a line per file: by listing and stat, or
+    with `files` (the footers validation read) those files, row counts included."""
+    try:
+        current = pin_input(spec.input, files)
+    except InputError:  # no file left: every pinned file was removed
+        current = []
+    return changes(pinned.files, current)
+
+
+def input_changed_message(out: OutputDir, changed: list[str]) -> str:
+    lines = "\n  ".join(changed)
+    return (
+        f"the input changed since the job in {out.uri} was planned:\n  {lines}\n"
+        "A job is its spec plus the input it was planned on, and its committed shards cover that input, so "
+        "a changed input is never re-planned into it. Restore the input to resume; for a new night's input, "
+        "write to a new output.uri (with cache.uri set, rows generated before are taken from the cache); "
+        "or --overwrite to delete this output and start over on today's input."
+    )
+
+
+def check_commits_match_plan(out: OutputDir, commits: dict[int, dict], shards: list[Shard]) -> None:
+    """Every committed shard must cover the rows the plan gives its index, or the job would
+    count rows it never wrote and skip rows it never generated."""
+    planned = {s.index: s for s in shards}
+    wrong = []
+    for index in sorted(commits):
+        c, s = commits[index], planned.get(index)
+        covered = (c.get("input"), c.get("input_start"), c.get("input_stop"))
+        if s is None:
+            wrong.append(f"{c.get('name')} covers {covered[0]} rows {covered[1]}:{covered[2]}; the plan has no such shard")
+        elif covered != (s.url, s.start, s.stop):
+            wrong.append(f"{s.name} covers {covered[0]} rows {covered[1]}:{covered[2]}; the plan's is {s.url} "
+                         f"rows {s.start}:{s.stop}")  # fmt: skip
+    if wrong:
+        raise InputChanged(
+            f"the committed shards in {out.uri} were cut from another input than this job's plan:\n  "
+            + "\n  ".join(wrong)
+            + "\nwrite to a new output.uri, or --overwrite to delete this output and start over"
+        )
 
 
 def read_record(output_uri: str) -> JobRecord:

@@ -102,6 +102,7 @@ class Run:
     finished_at: str | None = None
     replicas: dict[str, dict] = field(default_factory=dict)  # pid -> latest engine counters
     replica_plan: dict = field(default_factory=dict)  # resources.replicas resolved: asked, launched, expected, how
+    claim: int | None = None  # its claim on the output: _claims/run-NNNNN.json (jobs/claim.py)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class JobRecord:
     finished_at: str | None = None
     runs: list[Run] = field(default_factory=list)
     error: JobFailure | None = None
+    input: dict | None = None  # the input snapshot the job was planned on (jobs/core/snapshot.py), once planned
 
     def to_json(self) -> dict:
         doc = asdict(self)
@@ -150,11 +152,11 @@ class JobRecord:
         if error is not None:
             self.error = error
 
-    def start_run(self, address: str | None) -> None:
+    def start_run(self, address: str | None, claim: int | None = None) -> None:
         """A new driver run begins: back to PENDING, the last run's error cleared."""
         if self.runs or self.state is not JobState.PENDING:
             self.set_state(JobState.PENDING)
-        self.runs.append(Run(ray_address=address or "local"))
+        self.runs.append(Run(ray_address=address or "local", claim=claim))
         self.error = None
         self.finished_at = None
 

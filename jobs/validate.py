@@ -20,7 +20,7 @@ from jobs import preflight
 from jobs.core import storage
 from jobs.core.errors import InputError, OutputError
 from jobs.core.model import load_tokenizer
-from jobs.core.plan import Shard, plan, rows_per_shard
+from jobs.core.plan import InputFile, Shard, plan, rows_per_shard
 from jobs.core.prompts import RowError, build_prompt
 from jobs.core.rows import read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
@@ -35,6 +35,7 @@ class Validated:
     context: int | None
     rows_per_shard: int  # shards.rows_per_shard, `auto` decided
     output_rows: int  # (id, sample_index) rows the job writes: a batch request asks for its own n
+    files: tuple[InputFile, ...] = ()  # the input files whose footers were read, in plan order
 
 
 def validate(spec: JobSpec) -> Validated:
@@ -55,7 +56,8 @@ def check_input_and_model(spec: JobSpec) -> Validated:
     per_shard = rows_per_shard(spec.shards.rows_per_shard, dataset.num_rows)
     shards = plan(dataset.files, per_shard)
     output_rows = dataset.output_rows(spec.generation.num_return_sequences)
-    return Validated(shards, dataset.num_rows, preflight.model_identity(spec), context, per_shard, output_rows)
+    identity = preflight.model_identity(spec)
+    return Validated(shards, dataset.num_rows, identity, context, per_shard, output_rows, dataset.files)
 
 
 def check_reference_column(spec: JobSpec, schema) -> None:

@@ -29,3 +29,7 @@ class OutputError(BadInput):
 
 class ClusterError(BadInput):
     """The Ray cluster named by --address (or RAY_ADDRESS) cannot be joined."""
+
+
+class InputChanged(InputError):
+    """The input differs from the one the job in this output was planned on (jobs/core/snapshot.py)."""

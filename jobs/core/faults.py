@@ -26,6 +26,7 @@ The points:
     storage.write         path             a whole object is written
     storage.move          path             a staged file is published under this name
     driver.validate                        the driver starts validating a job
+    driver.claim          run              the driver is about to create its claim on the output
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@
     _report/report.md          the same content as Markdown, beside its figures
     _report/figures/NAME.png   the report's figures
     _CANCEL                    a cancel request, polled by the driver
+    _claims/run-NNNNN.json     run NNNNN's claim on the output: one driver at a time (jobs/claim.py)
     output.jsonl, errors.jsonl with output.format openai-batch: one line per request, as the
                                providers' batch output and error files (jobs/batch_output.py)
     _SUCCESS                   written last, only when the job succeeded
@@ -33,15 +34,18 @@ CANCEL = "_CANCEL"
 COMMITS = "_commits"
 STAGING = "_staging"
 LOGS = "_logs"
+CLAIMS = "_claims"
 REPORT = "_report"
 REPORT_HTML, REPORT_MARKDOWN, REPORT_FIGURES = "index.html", "report.md", "figures"
 DATA, ERRORS, FILTERED = "data", "errors", "filtered"
 BATCH_OUTPUT, BATCH_ERRORS = "output.jsonl", "errors.jsonl"
 
-# What `--overwrite` deletes: everything a job writes, and nothing else.
+# What `--overwrite` deletes: everything a job writes, and nothing else. The claims stay:
+# they are the output's, not a job's, and the driver deleting the rest holds the latest.
 JOB_ENTRIES = (
     SUCCESS, MANIFEST, BATCH_OUTPUT, BATCH_ERRORS, COMMITS, DATA, ERRORS, FILTERED, STAGING, REPORT, LOGS, CANCEL, RECORD
 )
+BULKGEN_ENTRIES = (*JOB_ENTRIES, CLAIMS)  # everything bulkgen may have made in an output
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ class OutputLayout:
     @staticmethod
     def staged_filtered(shard: int, attempt: str) -> str:
         return f"{OutputLayout.staging(shard, attempt)}/filtered.parquet"
+
+    @staticmethod
+    def claim(run: int) -> str:
+        return f"{CLAIMS}/run-{run:05d}.json"
 
     @staticmethod
     def run_log(run: int) -> str:

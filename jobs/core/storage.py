@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import posixpath
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -19,6 +21,7 @@ from typing import TypeVar
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.memory import MemoryFileSystem
 
 from jobs.core import faults
 
@@ -64,6 +67,52 @@ def write_bytes(url: str, data: bytes, storage_options: dict) -> None:
             fs.pipe_file(path, data)
 
     with_retries(write, f"writing {url}")
+
+
+_memory_lock = threading.Lock()
+
+
+def create_exclusive(url: str, data: bytes, storage_options: dict) -> bool:
+    """Create a whole object only if nothing is at `url` yet; False if something is.
+
+    Atomic where the store can do it: a hard link of a complete temporary file
+    on local disks (link(2) fails if the name exists), a conditional PUT
+    (If-None-Match: *) on S3, a lock around memory://'s one process. Any
+    other store gets fsspec's check-then-write, which two writers can both
+    pass: `atomic_create` says which a store gets."""
+
+    def create() -> bool:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        faults.inject("storage.write", path=path)
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        if _renames_atomically(fs):
+            tmp = f"{path}.tmp-{random.getrandbits(48):012x}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            return True
+        try:
+            if isinstance(fs, MemoryFileSystem):
+                with _memory_lock:
+                    fs.pipe_file(path, data, mode="create")
+            else:
+                fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    return with_retries(create, f"creating {url}")
+
+
+def atomic_create(url: str, storage_options: dict) -> bool:
+    """Whether create_exclusive is atomic on `url`'s store (see there)."""
+    fs, _ = fsspec.core.url_to_fs(url, **storage_options)
+    return _renames_atomically(fs) or isinstance(fs, MemoryFileSystem) or "s3" in fs.protocol
 
 
 def read_bytes(url: str, storage_options: dict) -> bytes:
@@ -141,8 +190,6 @@ def reaching(field: str, uri: str, error: type[Exception]):
 def process_local(url: str, storage_options: dict) -> bool:
     """Whether `url` lives in this process only (memory://), so other
     processes (Ray workers) cannot reach it and rows must travel through Ray."""
-    from fsspec.implementations.memory import MemoryFileSystem
-
     fs, _ = fsspec.core.url_to_fs(url, **storage_options)
     return isinstance(fs, MemoryFileSystem)
 

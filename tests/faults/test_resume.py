@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from jobs.core.spec import spec_from_dict
-from jobs.driver import JobCancelled, OutputConflict, request_cancel, run_job
+from jobs.driver import JobCancelled, request_cancel, run_job
+from jobs.output import OutputConflict
 from tests.conftest import job_dict, write_job, write_prompts
 from tests.faults.conftest import check_output, commit_records, read_record, run_cli, wait_for
 

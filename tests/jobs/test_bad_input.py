@@ -416,8 +416,9 @@ def refused_input_recorded(tmp_path: Path, err: str) -> None:
     assert record["state"] == "failed"
     assert record["error"]["where"] == "validating"
     assert record["error"]["message"] in err
-    # Nothing but the record and the run's log, which says why it failed.
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"_job.json", "_logs"}
+    # Nothing but the record, the run's log, which says why it failed, and the run's released claim.
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"_job.json", "_logs", "_claims"}
+    assert json.loads((tmp_path / "out" / "_claims" / "run-00001.json").read_text())["released_at"]
     assert record["error"]["message"] in (tmp_path / "out" / "_logs" / "run-1.log").read_text()
 
 

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.driver import OutputConflict, run_job
+from jobs.driver import run_job
+from jobs.output import OutputConflict
 from jobs.record import library_versions
 from jobs.core.spec import spec_from_dict
 from tests.conftest import job_dict, write_prompts

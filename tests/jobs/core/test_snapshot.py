@@ -1,0 +1,49 @@
+"""The input snapshot: what counts as a changed input, and the plan rebuilt from a pinned one."""
+
+from __future__ import annotations
+
+from jobs.core.plan import InputFile, plan
+from jobs.core.snapshot import InputSnapshot, PinnedFile, changes, version_stamp
+
+
+def pinned(relpath: str, size: int = 100, version: str = "mtime:1", rows: int | None = 10) -> PinnedFile:
+    return PinnedFile(relpath, f"s3://b/in/{relpath}", size, version, rows)
+
+
+def test_the_same_input_has_no_changes():
+    files = [pinned("a.parquet"), pinned("b.parquet")]
+    assert changes(files, list(files)) == []
+
+
+def test_added_removed_and_rewritten_files_are_each_named():
+    before = [pinned("a.parquet"), pinned("b.parquet"), pinned("c.parquet")]
+    after = [pinned("b.parquet", size=120), pinned("c.parquet"), pinned("d.parquet")]
+    lines = changes(before, after)
+    assert lines[0].startswith("added:") and lines[0].endswith("/d.parquet")
+    assert lines[1].startswith("removed:") and lines[1].endswith("/a.parquet")
+    assert lines[2].startswith("rewritten:") and "b.parquet" in lines[2] and "size 100" in lines[2]
+    assert len(lines) == 3
+
+
+def test_a_new_version_stamp_is_a_rewrite_even_at_the_same_size():
+    assert changes([pinned("a.parquet", version="ETag:1")], [pinned("a.parquet", version="ETag:2")])
+
+
+def test_row_counts_count_only_where_both_sides_know_them():
+    assert changes([pinned("a.parquet", rows=10)], [pinned("a.parquet", rows=None)]) == []
+    assert changes([pinned("a.parquet", rows=10)], [pinned("a.parquet", rows=11)])
+
+
+def test_version_stamp_prefers_the_stores_own_over_a_time():
+    assert version_stamp({"ETag": '"abc"', "LastModified": "x", "size": 1}) == 'ETag:"abc"'
+    assert version_stamp({"generation": 7, "etag": "e"}) == "generation:7"
+    assert version_stamp({"mtime": 1.5, "size": 3}) == "mtime:1.5"
+    assert version_stamp({"size": 3}) is None
+
+
+def test_the_pinned_plan_is_the_plan_of_its_files_and_survives_json():
+    files = (pinned("b.parquet", rows=25), pinned("a.parquet", rows=7))
+    snapshot = InputSnapshot(10, files)
+    expected = plan([InputFile(f.url, f.relpath, f.num_rows) for f in files], 10)
+    assert snapshot.shards() == expected
+    assert InputSnapshot.from_json(snapshot.to_json()) == snapshot
