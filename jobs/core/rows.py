@@ -14,6 +14,7 @@ needs to be generated again.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -152,6 +153,8 @@ def iter_batch_lines(url: str, storage_options: dict, start: int = 0, stop: int 
     with fsspec.open(url, "rb", **storage_options) as f:
         index = 0
         for number, raw in enumerate(f, 1):
+            if number == 1:  # a UTF-8 BOM (some editors write one) is no part of the first request
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if not raw.strip():
                 continue
             if stop is not None and index >= stop:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
@@ -183,6 +184,16 @@ def test_rows_are_non_blank_lines_read_by_range(tmp_path):
     # A line whose custom_id cannot be read has the derived id: file and row index.
     assert table.column("custom_id").to_pylist() == ["b", "c", "b.jsonl:3"]
     assert table.column("url").to_pylist() == [CHAT, COMPLETIONS, None]
+
+
+def test_a_bom_before_the_first_line_is_no_part_of_it(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + f"{line('a')}\n{line('b')}\n".encode())
+    rows = read_batch_rows(str(path), {}, "b.jsonl", 0, 2).to_pylist()
+    assert [(r["custom_id"], r["request"]) for r in rows] == [("a", line("a")), ("b", line("b"))]
+    assert parse_request(rows[0]["request"], 1).custom_id == "a"  # a request, not a dead letter
+    path.write_bytes(codecs.BOM_UTF8 + f"\n{line('a')}\n".encode())  # a BOM alone: a blank line
+    assert [(i, n) for i, n, _ in iter_batch_lines(str(path), {})] == [(0, 2)]
 
 
 def test_columns_of_a_batch_job(tmp_path):
