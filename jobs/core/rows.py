@@ -187,6 +187,8 @@ def _readable_custom_id(doc: dict) -> str | None:
 
 
 def _json_object(text: str) -> dict:
+    # Lenient on purpose (Python's json reads NaN and Infinity): a line that parse_request refuses
+    # still keeps the custom_id it has, so its errors.jsonl line names the request.
     try:
         doc = json.loads(text)
     except ValueError:

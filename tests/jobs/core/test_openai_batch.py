@@ -94,6 +94,11 @@ def test_openai_meanings_of_settings():
         (line(tools=[{"type": "function"}]), "body.tools is not supported"),
         (line(logprobs=True), "body.logprobs is not supported"),
         (line(frequency_penalty=0.5), "body.frequency_penalty is not supported"),
+        # Python's json reads these; JSON has no such numbers (a NaN temperature passes every range check).
+        (line().replace('"body": {', '"body": {"temperature": NaN, '), "NaN is not a JSON number"),
+        (line().replace('"body": {', '"body": {"top_p": Infinity, '), "Infinity is not a JSON number"),
+        (line().replace('"body": {', '"body": {"metadata": {"w": -Infinity}, '), "-Infinity is not a JSON number"),
+        (line().replace('"body": {', '"body": {"temperature": 1e400, '), "body.temperature must be a finite number"),
     ],
 )
 def test_a_malformed_line_is_a_bad_request_naming_its_line(text, says):
