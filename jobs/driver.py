@@ -278,6 +278,9 @@ class _Run:
 
     def _finalize(self) -> JobRecord:
         self.keeper.move_to(JobState.FINALIZING)
+        # output.format openai-batch: like a provider's batch, the job ends with both files, over its
+        # error budget or not (request_counts says how many failed); before the manifest and _SUCCESS.
+        batch_output.write_batch_files(self.spec, self.out, self.commits)
         c = self.record.counts
         failed_fraction = c.rows_failed / c.rows_total if c.rows_total else 0.0
         if failed_fraction > self.spec.shards.max_failed_fraction:
@@ -293,7 +296,6 @@ class _Run:
             "rows_done": c.rows_done,
             "rows_failed": c.rows_failed,
         }
-        batch_output.write_batch_files(self.spec, self.out, self.commits)  # output.format: openai-batch
         self.out.write_json(MANIFEST, manifest)
         self.out.remove(STAGING)
         self.record.run.finished_at = now()

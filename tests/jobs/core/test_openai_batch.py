@@ -165,6 +165,18 @@ def test_batch_input_refuses_fields_its_lines_decide(extra, says):
         spec_from_dict(batch_spec("/in/batch.jsonl", input=extra))
 
 
+def test_a_batch_input_has_every_row_as_its_error_budget():
+    # A provider fails no batch for its bad lines: they are errors.jsonl lines, counted in request_counts.
+    assert spec_from_dict(batch_spec("/in/batch.jsonl")).shards.max_failed_fraction == 1.0
+    given = spec_from_dict(batch_spec("/in/batch.jsonl", shards={"max_failed_fraction": 0.0, "rows_per_shard": 3}))
+    assert (given.shards.max_failed_fraction, given.shards.rows_per_shard) == (0.0, 3)
+    parquet = spec_from_dict(batch_spec("/in/p.parquet", input={"prompt_column": "p"}))
+    assert parquet.shards.max_failed_fraction == 0.0  # a Parquet input's rows are the user's data: none may fail
+    assert spec_from_dict(batch_spec("/in/batch.jsonl")).fingerprint() == spec_from_dict(
+        batch_spec("/in/batch.jsonl", shards={"max_failed_fraction": 0.0})
+    ).fingerprint()  # the budget decides no row: resuming with another one is allowed
+
+
 def test_a_recorded_batch_spec_loads_unchanged():
     spec = spec_from_dict(batch_spec("/in/batch.jsonl", output={"format": "openai-batch"}))
     again = spec_from_dict(spec.model_dump(mode="json"))
