@@ -8,7 +8,9 @@ appears in exactly one of the two. The lines come
 from the committed data/ and errors/ files, read one shard at a time, in input
 order: the driver holds one shard's rows, never the dataset. Each file is
 written under a temporary name and moved into place whole before the manifest
-and _SUCCESS; finalizing again (a resume) writes the same lines.
+and _SUCCESS; finalizing again (a resume) writes the same lines. A job over its
+error budget (shards.max_failed_fraction) writes them too before it fails: a
+provider's batch ends with both files, however many of its requests failed.
 
 Also `request_counts`: the providers' {total, completed, failed} for `bulkgen status --json`.
 """

@@ -18,7 +18,7 @@ from jobs.cluster import connect
 from jobs.core import faults, storage
 from jobs.core.dedupe import DedupeIndex, index_name
 from jobs.core.errors import BadInput, InputChanged, OutputError
-from jobs.core.layout import CANCEL, ERRORS, MANIFEST, RECORD, STAGING, SUCCESS
+from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, CANCEL, ERRORS, MANIFEST, RECORD, STAGING, SUCCESS
 from jobs.core.protocol import ShardResult, TaskKind
 from jobs.core.rows import id_name
 from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
@@ -78,7 +78,8 @@ def _run_claimed(
     if retry_failed:
         if storage.process_local(out.uri, out.storage_options):
             raise OutputError("retry-failed needs output storage that Ray workers can reach, not memory://")
-        out.remove(SUCCESS)  # the output is about to change
+        for name in (SUCCESS, BATCH_OUTPUT, BATCH_ERRORS):  # the output is about to change
+            out.remove(name)
     keeper = RecordKeeper(out, record, on_state=lambda r: metrics.job_state(spec, r))
     record.start_run(address, claim.number)
     with RunLog(out.uri, out.storage_options, len(record.runs)) as run_log:
@@ -321,6 +322,9 @@ class _Run:
 
     def _finalize(self) -> JobRecord:
         self.keeper.move_to(JobState.FINALIZING)
+        # output.format openai-batch: like a provider's batch, the job ends with both files, over its
+        # error budget or not (request_counts says how many failed); before the manifest and _SUCCESS.
+        batch_output.write_batch_files(self.spec, self.out, self.commits)
         c = self.record.counts
         failed_fraction = c.rows_failed / c.rows_total if c.rows_total else 0.0
         if failed_fraction > self.spec.shards.max_failed_fraction:
@@ -336,7 +340,6 @@ class _Run:
             "rows_done": c.rows_done,
             "rows_failed": c.rows_failed,
         }
-        batch_output.write_batch_files(self.spec, self.out, self.commits)  # output.format: openai-batch
         self.claim.check_still_ours()
         self.out.write_json(MANIFEST, manifest)
         self.out.remove(STAGING)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,7 @@ def parse_request(text: str, line: int) -> BatchRequest:
         return RowError(BAD_REQUEST, f"line {line}: {message}")
 
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_constant=_not_json_constant)
     except ValueError as e:
         raise bad(f"not JSON ({e})") from None
     if not isinstance(doc, dict):
@@ -105,6 +106,12 @@ def parse_request(text: str, line: int) -> BatchRequest:
     except ValueError as e:
         raise bad(str(e)) from None
     return BatchRequest(custom_id, url, messages, prompt, **settings)
+
+
+def _not_json_constant(name: str):
+    # Python's json reads NaN, Infinity and -Infinity; JSON has no such numbers, and a NaN
+    # temperature would pass every range check (NaN compares false) and sample at random.
+    raise ValueError(f"{name} is not a JSON number (JSON has no NaN or Infinity); write a finite number")
 
 
 def _messages(value: Any) -> list[dict]:
@@ -181,8 +188,8 @@ def _integer(got: dict, name: str, low: int | None = None, high: int | None = No
 
 def _number(got: dict, name: str, low: float, high: float | None = None) -> float:
     value = got[name]
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"body.{name} must be a number, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"body.{name} must be a finite number, got {value!r}")  # 1e400 reads as inf
     if value < low or (high is not None and value > high):
         raise ValueError(f"body.{name} must be in [{low}, {high if high is not None else '...'}], got {value}")
     return float(value)

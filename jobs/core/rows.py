@@ -14,6 +14,7 @@ needs to be generated again.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -152,6 +153,8 @@ def iter_batch_lines(url: str, storage_options: dict, start: int = 0, stop: int 
     with fsspec.open(url, "rb", **storage_options) as f:
         index = 0
         for number, raw in enumerate(f, 1):
+            if number == 1:  # a UTF-8 BOM (some editors write one) is no part of the first request
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if not raw.strip():
                 continue
             if stop is not None and index >= stop:
@@ -184,6 +187,8 @@ def _readable_custom_id(doc: dict) -> str | None:
 
 
 def _json_object(text: str) -> dict:
+    # Lenient on purpose (Python's json reads NaN and Infinity): a line that parse_request refuses
+    # still keeps the custom_id it has, so its errors.jsonl line names the request.
     try:
         doc = json.loads(text)
     except ValueError:

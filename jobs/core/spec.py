@@ -265,7 +265,12 @@ class ShardsSpec(_Section):
     )
     max_attempts: int = Field(3, ge=1, description="Tries per shard before the job fails.")
     max_failed_fraction: float = Field(
-        0.0, ge=0, le=1, description="Fraction of rows allowed in errors/ before the job fails."
+        0.0,
+        ge=0,
+        le=1,
+        description="Fraction of rows allowed in errors/ before the job fails. Default for an openai-batch input: "
+        "1.0, as a provider fails no batch for its bad lines (each is an errors.jsonl line, counted in "
+        "request_counts.failed).",
     )
 
 
@@ -314,6 +319,19 @@ class JobSpec(_Section):
     evaluation: EvaluationSpec | None = Field(None, description="Scores against reference texts.")
     filters: FiltersSpec | None = Field(None, description="Quality gates for augmentation data.")
     shards: ShardsSpec = Field(default_factory=ShardsSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_error_budget(cls, data: Any) -> Any:
+        # The error budget's default depends on input.format: a batch input's bad lines are answered
+        # in errors.jsonl, as a provider answers them, instead of failing the job.
+        if not (isinstance(data, dict) and isinstance(data.get("input"), dict)):
+            return data
+        shards = data.get("shards", {})
+        batch = InputSpec._infer_format(data["input"]).get("format") == "openai-batch"
+        if batch and isinstance(shards, dict) and "max_failed_fraction" not in shards:
+            data = {**data, "shards": {**shards, "max_failed_fraction": 1.0}}
+        return data
 
     @model_validator(mode="after")
     def _columns_do_not_collide(self) -> JobSpec:

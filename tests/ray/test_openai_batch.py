@@ -4,6 +4,7 @@ the `openai` package's own types. Also the engines' per-request sampling, withou
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections import Counter
 from importlib.util import find_spec
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from jobs import cli
 from jobs.core.errors import InputError
 from jobs.core.spec import spec_from_dict
-from jobs.driver import run_job
+from jobs.driver import JobError, run_job
 from jobs.validate import validate
 from tests.conftest import job_dict
 from tests.ray.conftest import read_output
@@ -144,6 +145,61 @@ def test_batch_file_job_writes_provider_shaped_output(ray_cluster, tiny_model, t
     assert cli.main(["status", str(tmp_path / "out"), "--json"]) == 0
     counts = json.loads(capsys.readouterr().out)["request_counts"]
     assert BatchRequestCounts.model_validate(counts).model_dump() == {"total": 8, "completed": 6, "failed": 2}
+
+
+def with_body(line: str, fields: str) -> str:
+    """`line` with `fields` (raw JSON text, so it can hold what json.dumps would not write) first in its body."""
+    return line.replace('"body": {', '"body": {' + fields + ", ", 1)
+
+
+# Line 1 follows a UTF-8 BOM; lines 2 and 3 hold numbers JSON does not have; line 4 is cut short.
+BAD_LINES = [
+    request("bom", COMPLETIONS, max_tokens=3),
+    with_body(request("nan", CHAT), '"temperature": NaN'),
+    with_body(request("inf", COMPLETIONS), '"max_tokens": 4, "top_p": -Infinity'),
+    '{"custom_id": "cut',
+    request("ok", CHAT, max_tokens=3),
+]
+
+
+def files_and_counts(out_uri: str, capsys) -> tuple[list, list, int, dict]:
+    """(output.jsonl's custom_ids, errors.jsonl's (custom_id, line, message)), `status --json`'s exit code
+    and request_counts."""
+    out = read_output(out_uri)
+    responses = [json.loads(x)["custom_id"] for x in out.read_bytes("output.jsonl").decode().splitlines()]
+    failures = [json.loads(x) for x in out.read_bytes("errors.jsonl").decode().splitlines()]
+    capsys.readouterr()
+    code = cli.main(["status", out_uri, "--json"])
+    counts = json.loads(capsys.readouterr().out)["request_counts"]
+    return responses, [(f["custom_id"], f["error"]["line"], f["error"]["message"]) for f in failures], code, counts
+
+
+@pytest.mark.ray
+def test_a_batch_with_bad_lines_ends_like_a_providers(ray_cluster, tiny_model, tmp_path, capsys):
+    """Over its error budget a batch job still ends with output.jsonl and errors.jsonl, and request_counts agrees
+    with them; a batch input's default budget lets every line fail, as a provider's batch does."""
+    data = batch_job(tmp_path, BAD_LINES, tiny_model, "transformers")
+    path = tmp_path / "batch.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    data["shards"] = {"rows_per_shard": 3, "max_failed_fraction": 0.0}
+    out_uri = str(tmp_path / "out")
+
+    with pytest.raises(JobError, match=r"3 of 5 rows failed .* over the error budget"):
+        run_job(spec_from_dict(data), progress=False)
+    out = read_output(out_uri)
+    assert out.record["state"] == "failed" and "_SUCCESS" not in out.files
+    responses, failures, code, counts = files_and_counts(out_uri, capsys)
+    assert responses == ["bom", "ok"]  # the BOM is no part of line 1's request
+    assert [f[:2] for f in failures] == [("nan", 2), ("inf", 3), (None, 4)]
+    assert "NaN is not a JSON number" in failures[0][2] and "-Infinity is not a JSON number" in failures[1][2]
+    assert code == cli.EXIT_FAILED
+    assert counts == {"total": 5, "completed": len(responses), "failed": len(failures)}
+
+    # The same job with the batch input's default budget: it succeeds from the committed shards.
+    del data["shards"]["max_failed_fraction"]
+    record = run_job(spec_from_dict(data), progress=False)
+    assert record.state == "succeeded" and record.counts.rows_failed == 3
+    assert files_and_counts(out_uri, capsys) == (responses, failures, 0, counts)
 
 
 # -- the engines' per-request sampling (no Ray) --------------------------------------------------

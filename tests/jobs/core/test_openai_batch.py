@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
@@ -93,6 +94,11 @@ def test_openai_meanings_of_settings():
         (line(tools=[{"type": "function"}]), "body.tools is not supported"),
         (line(logprobs=True), "body.logprobs is not supported"),
         (line(frequency_penalty=0.5), "body.frequency_penalty is not supported"),
+        # Python's json reads these; JSON has no such numbers (a NaN temperature passes every range check).
+        (line().replace('"body": {', '"body": {"temperature": NaN, '), "NaN is not a JSON number"),
+        (line().replace('"body": {', '"body": {"top_p": Infinity, '), "Infinity is not a JSON number"),
+        (line().replace('"body": {', '"body": {"metadata": {"w": -Infinity}, '), "-Infinity is not a JSON number"),
+        (line().replace('"body": {', '"body": {"temperature": 1e400, '), "body.temperature must be a finite number"),
     ],
 )
 def test_a_malformed_line_is_a_bad_request_naming_its_line(text, says):
@@ -159,6 +165,18 @@ def test_batch_input_refuses_fields_its_lines_decide(extra, says):
         spec_from_dict(batch_spec("/in/batch.jsonl", input=extra))
 
 
+def test_a_batch_input_has_every_row_as_its_error_budget():
+    # A provider fails no batch for its bad lines: they are errors.jsonl lines, counted in request_counts.
+    assert spec_from_dict(batch_spec("/in/batch.jsonl")).shards.max_failed_fraction == 1.0
+    given = spec_from_dict(batch_spec("/in/batch.jsonl", shards={"max_failed_fraction": 0.0, "rows_per_shard": 3}))
+    assert (given.shards.max_failed_fraction, given.shards.rows_per_shard) == (0.0, 3)
+    parquet = spec_from_dict(batch_spec("/in/p.parquet", input={"prompt_column": "p"}))
+    assert parquet.shards.max_failed_fraction == 0.0  # a Parquet input's rows are the user's data: none may fail
+    assert spec_from_dict(batch_spec("/in/batch.jsonl")).fingerprint() == spec_from_dict(
+        batch_spec("/in/batch.jsonl", shards={"max_failed_fraction": 0.0})
+    ).fingerprint()  # the budget decides no row: resuming with another one is allowed
+
+
 def test_a_recorded_batch_spec_loads_unchanged():
     spec = spec_from_dict(batch_spec("/in/batch.jsonl", output={"format": "openai-batch"}))
     again = spec_from_dict(spec.model_dump(mode="json"))
@@ -183,6 +201,16 @@ def test_rows_are_non_blank_lines_read_by_range(tmp_path):
     # A line whose custom_id cannot be read has the derived id: file and row index.
     assert table.column("custom_id").to_pylist() == ["b", "c", "b.jsonl:3"]
     assert table.column("url").to_pylist() == [CHAT, COMPLETIONS, None]
+
+
+def test_a_bom_before_the_first_line_is_no_part_of_it(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + f"{line('a')}\n{line('b')}\n".encode())
+    rows = read_batch_rows(str(path), {}, "b.jsonl", 0, 2).to_pylist()
+    assert [(r["custom_id"], r["request"]) for r in rows] == [("a", line("a")), ("b", line("b"))]
+    assert parse_request(rows[0]["request"], 1).custom_id == "a"  # a request, not a dead letter
+    path.write_bytes(codecs.BOM_UTF8 + f"\n{line('a')}\n".encode())  # a BOM alone: a blank line
+    assert [(i, n) for i, n, _ in iter_batch_lines(str(path), {})] == [(0, 2)]
 
 
 def test_columns_of_a_batch_job(tmp_path):
