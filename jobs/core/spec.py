@@ -341,6 +341,20 @@ class FiltersSpec(_Section):
         return self
 
 
+# Spec fields that do not decide the output's rows or file names (JobSpec.fingerprint).
+NOT_DECISIVE = {
+    "name": True,
+    "input": {"storage_options"},
+    "output": {"storage_options", "uri", "report"},  # the report is about the rows, not of them
+    "model": {"engine_options"},  # tuning knobs (memory, compilation), like resources
+    "resources": True,
+    "cache": True,  # a hit is the row a miss would generate: a cache changes no output
+    "shards": {"max_attempts", "max_failed_fraction"},
+}
+# Bumped when a decisive field's default changes: a spec that leaves the field unset then means another job.
+FINGERPRINT_VERSION = 2
+
+
 class JobSpec(_Section):
     name: str | None = Field(None, description="A label shown in the record and the progress bar.")
     input: InputSpec
@@ -398,19 +412,13 @@ class JobSpec(_Section):
         """Hash of everything that decides the output's rows and file names.
 
         Resources and storage options are left out: more replicas or new
-        credentials must not stop a job from resuming."""
-        decisive = self.model_dump(
-            mode="json",
-            exclude={
-                "name": True,
-                "input": {"storage_options"},
-                "output": {"storage_options", "uri", "report"},  # the report is about the rows, not of them
-                "model": {"engine_options"},  # tuning knobs (memory, compilation), like resources
-                "resources": True,
-                "cache": True,  # a hit is the row a miss would generate: a cache changes no output
-                "shards": {"max_attempts", "max_failed_fraction"},
-            },
-        )
+        credentials must not stop a job from resuming. Fields left at their
+        default are left out too, so a field added with a default changes no
+        existing spec's fingerprint (a release must still resume the outputs
+        of the one before); changing a default changes what an unset field
+        means, so it bumps FINGERPRINT_VERSION (tests/jobs/core/test_fingerprint.py
+        pins the defaults)."""
+        decisive = {**_decisive(self, NOT_DECISIVE), "fingerprint_version": FINGERPRINT_VERSION}
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
     def redacted(self) -> dict[str, Any]:
@@ -420,6 +428,24 @@ class JobSpec(_Section):
             if data.get(section) is not None:
                 data[section]["storage_options"] = {k: "<redacted>" for k in data[section]["storage_options"]}
         return data
+
+
+def _decisive(section: BaseModel, exclude: dict[str, Any]) -> dict[str, Any]:
+    """The section's fields as JSON, less those excluded and those at their default."""
+    decisive = {}
+    for name, f in type(section).model_fields.items():
+        rule = exclude.get(name)
+        if rule is True:
+            continue
+        value, default = getattr(section, name), f.get_default(call_default_factory=True)
+        if isinstance(value, BaseModel):
+            inner = _decisive(value, dict.fromkeys(rule or (), True))
+            # A section with defaults counts when a field differs; an optional one (filters) when given at all.
+            if inner or default is None:
+                decisive[name] = inner
+        elif value != default:
+            decisive[name] = section.model_dump(mode="json", include={name})[name]
+    return decisive
 
 
 def output_column_names(spec: JobSpec) -> dict[str, list[str]]:
