@@ -271,6 +271,7 @@ def _cmd_validate(args) -> int:
 
     report = validate_report(load_spec(args.spec, args.overrides), max_rows=args.max_rows)
     print(report.render())
+    report.check_error_budget()  # exit 2 when the rows found failing would fail the run
     return 0
 
 

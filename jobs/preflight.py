@@ -44,6 +44,26 @@ def check_model_source(spec: JobSpec) -> None:
         raise ModelError(f"model.path {path!r} has no weight files")
 
 
+def check_attn_implementation(spec: JobSpec) -> None:
+    """model.attn_implementation must be a name transformers knows: "eager", one of its
+    registered attention functions, or a hub kernel ("org/repo", checked when a replica loads it)."""
+    name = spec.model.attn_implementation
+    if name is None:
+        return
+    import transformers
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    # transformers still takes "paged|sdpa" and the like (deprecated), as the name after the prefix.
+    if name in known or name.removeprefix("paged|") in known or is_kernel(name):
+        return
+    raise ModelError(
+        f"model.attn_implementation {name!r} is not one transformers {transformers.__version__} knows; "
+        f"use one of {known}, a hub kernel like 'kernels-community/flash-attn2', or leave it unset (sdpa, else eager)"
+    )
+
+
 def check_tokenizer(spec: JobSpec, tokenizer) -> None:
     if spec.input.messages_column and not getattr(tokenizer, "chat_template", None):
         raise ModelError(

@@ -1,15 +1,20 @@
 """Everything that can be checked before a replica starts (`bulkgen validate`, and `run` before Ray).
 
-The output (reachable, a directory or creatable, not inside the input), the
-input (files, schema, column types, unique ids), the model (files, config,
-architecture and weight names on the meta device, tokenizer), and for
-`bulkgen validate` a scan of the prompts: rendered and tokenized on this
-machine, measured against the model's context. Failures raise BadInput.
+The output (reachable, a directory that takes new directories or creatable,
+not inside the input), the input (files, schema, column types, unique ids, a
+prompt template's formats against its first row), the model (files, config,
+attention implementation, architecture and weight names on the meta device,
+tokenizer), and for `bulkgen validate` a scan of the prompts: rendered and
+tokenized on this machine, measured against the model's context and the job's
+error budget. Failures raise BadInput.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import string
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -21,7 +26,7 @@ from jobs.core import storage
 from jobs.core.errors import InputError, OutputError
 from jobs.core.model import load_tokenizer
 from jobs.core.plan import InputFile, Shard, plan, rows_per_shard
-from jobs.core.prompts import RowError, build_prompt
+from jobs.core.prompts import TEMPLATE_ERROR, RowError, build_prompt, render_prompt
 from jobs.core.rows import read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
 from jobs.dataset import check_unique_ids, glob_root, is_glob, is_text, open_dataset
@@ -49,12 +54,14 @@ def check_input_and_model(spec: JobSpec) -> Validated:
     dataset = open_dataset(spec.input)
     check_unique_ids(spec.input, dataset)
     check_reference_column(spec, dataset.schema)
+    per_shard = rows_per_shard(spec.shards.rows_per_shard, dataset.num_rows)
+    shards = plan(dataset.files, per_shard)
+    check_template_renders(spec, shards)
     preflight.check_engine(spec)
+    preflight.check_attn_implementation(spec)
     preflight.check_model_source(spec)
     context = preflight.check_model_loadable(spec)
     preflight.check_tokenizer(spec, load_tokenizer(spec.model))
-    per_shard = rows_per_shard(spec.shards.rows_per_shard, dataset.num_rows)
-    shards = plan(dataset.files, per_shard)
     output_rows = dataset.output_rows(spec.generation.num_return_sequences)
     identity = preflight.model_identity(spec)
     return Validated(shards, dataset.num_rows, identity, context, per_shard, output_rows, dataset.files)
@@ -74,6 +81,41 @@ def check_reference_column(spec: JobSpec, schema) -> None:
         raise InputError(f"evaluation.reference_column {column!r} has type {schema.field(column).type}; expected text")
 
 
+_TEMPLATE_PROBE_ROWS = 16  # rows read to find one with every template field set
+
+
+def check_template_renders(spec: JobSpec, shards: list[Shard]) -> None:
+    """A prompt_template with a format spec or conversion ({n:d}, {x!r}) must render the first
+    input row that has every field set: a column's type is the same in every row, so a spec
+    that fails one row (`{topic:d}` on text) fails them all, and the job would end in dead letters."""
+    template = spec.input.prompt_template
+    if template is None or not shards or not _formats_values(template):
+        return
+    first = shards[0]
+    shard = dataclasses.replace(first, stop=min(first.stop, first.start + _TEMPLATE_PROBE_ROWS))
+    table = read_shard_rows(spec, shard)
+    ids = row_ids(spec.input, shard, table)
+    columns = spec.input.source_columns()
+    for i, row in enumerate(table.to_pylist()):
+        if any(row[c] is None for c in columns):
+            continue  # a null is that row's own dead letter, not the template's fault
+        try:
+            render_prompt(spec.input, row, tokenizer=None)
+        except RowError as e:
+            if e.code == TEMPLATE_ERROR:
+                raise InputError(
+                    f"input.prompt_template {template!r} cannot render row {ids[i]!r} of {first.relpath} "
+                    f"({e}), so no row could; fix its format specs for the columns' types "
+                    f"({', '.join(f'{c}: {table.schema.field(c).type}' for c in columns)})"
+                ) from None
+        return  # one complete row decides
+
+
+def _formats_values(template: str) -> bool:
+    """Whether any field of the template has a format spec or a conversion (plain {x} never fails)."""
+    return any(name is not None and (spec or conversion) for _, name, spec, conversion in string.Formatter().parse(template))
+
+
 def check_output_usable(spec: JobSpec) -> None:
     """The output must be reachable and a directory, or creatable as one, and apart from the input.
     Runs before the output is claimed, so a refused output gets nothing written, not even _job.json."""
@@ -84,6 +126,8 @@ def check_output_usable(spec: JobSpec) -> None:
             raise OutputError(f"output.uri {uri!r} is a file; give a directory for data/, errors/ and _job.json")
         if not fs.isdir(path):
             _check_creatable(fs, path, uri)
+        elif _is_local(fs):
+            _probe_local_directory(path, f"output.uri {uri!r} cannot be written")
     check_output_apart(spec)
     check_cache_usable(spec)
 
@@ -132,8 +176,23 @@ def _check_creatable(fs, path: str, uri: str) -> None:
         parent = up
     if not fs.isdir(parent):
         raise OutputError(f"output.uri {uri!r} cannot be created: {fs.unstrip_protocol(parent)} is a file")
-    if "file" in fs.protocol and not os.access(parent, os.W_OK):
-        raise OutputError(f"output.uri {uri!r} cannot be created: {parent} is not writable")
+    if _is_local(fs):
+        _probe_local_directory(parent, f"output.uri {uri!r} cannot be created")
+
+
+def _is_local(fs) -> bool:
+    return "file" in fs.protocol
+
+
+def _probe_local_directory(directory: str, failure: str) -> None:
+    """Make and remove a directory in `directory`: the one real test of creating the output's
+    directories (os.access says yes to root on /proc and /sys, where mkdir fails)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".bulkgen-probe-", dir=directory))
+    except OSError as e:
+        raise OutputError(
+            f"{failure}: {directory} takes no new directories ({e.strerror or e}); give a writable directory"
+        ) from None
 
 
 # -- the report of `bulkgen validate` --------------------------------------------------
@@ -146,6 +205,7 @@ class Report:
     files: int
     context: int | None
     model: str
+    max_failed_fraction: float = 0.0  # shards.max_failed_fraction
     prompt_tokens: list[int] = field(default_factory=list)
     would_fail: Counter = field(default_factory=Counter)  # error code -> rows
     examples: dict = field(default_factory=dict)  # error code -> (row id, message)
@@ -171,6 +231,18 @@ class Report:
             lines.append("would fail: none")
         return "\n".join(lines)
 
+    def check_error_budget(self) -> None:
+        """Raise InputError when the rows the scan found failing already exceed the job's error budget
+        (of all its rows, so a partial scan refuses only what the run would surely fail on)."""
+        failing = sum(self.would_fail.values())
+        if not self.rows or failing / self.rows <= self.max_failed_fraction:
+            return
+        raise InputError(
+            f"{failing} of {self.rows} input rows would fail ({failing / self.rows:.2%}), over "
+            f"shards.max_failed_fraction={self.max_failed_fraction}, so the run would fail; fix those rows "
+            "(see the examples above) or raise shards.max_failed_fraction"
+        )
+
 
 def validate_report(spec: JobSpec, max_rows: int | None = None) -> Report:
     """validate(), then every prompt (up to max_rows) built as a replica would build it."""
@@ -182,6 +254,7 @@ def validate_report(spec: JobSpec, max_rows: int | None = None) -> Report:
         files=len({s.url for s in checked.shards}),
         context=checked.context,
         model=spec.model.path,
+        max_failed_fraction=spec.shards.max_failed_fraction,
     )
     for shard in checked.shards:
         table = read_shard_rows(spec, shard)  # one shard's rows at a time

@@ -15,9 +15,10 @@ import re
 from dataclasses import dataclass
 
 from jobs.core.dedupe import Print
+from jobs.core.rows import EVALUATION_FIELDS
 from jobs.core.spec import EvaluationSpec, FiltersSpec
 
-EVALUATION_COLUMNS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
+EVALUATION_COLUMNS = tuple(f.name for f in EVALUATION_FIELDS)  # the schema's names, spelled in rows.py
 
 
 class Evaluator:

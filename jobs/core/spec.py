@@ -12,22 +12,34 @@ import json
 import os
 import re
 import string
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import core_schema
 
+from jobs.core import rows
 from jobs.core.errors import SpecError
+from jobs.core.layout import DATA, ERRORS, FILTERED
 from jobs.core.rows import DERIVED_ID, WRITTEN_COLUMNS
 
 
 class _Section(BaseModel):
     # Unknown fields are errors (a typo must not be silently ignored) and a
-    # loaded spec never changes.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # loaded spec never changes. No float field means anything at inf or nan
+    # (temperature: .inf sampled uniformly: random text, exit 0).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _column_name_given(name: str | None) -> str | None:
+    if name == "":
+        raise ValueError("a column name must not be empty")
+    return name
 
 
 class InputSpec(_Section):
@@ -87,6 +99,18 @@ class InputSpec(_Section):
                 f"give exactly one of prompt_column, prompt_template, messages_column (got {given or 'none'})"
             )
         return self
+
+    @field_validator("prompt_column", "messages_column", "id_column", "max_new_tokens_column")
+    @classmethod
+    def _column_not_empty(cls, name: str | None) -> str | None:
+        return _column_name_given(name)
+
+    @field_validator("pass_through")
+    @classmethod
+    def _pass_through_not_empty(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            _column_name_given(name)
+        return names
 
     @field_validator("prompt_template")
     @classmethod
@@ -280,6 +304,11 @@ class EvaluationSpec(_Section):
         "ROUGE-1/2/L (rouge-score) per row in data/, corpus scores in the report."
     )
 
+    @field_validator("reference_column")
+    @classmethod
+    def _column_not_empty(cls, name: str) -> str:
+        return _column_name_given(name)
+
 
 class FiltersSpec(_Section):
     """Quality gates: a sequence a filter drops goes to filtered/ with the filter's name."""
@@ -306,6 +335,29 @@ class FiltersSpec(_Section):
             except re.error as e:
                 raise ValueError(f"not a regular expression: {e}") from None
         return pattern
+
+    @model_validator(mode="after")
+    def _bounds_leave_room(self) -> FiltersSpec:
+        low, high = self.min_completion_tokens, self.max_completion_tokens
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"min_completion_tokens {low} > max_completion_tokens {high}: every completion would be filtered out"
+            )
+        return self
+
+
+# Spec fields that do not decide the output's rows or file names (JobSpec.fingerprint).
+NOT_DECISIVE = {
+    "name": True,
+    "input": {"storage_options"},
+    "output": {"storage_options", "uri", "report"},  # the report is about the rows, not of them
+    "model": {"engine_options"},  # tuning knobs (memory, compilation), like resources
+    "resources": True,
+    "cache": True,  # a hit is the row a miss would generate: a cache changes no output
+    "shards": {"max_attempts", "max_failed_fraction"},
+}
+# Bumped when a decisive field's default changes: a spec that leaves the field unset then means another job.
+FINGERPRINT_VERSION = 2
 
 
 class JobSpec(_Section):
@@ -347,23 +399,44 @@ class JobSpec(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _output_columns_unique(self) -> JobSpec:
+        # A Parquet file with a column twice is one no reader opens; the checks above
+        # cover the common clashes, this one every column of every file a job writes.
+        for directory, names in output_column_names(self).items():
+            twice = sorted(name for name, count in Counter(names).items() if count > 1)
+            if twice:
+                name = twice[0]
+                raise ValueError(
+                    f"{directory} would have the column {name!r} twice, from "
+                    f"{' and '.join(_column_sources(self, name))}; rename or drop one of them"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _filters_can_pass(self) -> JobSpec:
+        # A batch request's own max_tokens overrides generation.max_new_tokens, so only
+        # the spec's inputs have a limit known here.
+        low = self.filters.min_completion_tokens if self.filters is not None else None
+        limit = self.generation.max_new_tokens
+        if low is not None and low > limit and self.input.format != rows.OPENAI_BATCH:
+            raise ValueError(
+                f"filters.min_completion_tokens {low} > generation.max_new_tokens {limit}: no completion could be "
+                "long enough, so every row would be filtered out; lower the one or raise the other"
+            )
+        return self
+
     def fingerprint(self) -> str:
         """Hash of everything that decides the output's rows and file names.
 
         Resources and storage options are left out: more replicas or new
-        credentials must not stop a job from resuming."""
-        decisive = self.model_dump(
-            mode="json",
-            exclude={
-                "name": True,
-                "input": {"storage_options"},
-                "output": {"storage_options", "uri", "report"},  # the report is about the rows, not of them
-                "model": {"engine_options"},  # tuning knobs (memory, compilation), like resources
-                "resources": True,
-                "cache": True,  # a hit is the row a miss would generate: a cache changes no output
-                "shards": {"max_attempts", "max_failed_fraction"},
-            },
-        )
+        credentials must not stop a job from resuming. Fields left at their
+        default are left out too, so a field added with a default changes no
+        existing spec's fingerprint (a release must still resume the outputs
+        of the one before); changing a default changes what an unset field
+        means, so it bumps FINGERPRINT_VERSION (tests/jobs/core/test_fingerprint.py
+        pins the defaults)."""
+        decisive = {**_decisive(self, NOT_DECISIVE), "fingerprint_version": FINGERPRINT_VERSION}
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
     def redacted(self) -> dict[str, Any]:
@@ -375,6 +448,61 @@ class JobSpec(_Section):
         return data
 
 
+def _decisive(section: BaseModel, exclude: dict[str, Any]) -> dict[str, Any]:
+    """The section's fields as JSON, less those excluded and those at their default."""
+    decisive = {}
+    for name, f in type(section).model_fields.items():
+        rule = exclude.get(name)
+        if rule is True:
+            continue
+        value, default = getattr(section, name), f.get_default(call_default_factory=True)
+        if isinstance(value, BaseModel):
+            inner = _decisive(value, dict.fromkeys(rule or (), True))
+            # A section with defaults counts when a field differs; an optional one (filters) when given at all.
+            if inner or default is None:
+                decisive[name] = inner
+        elif value != default:
+            decisive[name] = section.model_dump(mode="json", include={name})[name]
+    return decisive
+
+
+def output_column_names(spec: JobSpec) -> dict[str, list[str]]:
+    """The column names of each directory a job writes, as jobs/core/rows.py lays them out."""
+    # Names only: every input column the job reads stands in as text.
+    schema = pa.schema([pa.field(name, pa.string()) for name in rows.job_input_columns(spec)])
+    return {
+        f"{directory}/": [f.name for f in columns_of(spec, schema)]
+        for directory, columns_of in ((DATA, rows.data_fields), (ERRORS, rows.error_fields), (FILTERED, rows.filtered_fields))
+    }
+
+
+def _column_sources(spec: JobSpec, name: str) -> list[str]:
+    """Where an output column's name comes from, for the message about a clash."""
+    i = spec.input
+    given = {
+        "input.id_column" if i.id_column else "the derived id column": [rows.id_name(i)],
+        "input.prompt_column": [i.prompt_column],
+        "input.prompt_template": list(template_fields(i.prompt_template)) if i.prompt_template else [],
+        "input.messages_column": [i.messages_column],
+        "input.max_new_tokens_column": [i.max_new_tokens_column],
+        "input.pass_through": list(i.pass_through),
+        "evaluation.reference_column": [spec.evaluation.reference_column] if spec.evaluation is not None else [],
+        "the columns bulkgen generates": [f.name for f in rows.GENERATED],
+        "output.include_prompt": [rows.PROMPT.name] if spec.output.include_prompt else [],
+        "the error columns of errors/": [f.name for f in rows.ERROR_FIELDS],
+        "the evaluation's scores": [f.name for f in rows.EVALUATION_FIELDS] if spec.evaluation is not None else [],
+        "the filter column of filtered/": [rows.FILTER.name],
+    }
+    sources = []
+    for source, names in given.items():
+        count = names.count(name)
+        if count == 1:
+            sources.append(source)
+        elif count > 1:
+            sources.append(f"{source} ({count} times)")
+    return sources
+
+
 def template_fields(template: str) -> tuple[str, ...]:
     """Column names a prompt template refers to, in order of first use."""
     names: list[str] = []
@@ -382,9 +510,11 @@ def template_fields(template: str) -> tuple[str, ...]:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
         raise ValueError(f"prompt_template {template!r} does not parse: {e}") from None
-    for _, name, format_spec, _ in parsed:
+    for _, name, format_spec, conversion in parsed:
         if name is None:
             continue
+        if conversion not in (None, "r", "s", "a"):  # Python checks it only when formatting: every row would fail
+            raise ValueError(f"prompt_template {template!r}: {{{name}!{conversion}}} is no conversion; use !r, !s or !a")
         if format_spec and "{" in format_spec:  # nested fields, e.g. {topic:>{width}}
             names += [n for n in template_fields(format_spec) if n not in names]
         if not name.isidentifier():
@@ -397,7 +527,8 @@ def template_fields(template: str) -> tuple[str, ...]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` overrides (values parsed as YAML) to a copy of `data`."""
+    """Apply `key.path=value` overrides to a copy of `data`: a string field takes the value as
+    written, any other field (or an unknown one, which validation then names) a YAML value."""
     data = json.loads(json.dumps(data))  # deep copy; spec data is plain YAML
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -410,8 +541,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise SpecError(f"--set {item!r}: {part} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        node[leaf] = raw if _is_text_field(key.split(".")) else _yaml_value(item, raw)
     return data
+
+
+def _yaml_value(item: str, raw: str) -> Any:
+    if not raw:
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise SpecError(f"--set {item!r}: the value is not a YAML value ({getattr(e, 'problem', None) or e}); quote it") from None
+
+
+def _is_text_field(path: list[str]) -> bool:
+    """Whether the spec field at `path` holds text (YAML would cut `name=nightly #3` at its comment)."""
+    model: type[BaseModel] | None = JobSpec
+    for part in path:
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return False  # unknown, or inside a mapping (storage_options): parsed as YAML
+        model = next((a for a in _alternatives(field.annotation) if _is_section(a)), None)
+    alternatives = [a for a in _alternatives(field.annotation) if a is not type(None)]
+    return bool(alternatives) and all(a is str or _is_text_literal(a) for a in alternatives)
+
+
+def _alternatives(annotation) -> tuple:
+    """The types a field may hold: those of a union (`str | None`), else the annotation itself."""
+    return get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+
+
+def _is_text_literal(annotation) -> bool:
+    return get_origin(annotation) is Literal and all(isinstance(v, str) for v in get_args(annotation))
 
 
 def _absolute_local(uri: str) -> str:

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.core.layout import FILTERED, RECORD, OutputLayout
+from jobs.core.rows import EVALUATION_FIELDS, FILTER
 from jobs.core.storage import with_retries
 from jobs.output import OutputDir
 from jobs.record import JobState, driver_alive
@@ -41,8 +42,8 @@ log = logging.getLogger(__name__)
 SAMPLE_ROWS = 2_000  # texts read for repeats and diversity
 EXAMPLES = 3  # example rows shown per error code and per filter
 # Per-row scores an evaluation writes into data/; the report shows those present.
-EVALUATION_COLUMNS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
-FILTER_COLUMN = "filter"  # in filtered/: the name of the filter that dropped the row
+EVALUATION_COLUMNS = tuple(f.name for f in EVALUATION_FIELDS)
+FILTER_COLUMN = FILTER.name  # in filtered/: the name of the filter that dropped the row
 CORPUS_ROWS = 200_000  # rows the corpus scores are computed over, at most
 READERS = 8  # files read at once: object stores answer slowly but in parallel
 

@@ -449,3 +449,89 @@ def test_urls_and_hub_ids_are_left_alone(tmp_path, monkeypatch):
     assert spec.output.uri == "memory://out"
     assert spec.model.path == "org/model"
     assert not Path(spec.model.path).is_absolute()
+
+
+# -- refusals at load (issue 16) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sections, fragments",
+    [
+        ({"input": {"pass_through": ["topic", "topic"]}}, ["data/", "'topic' twice", "input.pass_through (2 times)"]),
+        ({"evaluation": {"reference_column": "text"}}, ["'text' twice", "evaluation.reference_column", "bulkgen generates"]),
+        ({"evaluation": {"reference_column": "rougeL"}}, ["'rougeL' twice", "evaluation's scores"]),
+        ({"input": {"prompt_column": "error_code"}}, ["errors/", "'error_code' twice", "input.prompt_column"]),
+        ({"input": {"prompt_column": None, "prompt_template": "{sample_index}"}}, ["errors/", "input.prompt_template"]),
+    ],
+)
+def test_a_column_written_twice_is_refused_naming_both_sources(sections, fragments):
+    message = spec_error(minimal(**sections))
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_columns_read_once_and_written_once_are_fine():
+    # The reference is also passed through, the prompt column also passed through: each written once.
+    spec = spec_from_dict(
+        minimal(input={"prompt_column": "question", "pass_through": ["ref", "question"]}, evaluation={"reference_column": "ref"})
+    )
+    assert spec.evaluation.reference_column == "ref"
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_floats_are_refused(field, value):
+    message = spec_error(minimal(generation={"do_sample": True, field: value}))
+    assert f"generation.{field}: Input should be a finite number" in message
+
+
+@pytest.mark.parametrize("field", ["prompt_column", "id_column", "max_new_tokens_column"])
+def test_empty_column_names_are_refused(field):
+    assert f"input.{field}: a column name must not be empty (got '')" in spec_error(minimal(input={field: ""}))
+
+
+def test_template_with_an_unknown_conversion_is_refused():
+    message = spec_error(minimal(input={"prompt_column": None, "prompt_template": "About {topic!z}"}))
+    assert "input.prompt_template" in message and "{topic!z}" in message
+    for conversion in "rsa":
+        assert spec_from_dict(minimal(input={"prompt_column": None, "prompt_template": f"About {{topic!{conversion}}}"}))
+
+
+def test_min_completion_tokens_over_max_new_tokens_is_refused_for_spec_inputs_only():
+    message = spec_error(minimal(filters={"min_completion_tokens": 100}, generation={"max_new_tokens": 8}))
+    assert "filters.min_completion_tokens 100 > generation.max_new_tokens 8" in message
+    assert spec_from_dict(minimal(filters={"min_completion_tokens": 8}, generation={"max_new_tokens": 8}))
+    # A batch request's own max_tokens overrides generation.max_new_tokens.
+    batch = minimal(input={"uri": "/data/requests.jsonl", "prompt_column": None}, filters={"min_completion_tokens": 500})
+    assert spec_from_dict(batch).input.format == "openai-batch"
+
+
+def test_overrides_take_text_fields_as_written():
+    out = apply_overrides(
+        minimal(),
+        ["name=nightly #3", "output.uri=/x #y/out", "input.prompt_template=a: b: {c}", "model.dtype=float16 # half",
+         "cache.uri=s3://b/c #1"],
+    )  # fmt: skip
+    assert out["name"] == "nightly #3"
+    assert out["output"]["uri"] == "/x #y/out"
+    assert out["input"]["prompt_template"] == "a: b: {c}"
+    assert out["model"]["dtype"] == "float16 # half"  # a choice of strings: refused, not cut at its comment
+    assert out["cache"] == {"uri": "s3://b/c #1"}
+    assert "model.dtype" in spec_error(out)
+
+
+def test_overrides_of_other_fields_are_yaml():
+    out = apply_overrides(
+        minimal(), ["shards.rows_per_shard=50 # small", "input.storage_options.anon=true", "resources.replicas=2..4",
+                    "generation.bogus=1", "input.pass_through=[a, b]"],
+    )  # fmt: skip
+    assert out["shards"]["rows_per_shard"] == 50
+    assert out["input"]["storage_options"] == {"anon": True}
+    assert out["input"]["pass_through"] == ["a", "b"]
+    assert out["generation"]["bogus"] == 1
+    assert "generation.bogus: unknown field" in spec_error(out)
+
+
+def test_an_override_yaml_cannot_read_names_itself():
+    with pytest.raises(SpecError, match=r"--set 'generation.max_new_tokens=a: b: c': the value is not a YAML value"):
+        apply_overrides(minimal(), ["generation.max_new_tokens=a: b: c"])
