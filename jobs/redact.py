@@ -32,8 +32,7 @@ MIN_SECRET_LEN = 6  # shorter values ("1", "us") are options, and redacting them
 _PATTERNS = [
     re.compile(r"(Credential=)([^/,\s'\"]+)"),
     re.compile(r"(Signature=)([0-9a-fA-F]+)"),
-    re.compile(r"((?:x-amz-security-token|X-Amz-Security-Token|x-amz-credential|X-Amz-Credential)['\"]?\s*[:=]\s*b?['\"]?)"
-               r"([^'\"\s,&}]+)"),
+    re.compile(r"(x-amz-(?:security-token|credential)['\"]?\s*[:=]\s*b?['\"]?)([^'\"\s,&}]+)", re.IGNORECASE),
     re.compile(r"(\b(?:aws_access_key_id|aws_secret_access_key|aws_session_token|secret|token|key|password|"
                r"account_key|sas_token|connection_string)['\"]?\s*[:=]\s*b?['\"])([^'\"]+)"),
 ]

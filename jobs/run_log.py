@@ -117,9 +117,8 @@ class _ShownFrom(logging.Filter):
         return record.levelno >= self.levels.get(record.name.split(".", 1)[0], logging.NOTSET)
 
 
-def print_run_log(
-    output_uri: str, run: int | None = None, follow: bool = False, poll_s: float = 2.0, storage_options: dict | None = None
-) -> None:
+def print_run_log(output_uri: str, run: int | None = None, follow: bool = False, poll_s: float = 2.0,
+                  storage_options: dict | None = None) -> None:
     """Print run `run`'s log (default: the latest run's) from the output; with `follow`,
     keep printing what the driver adds until the run ends."""
     from jobs.core.errors import OutputError
