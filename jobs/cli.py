@@ -162,7 +162,9 @@ def _check_record(spec) -> None:
     """Refuse (exit 2) an output whose _job.json is no job record, before anything starts."""
     from jobs.output import read_record
     from jobs.record_file import NoRecord
+    from jobs.validate import check_output_usable
 
+    check_output_usable(spec)  # first, as run_job does: its messages for an output that cannot be one
     try:
         read_record(spec.output.uri, spec.output.storage_options)
     except NoRecord:
