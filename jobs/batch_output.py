@@ -135,10 +135,10 @@ def _whole_file(out: OutputDir, name: str):
         raise
 
 
-def request_counts(output_uri: str, record: JobRecord) -> dict[str, int]:
+def request_counts(output_uri: str, record: JobRecord, storage_options: dict | None = None) -> dict[str, int]:
     """The providers' request_counts for a job: a request is an input row (a batch line);
     failed, any of its samples in errors/; completed, its shard committed and none failed."""
-    out = OutputDir(output_uri, {})
+    out = OutputDir(output_uri, storage_options or {})
     key = record.spec.get("input", {}).get("id_column") or DERIVED_ID
     commits = out.commit_records()
     failed = 0

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from jobs import redact
+
+    redact.install(logging.getLogger().handlers)  # no credential reaches the console, at any level
     from jobs.driver import JobCancelled, JobError
 
     try:
@@ -78,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("output_uri")
     _add_cluster_args(resume)
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    _add_storage_args(resume)
     resume.set_defaults(func=_cmd_resume)
 
     status = sub.add_parser("status", help="state and counts of a job")
@@ -105,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="build a job's report (OUTPUT_URI/_report/index.html), also while it runs")
     report.add_argument("output_uri")
+    _add_storage_args(report)
     report.add_argument("--open", action="store_true", help="open index.html in the web browser")
     report.add_argument("--sample", type=int, default=None, metavar="ROWS",
                         help="texts read for repeats and diversity (default 2000)")
@@ -115,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_cluster_args(retry)
     retry.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="e.g. resources.batch_size=1; fields that change the output are refused")
+    _add_storage_args(retry)
     retry.set_defaults(func=_cmd_retry_failed)
     from jobs.k8s import add_parser as _add_k8s_parser
     _add_k8s_parser(sub)
@@ -124,6 +130,45 @@ def _parser() -> argparse.ArgumentParser:
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="OUTPUT_URI|SUBMISSION_ID", help="the job's output, or its submission id")
     p.add_argument("--address", help="for a submission id: the cluster's dashboard, e.g. http://HEAD:8265")
+    _add_storage_args(p)
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", dest="storage_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an fsspec storage option of the output, applied before it is read; nested keys with dots, "
+                   "e.g. client_kwargs.endpoint_url=http://HOST:9000 (repeatable)")
+
+
+def _storage(args) -> dict:
+    """The output's storage options given on the command line (--storage-option)."""
+    from jobs import redact
+    from jobs.storage_options import parse
+
+    options = parse(args.storage_options)
+    redact.remember(options)
+    return options
+
+
+def _remember_secrets(spec) -> None:
+    """Every storage option value of the spec is kept out of the logs."""
+    from jobs import redact
+
+    for section in (spec.input, spec.output, spec.cache):
+        if section is not None:
+            redact.remember(section.storage_options)
+
+
+def _check_record(spec) -> None:
+    """Refuse (exit 2) an output whose _job.json is no job record, before anything starts."""
+    from jobs.output import read_record
+    from jobs.record_file import NoRecord
+    from jobs.validate import check_output_usable
+
+    check_output_usable(spec)  # first, as run_job does: its messages for an output that cannot be one
+    try:
+        read_record(spec.output.uri, spec.output.storage_options)
+    except NoRecord:
+        pass  # a new job
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +192,8 @@ def _cmd_run(args) -> int:
 
     _stop_on_sigterm()
     spec = load_spec(args.spec, args.overrides)
+    _remember_secrets(spec)
+    _check_record(spec)
     record = run_job(spec, address=args.address, overwrite=args.overwrite, progress=not args.no_progress)
     _print_done(spec.output.uri, spec.output.storage_options, record)
     return 0
@@ -156,7 +203,8 @@ def _cmd_resume(args) -> int:
     from jobs.driver import resume_spec, run_job
 
     _stop_on_sigterm()
-    spec = resume_spec(args.output_uri, args.overrides)
+    spec = resume_spec(args.output_uri, args.overrides, _storage(args))
+    _remember_secrets(spec)
     record = run_job(spec, address=args.address, progress=not args.no_progress)
     _print_done(spec.output.uri, spec.output.storage_options, record)
     return 0
@@ -165,9 +213,11 @@ def _cmd_resume(args) -> int:
 def _cmd_submit(args) -> int:
     from jobs.core.errors import SpecError
     from jobs.output import read_record
+    from jobs.record_file import NoRecord
     from jobs.submit import submit
 
     spec = load_spec(args.spec, args.overrides)
+    _remember_secrets(spec)
     env = {}
     for item in args.env:
         name, sep, value = item.partition("=")
@@ -175,9 +225,11 @@ def _cmd_submit(args) -> int:
             raise SpecError(f"--env {item!r}: expected NAME=VALUE")
         env[name] = value
     try:
-        record = read_record(spec.output.uri)
-    except FileNotFoundError:
+        record = read_record(spec.output.uri, spec.output.storage_options)
+    except NoRecord:
         record = None  # a new job
+    except BadInput:  # a file, or a broken record: the driver would refuse it on the cluster
+        raise
     except Exception as e:  # no credentials here, say: the cluster may still have them
         log.warning("cannot read %s from here (%s); submitting without checking it", spec.output.uri, e)
         record = None
@@ -208,15 +260,17 @@ def _cmd_status(args) -> int:
 
     from jobs.output import read_record
     from jobs.record import JobState, driver_alive, format_status
+    from jobs.record_file import NoRecord
     from jobs.submit import status_of
 
     output, submission = _target(args)
+    options = _storage(args)
     if submission:
         ray_status, message = status_of(submission, args.address)
         print(f"submission: {submission}  (Ray job {ray_status}{': ' + message if message else ''})")
     try:
-        record = read_record(output)
-    except FileNotFoundError:
+        record = read_record(output, options)
+    except NoRecord:
         if submission:  # submitted, its driver not started yet
             print(f"output:   {output} (no record yet)")
             return 0
@@ -225,7 +279,7 @@ def _cmd_status(args) -> int:
     if args.json:
         from jobs.batch_output import request_counts
 
-        doc["request_counts"] = request_counts(output, record)  # the providers' {total, completed, failed}
+        doc["request_counts"] = request_counts(output, record, options)  # the providers' {total, completed, failed}
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
         print(format_status(record, output))
@@ -239,10 +293,11 @@ def _cmd_logs(args) -> int:
     from jobs.submit import print_logs
 
     output, submission = _target(args)
+    options = _storage(args)
     if submission and args.run is None:
         print_logs(submission, args.address, args.follow)
     else:
-        print_run_log(output, args.run, args.follow)
+        print_run_log(output, args.run, args.follow, storage_options=options)
     return 0
 
 
@@ -251,8 +306,9 @@ def _cmd_cancel(args) -> int:
     from jobs.submit import stop, wait_ended
 
     output, submission = _target(args)
+    options = _storage(args)
     try:
-        request_cancel(output)
+        request_cancel(output, options)
     except Exception as e:  # unreadable output, or the job already ended
         if not submission:
             raise
@@ -269,7 +325,9 @@ def _cmd_cancel(args) -> int:
 def _cmd_validate(args) -> int:
     from jobs.validate import validate_report
 
-    report = validate_report(load_spec(args.spec, args.overrides), max_rows=args.max_rows)
+    spec = load_spec(args.spec, args.overrides)
+    _remember_secrets(spec)
+    report = validate_report(spec, max_rows=args.max_rows)
     print(report.render())
     report.check_error_budget()  # exit 2 when the rows found failing would fail the run
     return 0
@@ -281,19 +339,20 @@ def _cmd_report(args) -> int:
 
     if args.sample is not None and args.sample < 0:
         raise BadInput(f"--sample {args.sample}: give a number of rows, 0 or more")
+    options = _storage(args)
     try:
-        written = write_report(args.output_uri, {}, SAMPLE_ROWS if args.sample is None else args.sample)
+        written = write_report(args.output_uri, options, SAMPLE_ROWS if args.sample is None else args.sample)
     except FileNotFoundError as e:
         raise BadInput(str(e)) from None
     print(f"report:   {written.html}")
     print(f"          {written.markdown}")
     print(f"state:    {written.notice or written.state}")
     if args.open:
-        _open_in_browser(written.html)
+        _open_in_browser(written.html, options)
     return 0
 
 
-def _open_in_browser(url: str) -> None:
+def _open_in_browser(url: str, storage_options: dict) -> None:
     """Open a local index.html where it is; a remote one from a local copy (it is self-contained)."""
     import tempfile
     import webbrowser
@@ -301,7 +360,7 @@ def _open_in_browser(url: str) -> None:
 
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
     if "file" not in fs.protocol:
         local = str(Path(tempfile.mkdtemp(prefix="bulkgen-report-")) / "index.html")
         fs.get(path, local)
@@ -314,7 +373,8 @@ def _cmd_retry_failed(args) -> int:
     from jobs.driver import resume_spec, run_job
 
     _stop_on_sigterm()
-    spec = resume_spec(args.output_uri, args.overrides)
+    spec = resume_spec(args.output_uri, args.overrides, _storage(args))
+    _remember_secrets(spec)
     record = run_job(spec, address=args.address, progress=not args.no_progress, retry_failed=True)
     _print_done(spec.output.uri, spec.output.storage_options, record)
     return 0

@@ -363,20 +363,30 @@ def _progress(record: JobRecord, enabled: bool):
     )
 
 
-def resume_spec(output_uri: str, overrides: list[str] = ()) -> JobSpec:
+def resume_spec(output_uri: str, overrides: list[str] = (), storage_options: dict | None = None) -> JobSpec:
     """The spec recorded in an output's _job.json, ready to run again.
 
     Storage option values were redacted when recorded; credentials come from
-    the environment (or `overrides`, e.g. input.storage_options.key=...)."""
-    data = read_record(output_uri).spec
+    the environment, `storage_options` (the output's, --storage-option) or
+    `overrides` (e.g. input.storage_options.key=...). The output's options
+    among the overrides apply before the record is read: they may be what
+    reaches it."""
+    from jobs.storage_options import output_options
+
+    options = output_options(storage_options or {}, overrides)
+    data = read_record(output_uri, options).spec
     for section in ("input", "output", "cache"):
         if data.get(section) is not None:
             data[section]["storage_options"] = {}
+    data.setdefault("output", {})["storage_options"] = options
     return spec_from_dict(apply_overrides(data, list(overrides)), source=f"{output_uri}/{RECORD}")
 
 
-def request_cancel(output_uri: str) -> None:
-    record = read_record(output_uri)
-    if record.state.final:
-        raise OutputError(f"the job in {output_uri} is already {record.state.value}")
-    OutputDir(output_uri, {}).write_json(CANCEL, {"requested_at": now()})
+def request_cancel(output_uri: str, storage_options: dict | None = None) -> None:
+    """Write the output's cancel request; OutputError if the job has ended (also if it
+    ends while the request is written: the request is then withdrawn)."""
+    from jobs import cancel
+
+    out = OutputDir(output_uri, storage_options or {})
+    cancel.write_request(out)
+    cancel.withdraw_if_ended(out)

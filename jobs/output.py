@@ -259,8 +259,12 @@ def check_commits_match_plan(out: OutputDir, commits: dict[int, dict], shards: l
         )
 
 
-def read_record(output_uri: str) -> JobRecord:
-    doc = OutputDir(output_uri, {}).read_json(RECORD)
+def read_record(output_uri: str, storage_options: dict | None = None) -> JobRecord:
+    """The output's record; OutputError (exit 2) if it has none, or one that is no job record."""
+    from jobs.record_file import NoRecord, parse_record, read_record_doc
+
+    out = OutputDir(output_uri, storage_options or {})
+    doc = read_record_doc(out)
     if doc is None:
-        raise OutputError(f"no job record ({RECORD}) under {output_uri}")
-    return JobRecord.from_json(doc)
+        raise NoRecord(f"no job record ({RECORD}) under {output_uri}: not a bulkgen job output")
+    return parse_record(doc, out.url(RECORD))

@@ -17,6 +17,7 @@ from collections import deque
 
 from jobs.core.layout import OutputLayout
 from jobs.core.storage import write_bytes
+from jobs.redact import RedactSecrets
 
 OURS = ("jobs", "workers", "bulkgen")  # loggers whose INFO lines belong in the run log
 COPY_EVERY_S = 5.0
@@ -32,6 +33,7 @@ class RunLog(logging.Handler):
         self.url = OutputLayout(output_uri).url(OutputLayout.run_log(run))
         self.storage_options = storage_options
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.addFilter(RedactSecrets())  # the copy in the output outlives the run: never a credential in it
         self.head: list[str] = []
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.dropped = 0
@@ -115,7 +117,8 @@ class _ShownFrom(logging.Filter):
         return record.levelno >= self.levels.get(record.name.split(".", 1)[0], logging.NOTSET)
 
 
-def print_run_log(output_uri: str, run: int | None = None, follow: bool = False, poll_s: float = 2.0) -> None:
+def print_run_log(output_uri: str, run: int | None = None, follow: bool = False, poll_s: float = 2.0,
+                  storage_options: dict | None = None) -> None:
     """Print run `run`'s log (default: the latest run's) from the output; with `follow`,
     keep printing what the driver adds until the run ends."""
     from jobs.core.errors import OutputError
@@ -125,14 +128,14 @@ def print_run_log(output_uri: str, run: int | None = None, follow: bool = False,
 
     shown, ended = 0, False
     while True:
-        record = read_record(output_uri)
+        record = read_record(output_uri, storage_options)
         runs = len(record.runs)
         number = run or runs
         if not 1 <= number <= runs:
             raise OutputError(f"{output_uri} has {runs} run(s); there is no run {number}")
         url = OutputLayout(output_uri).url(OutputLayout.run_log(number))
         try:
-            text = read_bytes(url, {}).decode(errors="replace")
+            text = read_bytes(url, storage_options or {}).decode(errors="replace")
         except FileNotFoundError:
             text = ""
         print(text[shown:], end="", flush=True)

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 SPEC_FILE = "job.yaml"
 METADATA_OUTPUT = "bulkgen_output"  # submission metadata: the job's output URI
 ACTIVE = ("PENDING", "RUNNING")  # Ray's JobStatus values of a submission not yet ended
+# A head just started (`ray start --head`) answers on its dashboard before its job agent is up;
+# Ray then refuses submissions with this message. The agent comes up within seconds.
+AGENT_STARTING = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,17 +82,35 @@ def submit(
             )
         with _working_dir(spec_data) as working_dir:
             try:
-                client.submit_job(
+                when_agent_ready(lambda: client.submit_job(
                     entrypoint=f"python -m jobs.cli --log-level info run {SPEC_FILE} --no-progress",
                     submission_id=sid,
                     runtime_env={"working_dir": working_dir, "env_vars": {**(env or {}), SUBMISSION_ID_ENV: sid}},
                     metadata={METADATA_OUTPUT: spec.output.uri, "bulkgen_name": spec.name or ""},
-                )
+                ))
             except RuntimeError as e:
                 if "already exists" in str(e):
                     raise OutputError(f"job {sid} was already submitted to this cluster; it is the same run") from None
                 raise ClusterError(f"the cluster refused the job: {e}") from e
         return Submitted(sid, client.get_address())
+
+
+def when_agent_ready(call, timeout: float = AGENT_WAIT_S, poll_s: float = 1.0):
+    """`call()`, retried while the cluster says its job agent is still starting (and only
+    then), for at most `timeout` seconds; says on stderr that it waits."""
+    deadline = time.monotonic() + timeout
+    waiting = False
+    while True:
+        try:
+            return call()
+        except RuntimeError as e:
+            if AGENT_STARTING not in str(e) or time.monotonic() >= deadline:
+                raise
+            if not waiting:
+                print(f"bulkgen: the cluster's job agent is still starting; waiting up to {timeout:.0f}s for it",
+                      file=sys.stderr, flush=True)
+                waiting = True
+        time.sleep(poll_s)
 
 
 def output_of(submission: str, address: str | None) -> str:

@@ -47,7 +47,17 @@ def build(d: OutputData) -> Report:
 
 
 def notice(d: OutputData) -> str | None:
-    """The line a reader must see first when the job did not simply succeed."""
+    """The line a reader must see first when the job did not simply succeed, or some of
+    its committed files could not be read."""
+    state_notice = _state_notice(d)
+    if not d.unreadable_files:
+        return state_notice
+    unreadable = (f"{len(d.unreadable_files)} committed file(s) could not be read (truncated or corrupt?) and "
+                  f"are left out of every number below: {'; '.join(d.unreadable_files[:3])}")
+    return f"{state_notice}. {unreadable}" if state_notice else unreadable
+
+
+def _state_notice(d: OutputData) -> str | None:
     c, state = d.record.get("counts", {}), d.state
     so_far = f"{c.get('shards_committed', 0):,} of {c.get('shards_total', 0):,} shards committed"
     error = d.record.get("error") or {}

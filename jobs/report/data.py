@@ -36,8 +36,13 @@ from jobs.core.rows import EVALUATION_FIELDS, FILTER
 from jobs.core.storage import with_retries
 from jobs.output import OutputDir
 from jobs.record import JobState, driver_alive
+from jobs.record_file import read_record_doc
 
 log = logging.getLogger(__name__)
+
+# What a truncated or corrupt Parquet file raises (pyarrow's ArrowInvalid is a ValueError, its
+# IO errors OSErrors): the report names the file instead of failing.
+UNREADABLE = (pa.ArrowException, OSError, ValueError)
 
 SAMPLE_ROWS = 2_000  # texts read for repeats and diversity
 EXAMPLES = 3  # example rows shown per error code and per filter
@@ -118,6 +123,7 @@ class OutputData:
     filtered: Dropped = field(default_factory=Dropped)
     sample: list[str] = field(default_factory=list)  # texts for repeats and diversity
     missing_files: list[str] = field(default_factory=list)  # committed, gone when read (a retry rewrote it)
+    unreadable_files: list[str] = field(default_factory=list)  # "URL: why": committed, not readable (truncated?)
     corpus: dict[str, float] = field(default_factory=dict)  # evaluation: corpus BLEU and chrF (sacreBLEU)
     corpus_rows: int = 0  # the rows they are over
 
@@ -127,9 +133,10 @@ class OutputData:
 
 
 def read_output(uri: str, storage_options: dict, sample_rows: int = SAMPLE_ROWS, seed: int = 0) -> OutputData:
-    """Read an output for its report; raises FileNotFoundError when it has no job record."""
+    """Read an output for its report; raises FileNotFoundError when it has no job record,
+    OutputError when the URI is a file or its record is no job record."""
     out = OutputDir(uri, storage_options)
-    record = out.read_json(RECORD)
+    record = read_record_doc(out)
     if record is None:
         raise FileNotFoundError(f"no job record ({RECORD}) under {out.uri}: not a bulkgen output")
     commits = [doc for _, doc in sorted(out.commit_records().items())]
@@ -138,13 +145,13 @@ def read_output(uri: str, storage_options: dict, sample_rows: int = SAMPLE_ROWS,
 
     files = [DataFile(out.url(c["data"])) for c in commits]
     with ThreadPoolExecutor(max_workers=READERS) as pool:
-        for done in pool.map(lambda f: _read_data_file(f, storage_options, found.missing_files), files):
+        for done in pool.map(lambda f: _read_data_file(f, storage_options, found), files):
             _merge(found, done)
         errors = [out.url(c["errors"]) for c in commits if c.get("errors")]
-        for dropped in pool.map(lambda url: _read_dropped(url, "error_code", storage_options), errors):
+        for dropped in pool.map(lambda url: _read_dropped(url, "error_code", storage_options, found), errors):
             found.errors.merge(dropped)
         filtered = _filtered_files(out, commits)
-        for dropped in pool.map(lambda url: _read_dropped(url, FILTER_COLUMN, storage_options), filtered):
+        for dropped in pool.map(lambda url: _read_dropped(url, FILTER_COLUMN, storage_options, found), filtered):
             found.filtered.merge(dropped)
     found.sample = _sample_texts([f for f in files if f.rows], storage_options, sample_rows, random.Random(seed))
     reference = ((record.get("spec") or {}).get("evaluation") or {}).get("reference_column")
@@ -167,7 +174,7 @@ def _corpus_scores(urls: list[str], reference: str, storage_options: dict) -> tu
                 if reference not in pf.schema_arrow.names:
                     continue
                 table = pf.read(columns=["text", reference])
-        except FileNotFoundError:
+        except UNREADABLE:  # gone or unreadable: the data/ pass named it already
             continue
         for text, ref in zip(table.column("text").to_pylist(), table.column(reference).to_pylist()):
             if ref is not None:
@@ -184,12 +191,14 @@ def _corpus_scores(urls: list[str], reference: str, storage_options: dict) -> tu
 # -- data/ -------------------------------------------------------------------------------------
 
 
-def _read_data_file(f: DataFile, storage_options: dict, missing: list[str]) -> DataFile:
+def _read_data_file(f: DataFile, storage_options: dict, found: OutputData) -> DataFile:
     try:
         return with_retries(lambda: _summarize(f, storage_options), f"reading {f.url}")
     except FileNotFoundError:
-        missing.append(f.url)  # list.append is atomic: safe from the pool's threads
-        return f
+        found.missing_files.append(f.url)  # list.append is atomic: safe from the pool's threads
+    except UNREADABLE as e:
+        _unreadable(found, f.url, e)
+    return DataFile(f.url)  # counted as no rows: a half-read file would make the numbers wrong
 
 
 def _summarize(f: DataFile, storage_options: dict) -> DataFile:
@@ -281,7 +290,7 @@ def _sample_texts(files: list[DataFile], storage_options: dict, n: int, rng: ran
             with _open(f.url, storage_options) as pf:
                 column = pf.read_row_group(i, columns=["text"]).column("text")
             texts.extend(t for t in column.to_pylist() if t is not None)
-        except FileNotFoundError:
+        except UNREADABLE:  # gone or unreadable: the data/ pass named it already
             continue
     return rng.sample(texts, n) if len(texts) > n else texts
 
@@ -303,7 +312,7 @@ def _filtered_files(out: OutputDir, commits: list[dict]) -> list[str]:
     return urls
 
 
-def _read_dropped(url: str, key_column: str, storage_options: dict) -> Dropped:
+def _read_dropped(url: str, key_column: str, storage_options: dict, found: OutputData) -> Dropped:
     """Counts by `key_column` of one errors/ or filtered/ file, and its first rows of each key."""
     dropped = Dropped()
     try:
@@ -313,12 +322,20 @@ def _read_dropped(url: str, key_column: str, storage_options: dict) -> Dropped:
             table = pf.read()
     except FileNotFoundError:
         return dropped
+    except UNREADABLE as e:
+        _unreadable(found, url, e)
+        return dropped
     dropped.counts = _value_counts(table.column(key_column))
     keys = table.column(key_column).to_pylist()
     for key in dropped.counts:
         first = [i for i, k in enumerate(keys) if (k if k is not None else "(none)") == key][:EXAMPLES]
         dropped.examples[key] = table.take(first).to_pylist()
     return dropped
+
+
+def _unreadable(found: OutputData, url: str, e: Exception) -> None:
+    log.warning("cannot read %s for the report: %s: %s", url, type(e).__name__, e)
+    found.unreadable_files.append(f"{url}: {type(e).__name__}: {e}")
 
 
 @contextlib.contextmanager
