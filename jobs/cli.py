@@ -158,19 +158,6 @@ def _remember_secrets(spec) -> None:
             redact.remember(section.storage_options)
 
 
-def _check_record(spec) -> None:
-    """Refuse (exit 2) an output whose _job.json is no job record, before anything starts."""
-    from jobs.output import read_record
-    from jobs.record_file import NoRecord
-    from jobs.validate import check_output_usable
-
-    check_output_usable(spec)  # first, as run_job does: its messages for an output that cannot be one
-    try:
-        read_record(spec.output.uri, spec.output.storage_options)
-    except NoRecord:
-        pass  # a new job
-
-
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -193,7 +180,6 @@ def _cmd_run(args) -> int:
     _stop_on_sigterm()
     spec = load_spec(args.spec, args.overrides)
     _remember_secrets(spec)
-    _check_record(spec)
     record = run_job(spec, address=args.address, overwrite=args.overwrite, progress=not args.no_progress)
     _print_done(spec.output.uri, spec.output.storage_options, record)
     return 0

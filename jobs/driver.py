@@ -346,6 +346,7 @@ class _Run:
         self.record.run.finished_at = now()
         self.keeper.move_to(JobState.SUCCEEDED)
         self.out.write_json(SUCCESS, {"finished_at": self.record.finished_at})
+        self.out.remove(CANCEL)  # a request that came too late: `bulkgen cancel` withdraws one written after this
         return self.record
 
 

@@ -30,6 +30,7 @@ from jobs.core.spec import JobSpec, spec_from_dict
 from jobs.core.storage import move, read_bytes, with_retries, write_bytes
 from jobs.dataset import pin_input
 from jobs.record import JobRecord
+from jobs.record_file import NoRecord, parse_record, read_record_doc
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,7 @@ class OutputDir:
 
     def read_record_doc(self) -> dict | None:
         """The job record as a dict, None if there is none; OutputError if it is not a job record."""
-        try:
-            doc = self.read_json(RECORD)
-        except ValueError as e:  # truncated, or edited by hand
-            raise OutputError(f"{self.url(RECORD)} is not a bulkgen job record (not JSON: {e}); restore it, "
-                              "or move the output away and start the job again") from None  # fmt: skip
-        if doc is not None and not isinstance(doc, dict):
-            raise OutputError(f"{self.url(RECORD)} is not a bulkgen job record (a JSON {type(doc).__name__})")
-        return doc
-
-    def wipe(self) -> None:
-        """Delete everything this job wrote (for --overwrite)."""
-        for name in layout.JOB_ENTRIES:
-            self.remove(name)
+        return read_record_doc(self)
 
     # -- shard commits ---------------------------------------------------------
 
@@ -199,7 +188,7 @@ def _open_record(out: OutputDir, spec: JobSpec, overwrite: bool) -> JobRecord:
         record = JobRecord(spec.redacted(), spec.fingerprint(), spec.name)  # state pending
         out.write_json(RECORD, record.to_json())
     else:
-        record = JobRecord.from_json(existing)
+        record = parse_record(existing, out.url(RECORD))
         record.fingerprint = spec.fingerprint()  # a record of an earlier release keeps its job, under today's hash
     out.remove(CANCEL)
     return record
@@ -261,8 +250,6 @@ def check_commits_match_plan(out: OutputDir, commits: dict[int, dict], shards: l
 
 def read_record(output_uri: str, storage_options: dict | None = None) -> JobRecord:
     """The output's record; OutputError (exit 2) if it has none, or one that is no job record."""
-    from jobs.record_file import NoRecord, parse_record, read_record_doc
-
     out = OutputDir(output_uri, storage_options or {})
     doc = read_record_doc(out)
     if doc is None:
