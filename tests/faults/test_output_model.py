@@ -269,10 +269,7 @@ def test_exactly_once_or_refused_on_local_files(shared_cluster, tiny_model, tmp_
 
 
 @pytest.mark.s3
-def test_exactly_once_or_refused_on_s3(shared_cluster, tiny_model, tmp_path, s3_server):
-    import s3fs
-
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}
-    bucket = f"om-{os.getpid()}"
-    s3fs.S3FileSystem(**options).mkdir(bucket)
-    _run_machine(tmp_path, shared_cluster, tiny_model, f"s3://{bucket}", options, examples=2)
+def test_exactly_once_or_refused_on_s3(shared_cluster, tiny_model, tmp_path, s3):
+    # Credentials in the options: the drivers and the cluster's replicas do not share this test's environment.
+    options = {"key": "testing", "secret": "testing", **s3["options"]}
+    _run_machine(tmp_path, shared_cluster, tiny_model, f"s3://{s3['bucket']}", options, examples=2)
