@@ -14,6 +14,8 @@ import logging
 import time
 
 from jobs import batch_output, dispatch, metrics, preflight
+from jobs.cancel import cancel_requested
+from jobs.claim import ClaimLost, OutputClaim
 from jobs.cluster import connect
 from jobs.core import faults, storage
 from jobs.core.dedupe import DedupeIndex, index_name
@@ -21,10 +23,9 @@ from jobs.core.errors import BadInput, InputChanged, OutputError
 from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, CANCEL, ERRORS, MANIFEST, RECORD, STAGING, SUCCESS
 from jobs.core.protocol import ShardResult, TaskKind
 from jobs.core.rows import id_name
+from jobs.core.snapshot import InputSnapshot
 from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
 from jobs.core.times import now
-from jobs.claim import ClaimLost, OutputClaim
-from jobs.core.snapshot import InputSnapshot
 from jobs.dataset import pin_input
 from jobs.output import (
     OutputDir,
@@ -90,13 +91,16 @@ def _run_claimed(
             faults.inject("driver.validate")
             checked = check_input_and_model(spec)
             snapshot = _planned_input(spec, out, record, checked)
+            commits = out.commit_records()
+            check_commits_match_plan(out, commits, snapshot.shards())
         except BaseException as e:  # bad input, a bug, or storage gone: the record says which
             keeper.fail(str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}")
             log.error("validation failed: %s", e)
             raise
         record.model = checked.model
         try:
-            return _Run(spec, out, keeper, checked, snapshot, claim, address, progress, run_log).execute(retry_failed)
+            run = _Run(spec, out, keeper, checked, snapshot, commits, claim, address, progress, run_log)
+            return run.execute(retry_failed)
         except BaseException as e:
             log.error("run %d ended: %s: %s", len(record.runs), type(e).__name__, e)
             raise
@@ -126,6 +130,7 @@ class _Run:
         keeper: RecordKeeper,
         checked: Validated,
         snapshot: InputSnapshot,
+        commits: dict[int, dict],
         claim: OutputClaim,
         address,
         progress,
@@ -139,8 +144,7 @@ class _Run:
         c.input_rows, c.rows_total, c.shards_total = checked.input_rows, checked.output_rows, len(self.shards)
         self.retried_before = c.shards_retried
         self.job_facts = self._job_facts()  # the replicas add their engine and write it into every file
-        self.commits = out.commit_records()
-        check_commits_match_plan(out, self.commits, self.shards)
+        self.commits = commits  # shard index -> commit record, checked against the plan
         self._recount()
         self.scheduler: ShardScheduler | None = None
         self.started_ray = False  # whether this run started Ray (and so shuts it down)
@@ -275,7 +279,7 @@ class _Run:
         metrics.progress(self.spec, self.record, self.scheduler)
         self.run_log.copy(every=COPY_EVERY_S)
         if time.monotonic() >= self._next_cancel_poll:
-            if self.out.exists(CANCEL):
+            if cancel_requested(self.out):
                 raise JobCancelled(f"cancelled through {self.out.url(CANCEL)}")
             self.claim.check_still_ours()
             self._next_cancel_poll = time.monotonic() + CANCEL_POLL_S
