@@ -112,7 +112,7 @@ class Replica:
             for request in self._requests(i * stride, rows[i], ids[i], samples[i], token_ids, job_params)
         ]
         keys = self.cache.keys(requests, stride) if self.cache else {}
-        cached = self.cache.lookup(keys) if self.cache else {}
+        cached = self.cache.lookup(keys, {r.key: r.max_new_tokens for r in requests}) if self.cache else {}
         completions = {c.key: c for c in self.loop.generate([r for r in requests if r.key not in cached])}
 
         out, err = shard_io.OutputRows(), shard_io.OutputRows()
@@ -204,9 +204,13 @@ class Replica:
             samples_cached=out.cached,
             samples_filtered=dropped.count,
             filtered_url=staged.filtered_url,
-            replica={"pid": os.getpid(), "loaded_at": self.loaded_at, **self.loop.stats()},
+            replica={"pid": os.getpid(), "loaded_at": self.loaded_at, **self.loop.stats(), **self._cache_stats()},
             inline_files=staged.inline,
         )
+
+    def _cache_stats(self) -> dict:
+        # In _job.json's run.replicas: cache entries this replica found unusable and regenerated.
+        return {"cache_entries_rejected": self.cache.rejected} if self.cache is not None else {}
 
 
 def _job_index(spec: JobSpec):
