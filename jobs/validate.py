@@ -21,7 +21,7 @@ from jobs.core import storage
 from jobs.core.errors import InputError, OutputError
 from jobs.core.model import load_tokenizer
 from jobs.core.plan import Shard, plan, rows_per_shard
-from jobs.core.prompts import RowError, build_prompt
+from jobs.core.prompts import RowError, build_prompt, decode_rows
 from jobs.core.rows import read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
 from jobs.dataset import check_unique_ids, glob_root, is_glob, is_text, open_dataset
@@ -184,11 +184,14 @@ def validate_report(spec: JobSpec, max_rows: int | None = None) -> Report:
     for shard in checked.shards:
         table = read_shard_rows(spec, shard)  # one shard's rows at a time
         ids = row_ids(spec.input, shard, table)
-        for i, row in enumerate(table.to_pylist()):
+        rows, undecodable = decode_rows(table)
+        for i, row in enumerate(rows):
             if max_rows is not None and report.scanned >= max_rows:
                 return report
             report.scanned += 1
             try:
+                if i in undecodable:
+                    raise undecodable[i]
                 _, token_ids = build_prompt(spec.input, row, tokenizer, checked.context)
                 report.prompt_tokens.append(len(token_ids))
             except RowError as e:
