@@ -27,7 +27,7 @@ from jobs.core import storage
 from jobs.core.errors import InputError
 from jobs.core.openai_batch import request_of
 from jobs.core.plan import InputFile
-from jobs.core.rows import BATCH_FIELDS, BATCH_ID, batch_row, is_batch, iter_batch_lines
+from jobs.core.rows import BATCH_FIELDS, BATCH_ID, batch_row, is_batch, iter_batch_lines, one_line
 from jobs.core.spec import InputSpec
 
 log = logging.getLogger(__name__)
@@ -307,5 +307,5 @@ def _read_ids(spec: InputSpec, pf: pq.ParquetFile, group: int, file: InputFile) 
     except OSError as e:
         raise InputError(
             f"input file {file.url} is not readable Parquet: input.id_column {spec.id_column!r} of its "
-            f"row group {group} cannot be read ({e}); write the file again, or remove it from input.uri"
+            f"row group {group} cannot be read ({one_line(e)}); write the file again, or remove it from input.uri"
         ) from e
