@@ -99,8 +99,8 @@ def read_shard_rows(spec: JobSpec, shard: Shard) -> pa.Table:
         return storage.read_row_range(shard.url, i.storage_options, shard.start, shard.stop, job_input_columns(spec))
     except OSError as e:  # pyarrow raises a bare OSError for a corrupt page, naming no file
         raise InputError(
-            f"cannot read rows {shard.start}:{shard.stop} of input file {shard.url} ({type(e).__name__}: {one_line(e)}); "
-            "if the file is corrupt, write it again or remove it from input.uri"
+            f"cannot read rows {shard.start}:{shard.stop} of input file {shard.url} "
+            f"({type(e).__name__}: {one_line(e)}); if the file is corrupt, write it again or remove it from input.uri"
         ) from e
 
 
