@@ -13,21 +13,23 @@ from __future__ import annotations
 import logging
 import posixpath
 from array import array
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NoReturn
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.core import storage
 from jobs.core.errors import InputError
 from jobs.core.openai_batch import request_of
 from jobs.core.plan import InputFile
+from jobs.core.rows import BATCH_FIELDS, BATCH_ID, batch_row, is_batch, iter_batch_lines, one_line
 from jobs.core.snapshot import PinnedFile, pin_files
-from jobs.core.rows import BATCH_FIELDS, BATCH_ID, batch_row, is_batch, iter_batch_lines
 from jobs.core.spec import InputSpec
 
 log = logging.getLogger(__name__)
@@ -220,7 +222,8 @@ def _is_nested(kind: pa.DataType) -> bool:
 
 
 def check_unique_ids(spec: InputSpec, dataset: Dataset) -> None:
-    """Raise InputError naming a duplicated or null id.
+    """Raise InputError naming a duplicated, null, NaN or undecodable id, or a file whose id
+    column cannot be read.
 
     Streams the id column one row group at a time and keeps 8 bytes per row
     (a hash), so memory stays far below the dataset's. A batch file's custom_ids were
@@ -230,11 +233,9 @@ def check_unique_ids(spec: InputSpec, dataset: Dataset) -> None:
     hashes = np.empty(dataset.num_rows, dtype=np.int64)
     filled = 0
     for ids, file, offset in _iter_ids(spec, dataset):
-        if ids.null_count:
-            row = offset + ids.to_pylist().index(None)
-            raise InputError(f"input.id_column {spec.id_column!r} is null in {file.url} (a row near {row})")
-        hashes[filled : filled + len(ids)] = [hash(v) for v in ids.to_pylist()]
-        filled += len(ids)
+        values = _usable_ids(spec, ids, file, offset)
+        hashes[filled : filled + len(values)] = [hash(v) for v in values]
+        filled += len(values)
     suspects = _repeated(hashes[:filled])
     if not suspects:
         return
@@ -250,6 +251,35 @@ def check_unique_ids(spec: InputSpec, dataset: Dataset) -> None:
                 seen[value] = file.url
 
 
+def _usable_ids(spec: InputSpec, ids: pa.Array, file: InputFile, offset: int) -> list:
+    """The ids as Python values; InputError naming the row (0-based, in the file) of the first
+    id that cannot identify a row: null, NaN (it would be written as "nan" and equal no
+    other NaN), or a string that is not UTF-8."""
+
+    def refuse(index: int, what: str) -> NoReturn:
+        raise InputError(
+            f"input.id_column {spec.id_column!r} is {what} in row {offset + index} of {file.url}; "
+            "give every row an id of its own"
+        )
+
+    if ids.null_count:
+        refuse(pc.index(ids.is_null(), True).as_py(), "null")
+    if pa.types.is_floating(ids.type) and pc.any(pc.is_nan(ids)).as_py():
+        refuse(pc.index(pc.is_nan(ids), True).as_py(), "NaN")
+    try:
+        return ids.to_pylist()
+    except UnicodeDecodeError:
+        refuse(next(i for i in range(len(ids)) if not _decodes(ids.slice(i, 1))), "not valid UTF-8")
+
+
+def _decodes(value: pa.Array) -> bool:
+    try:
+        value.to_pylist()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _repeated(hashes: np.ndarray) -> set[int]:
     """The id hashes that occur more than once: where a duplicate may be (hashes can
     collide, so the caller confirms on the ids themselves)."""
@@ -263,9 +293,24 @@ def _iter_ids(spec: InputSpec, dataset: Dataset):
             pf = pq.ParquetFile(f)
             offset = 0  # of the row group in the file
             for group in range(pf.num_row_groups):
-                ids = pf.read_row_group(group, columns=[spec.id_column]).column(0).combine_chunks()
+                ids = _read_ids(spec, pf, group, file)
                 yield ids, file, offset
                 offset += len(ids)
+
+
+def _read_ids(spec: InputSpec, pf: pq.ParquetFile, group: int, file: InputFile) -> pa.Array:
+    """One row group's ids; InputError naming the file where its pages cannot be read
+    (pyarrow raises a bare OSError for a corrupt page)."""
+    try:
+        return storage.with_retries(
+            lambda: pf.read_row_group(group, columns=[spec.id_column]).column(0).combine_chunks(),
+            f"reading input.id_column of row group {group} of {file.url}",
+        )
+    except OSError as e:
+        raise InputError(
+            f"input file {file.url} is not readable Parquet: input.id_column {spec.id_column!r} of its "
+            f"row group {group} cannot be read ({one_line(e)}); write the file again, or remove it from input.uri"
+        ) from e
 
 
 def pin_input(spec: InputSpec, files: Sequence[InputFile] | None = None) -> list[PinnedFile]:

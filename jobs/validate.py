@@ -26,7 +26,7 @@ from jobs.core import storage
 from jobs.core.errors import InputError, OutputError
 from jobs.core.model import load_tokenizer
 from jobs.core.plan import InputFile, Shard, plan, rows_per_shard
-from jobs.core.prompts import TEMPLATE_ERROR, RowError, build_prompt, render_prompt
+from jobs.core.prompts import TEMPLATE_ERROR, RowError, build_prompt, decode_rows, render_prompt
 from jobs.core.rows import read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
 from jobs.dataset import check_unique_ids, glob_root, is_glob, is_text, open_dataset
@@ -96,7 +96,8 @@ def check_template_renders(spec: JobSpec, shards: list[Shard]) -> None:
     table = read_shard_rows(spec, shard)
     ids = row_ids(spec.input, shard, table)
     columns = spec.input.source_columns()
-    for i, row in enumerate(table.to_pylist()):
+    rows, _ = decode_rows(table)  # a string that is not UTF-8 is None here: its row's own dead letter
+    for i, row in enumerate(rows):
         if any(row[c] is None for c in columns):
             continue  # a null is that row's own dead letter, not the template's fault
         try:
@@ -259,11 +260,14 @@ def validate_report(spec: JobSpec, max_rows: int | None = None) -> Report:
     for shard in checked.shards:
         table = read_shard_rows(spec, shard)  # one shard's rows at a time
         ids = row_ids(spec.input, shard, table)
-        for i, row in enumerate(table.to_pylist()):
+        rows, undecodable = decode_rows(table)
+        for i, row in enumerate(rows):
             if max_rows is not None and report.scanned >= max_rows:
                 return report
             report.scanned += 1
             try:
+                if i in undecodable:
+                    raise undecodable[i]
                 _, token_ids = build_prompt(spec.input, row, tokenizer, checked.context)
                 report.prompt_tokens.append(len(token_ids))
             except RowError as e:

@@ -17,7 +17,7 @@ from jobs.core import faults, openai_batch
 from jobs.core.cache import Entry
 from jobs.core.dedupe import index_name
 from jobs.core.metrics import job_name
-from jobs.core.prompts import GENERATION_ERROR, RowError, build_prompt, max_new_tokens
+from jobs.core.prompts import GENERATION_ERROR, RowError, build_prompt, decode_rows, max_new_tokens
 from jobs.core.protocol import ShardResult, ShardTask, TaskKind, row_seed
 from jobs.core.rows import METADATA_KEY, id_name, is_batch, job_input_columns, read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
@@ -65,12 +65,12 @@ class Replica:
     def _process(self, task: ShardTask, started: float) -> ShardResult:
         table = task.rows if task.rows is not None else read_shard_rows(self.spec, task.shard)
         ids = row_ids(self.spec.input, task.shard, table)
-        rows, n = table.to_pylist(), self.spec.generation.num_return_sequences
+        (rows, undecodable), n = decode_rows(table), self.spec.generation.num_return_sequences
         if is_batch(self.spec.input):  # every request asks for its own number of samples
             samples = [range(openai_batch.samples(row, n)) for row in rows]
         else:
             samples = [range(n)] * len(ids)
-        out, err = self._generate(rows, ids, samples)
+        out, err = self._generate(rows, ids, samples, undecodable)
         return self._stage(task, out, err, table.schema, started)
 
     def _retry_failed(self, task: ShardTask, started: float) -> ShardResult:
@@ -92,12 +92,17 @@ class Replica:
         out, err = self._generate(rows, ids, samples)
         return self._stage(task, out, err, input_schema, started, previous=data)
 
-    def _generate(self, rows: list[dict], ids: list, samples: list) -> tuple[shard_io.OutputRows, shard_io.OutputRows]:
-        """Output and dead-letter rows for the given sample indices of each row."""
+    def _generate(
+        self, rows: list[dict], ids: list, samples: list, undecodable: dict[int, RowError] | None = None
+    ) -> tuple[shard_io.OutputRows, shard_io.OutputRows]:
+        """Output and dead-letter rows for the given sample indices of each row; `undecodable`:
+        rows already known to fail (decode_rows)."""
         gen, context = self.spec.generation, self.engine.context_length
         prompts: dict[int, tuple[str, list[int]]] = {}
-        failures: dict[int, RowError] = {}
+        failures: dict[int, RowError] = dict(undecodable or {})
         for i, row in enumerate(rows):
+            if i in failures:
+                continue
             try:
                 prompts[i] = build_prompt(self.spec.input, row, self.engine.tokenizer, context)
             except RowError as e:
@@ -112,7 +117,7 @@ class Replica:
             for request in self._requests(i * stride, rows[i], ids[i], samples[i], token_ids, job_params)
         ]
         keys = self.cache.keys(requests, stride) if self.cache else {}
-        cached = self.cache.lookup(keys) if self.cache else {}
+        cached = self.cache.lookup(keys, {r.key: r.max_new_tokens for r in requests}) if self.cache else {}
         completions = {c.key: c for c in self.loop.generate([r for r in requests if r.key not in cached])}
 
         out, err = shard_io.OutputRows(), shard_io.OutputRows()
@@ -204,9 +209,13 @@ class Replica:
             samples_cached=out.cached,
             samples_filtered=dropped.count,
             filtered_url=staged.filtered_url,
-            replica={"pid": os.getpid(), "loaded_at": self.loaded_at, **self.loop.stats()},
+            replica={"pid": os.getpid(), "loaded_at": self.loaded_at, **self.loop.stats(), **self._cache_stats()},
             inline_files=staged.inline,
         )
+
+    def _cache_stats(self) -> dict:
+        # In _job.json's run.replicas: cache entries this replica found unusable and regenerated.
+        return {"cache_entries_rejected": self.cache.rejected} if self.cache is not None else {}
 
 
 def _job_index(spec: JobSpec):

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 from collections import OrderedDict
 
-from jobs.core.cache import Entry, RowCache, context_digest, sequence_key, tokenizer_identity
+from jobs.core.cache import Entry, RowCache, checkpoint_identity, context_digest, sequence_key, tokenizer_identity
 from jobs.core.spec import JobSpec
 from workers.engine import Request
 
@@ -33,6 +33,7 @@ class ReplicaCache:
         self.context = context_digest(
             model={
                 **{k: model.get(k) for k in MODEL_IDENTITY},
+                **checkpoint_identity(m.path),  # config.json, generation_config.json, code
                 "commit_hash": engine.get("commit_hash"),  # the hub revision a name resolved to
                 "dtype": engine.get("dtype"),
             },
@@ -41,6 +42,7 @@ class ReplicaCache:
             generation=spec.generation.model_dump(mode="json"),
         )
         self._held: OrderedDict[str, dict[str, Entry]] = OrderedDict()
+        self.rejected = 0  # entries found but not of the row schema (over this replica's life)
 
     def keys(self, requests: list[Request], stride: int) -> dict[object, str]:
         """Each request's cache key (request key = row * stride + sample index)."""
@@ -49,15 +51,32 @@ class ReplicaCache:
             for r in requests
         }
 
-    def lookup(self, keys: dict[object, str]) -> dict[object, Entry]:
-        """The cached sequences among `keys` (request key -> cache key), by request key.
-        A cache that cannot be read is a miss, never a failed shard."""
+    def lookup(self, keys: dict[object, str], limits: dict[object, int]) -> dict[object, Entry]:
+        """The cached sequences among `keys` (request key -> cache key), by request key;
+        `limits`: each request's max_new_tokens. A cache that cannot be read is a miss, never
+        a failed shard; so is an entry that is not of the row schema (counted in `rejected`)."""
         try:
-            found = self.cache.get_many(keys.values())
+            found = self.cache.read_many(keys.values())
         except Exception as e:
             log.warning("cannot read the row cache at %s (%s); generating every row", self.cache.uri, e)
             return {}
-        return {request: found[key] for request, key in keys.items() if key in found}
+        entries, rejected = {}, {}
+        for request, key in keys.items():
+            if key not in found:
+                continue
+            try:
+                entry = Entry.from_bytes(found[key])
+                if not entry.fits(limits[request]):
+                    raise ValueError(f"completion_tokens {entry.completion_tokens} > max_new_tokens {limits[request]}")
+                entries[request] = entry
+            except ValueError as e:
+                rejected[key] = e
+        if rejected:
+            self.rejected += len(rejected)
+            key, why = next(iter(rejected.items()))
+            log.warning("%d row cache entries are not of the row schema and are generated again, e.g. %s: %s",
+                        len(rejected), self.cache.url(key), why)  # fmt: skip
+        return entries
 
     def hold(self, attempt: str, entries: dict[str, Entry]) -> None:
         """Keep an attempt's generated sequences until its shard is committed (or forgotten)."""

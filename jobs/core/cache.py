@@ -19,12 +19,16 @@ The key is a SHA-256 over everything that decides a sequence's text:
 - the sampling parameters (do_sample, temperature, top_p, top_k, repetition_penalty,
   no_repeat_ngram_size, stop), the job's or a batch request's own;
 - the model: path, revision, the weights' SHA-256 (a local checkpoint) or the hub
-  commit it resolved to, and the dtype it ran in;
+  commit it resolved to, a hash of a local checkpoint's config.json,
+  generation_config.json and code files (rope_theta, a default sampling
+  setting or remote code change the text as much as the weights do), and the
+  dtype it ran in;
 - the tokenizer: its path and revision, and a hash of its files (a local one);
 - the engine and its version.
 
 Two jobs may share a cache at once: an entry is one whole object, and two
-writers of one key write the same sequence.
+writers of one key write the same sequence. An entry is used only if it parses
+into the row schema (Entry.from_bytes, Entry.fits); anything else is a miss.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ WRITERS = 16  # concurrent entry writes: object stores take many small PUTs in p
 # Generation fields that are per sequence (in the key on their own) or decide no text.
 _NOT_CONTEXT = ("seed", "max_new_tokens", "num_return_sequences")
 _TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template", "spiece")
+# A checkpoint's files besides weights and tokenizer that decide its text: the architecture
+# (rope_theta, ...), its default generation settings, and code it ships (trust_remote_code).
+_CONFIG_FILES = ("config.json", "generation_config.json")
+_CODE_SUFFIX = ".py"
+FINISH_REASONS = ("stop", "length")
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,24 @@ class Entry:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Entry:
-        doc = json.loads(data)
-        return cls(doc["text"], doc["finish_reason"], int(doc["completion_tokens"]))
+        """The entry in `data`; ValueError saying why when it is not one of the row schema
+        (a user's stray file, a truncated write, a hand edit)."""
+        doc = json.loads(data)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if not isinstance(doc, dict):
+            raise ValueError(f"an entry is a JSON object, not {type(doc).__name__}")
+        text, reason, tokens = doc.get("text"), doc.get("finish_reason"), doc.get("completion_tokens")
+        if not isinstance(text, str):
+            raise ValueError(f"text is {text!r}, not a string")
+        text.encode("utf-8")  # a lone surrogate (JSON "\ud800") could not be written to Parquet
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason is {reason!r}, not one of {FINISH_REASONS}")
+        if type(tokens) is not int or tokens < 0:
+            raise ValueError(f"completion_tokens is {tokens!r}, not an integer >= 0")
+        return cls(text, reason, tokens)
+
+    def fits(self, max_new_tokens: int) -> bool:
+        """Whether the sequence this entry stands for could have been generated within its limit."""
+        return self.completion_tokens <= max_new_tokens
 
 
 def context_digest(model: dict, tokenizer: dict, engine: dict, generation: dict) -> str:
@@ -96,6 +121,18 @@ def tokenizer_identity(path: str, revision: str | None) -> dict:
     return identity
 
 
+def checkpoint_identity(path: str) -> dict:
+    """For a local checkpoint, a hash of its config files and shipped code (its weights are
+    hashed apart, jobs/preflight.model_identity); empty for a hub name (its commit decides)."""
+    if not os.path.isdir(path):
+        return {}
+    digest = hashlib.sha256()
+    for p in sorted(Path(path).iterdir()):
+        if p.is_file() and (p.name in _CONFIG_FILES or p.name.endswith(_CODE_SUFFIX)):
+            digest.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return {"config_sha256": digest.hexdigest()}
+
+
 class RowCache:
     def __init__(self, uri: str, storage_options: dict):
         self.uri = uri.rstrip("/")
@@ -108,18 +145,22 @@ class RowCache:
     def _path(self, key: str) -> str:
         return f"{self.root.rstrip('/')}/{VERSION}/{key[:2]}/{key}.json"
 
-    def get_many(self, keys) -> dict[str, Entry]:
-        """The entries found among `keys`, in one batched read (s3fs fetches them concurrently).
-        An entry that cannot be parsed (a user's stray file) is a miss."""
+    def read_many(self, keys) -> dict[str, bytes]:
+        """The stored bytes of the entries found among `keys`, in one batched read (s3fs
+        fetches them concurrently)."""
         paths = {self._path(k): k for k in set(keys)}
         if not paths:
             return {}
         found = with_retries(lambda: self.fs.cat(list(paths), on_error="omit"), f"reading the cache at {self.uri}")
+        return {paths[self.fs._strip_protocol(path)]: data for path, data in found.items()}
+
+    def get_many(self, keys) -> dict[str, Entry]:
+        """The entries found among `keys`; one that does not parse (Entry.from_bytes) is a miss."""
         entries = {}
-        for path, data in found.items():
+        for key, data in self.read_many(keys).items():
             try:
-                entries[paths[self.fs._strip_protocol(path)]] = Entry.from_bytes(data)
-            except (KeyError, ValueError, TypeError):
+                entries[key] = Entry.from_bytes(data)
+            except ValueError:
                 continue
         return entries
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
+
 from jobs.core.spec import InputSpec, JobSpec
 
 
@@ -24,6 +26,43 @@ TEMPLATE_ERROR = "template_error"
 CHAT_TEMPLATE_ERROR = "chat_template_error"
 PROMPT_TOO_LONG = "prompt_too_long"
 GENERATION_ERROR = "generation_error"
+BAD_ENCODING = "bad_encoding"
+
+
+def decode_rows(table: pa.Table) -> tuple[list[dict[str, Any]], dict[int, RowError]]:
+    """The table's rows, and a BAD_ENCODING error for each row with a string that is not valid
+    UTF-8 (its value there is None). pyarrow checks no UTF-8 when it reads Parquet, and
+    to_pylist raises for the whole table on one such string: one row must not fail a shard."""
+    try:
+        return table.to_pylist(), {}
+    except UnicodeDecodeError:
+        pass
+    columns, bad = {}, {}
+    for name in table.column_names:
+        columns[name] = _decode_column(table.column(name), name, bad)
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    errors = {
+        i: RowError(BAD_ENCODING, f"not valid UTF-8: {'; '.join(why)}; write the input file's strings as UTF-8")
+        for i, why in bad.items()
+    }
+    return rows, errors
+
+
+def _decode_column(column: pa.ChunkedArray, name: str, bad: dict[int, list[str]]) -> list:
+    """The column's values; a value that does not decode is None, and why is added to `bad[row]`."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    values = []
+    for i in range(len(column)):
+        try:
+            values.extend(column.slice(i, 1).to_pylist())
+        except UnicodeDecodeError as e:
+            values.append(None)
+            near = e.object[max(0, e.start - 16) : e.end + 16]
+            bad.setdefault(i, []).append(f"column {name!r} has {e.reason} at byte {e.start} (near {near!r})")
+    return values
 
 
 def render_prompt(spec: InputSpec, row: dict[str, Any], tokenizer) -> str:

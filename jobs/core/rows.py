@@ -23,6 +23,7 @@ import fsspec
 import pyarrow as pa
 
 from jobs.core import storage
+from jobs.core.errors import InputError
 from jobs.core.plan import Shard
 
 if TYPE_CHECKING:
@@ -95,7 +96,18 @@ def read_shard_rows(spec: JobSpec, shard: Shard) -> pa.Table:
     i = spec.input
     if is_batch(i):
         return read_batch_rows(shard.url, i.storage_options, shard.relpath, shard.start, shard.stop)
-    return storage.read_row_range(shard.url, i.storage_options, shard.start, shard.stop, job_input_columns(spec))
+    try:
+        return storage.read_row_range(shard.url, i.storage_options, shard.start, shard.stop, job_input_columns(spec))
+    except OSError as e:  # pyarrow raises a bare OSError for a corrupt page, naming no file
+        raise InputError(
+            f"cannot read rows {shard.start}:{shard.stop} of input file {shard.url} "
+            f"({type(e).__name__}: {one_line(e)}); if the file is corrupt, write it again or remove it from input.uri"
+        ) from e
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line (pyarrow's span several)."""
+    return " ".join(str(error).split())
 
 
 def extra_columns(spec: JobSpec) -> tuple[str, ...]:

@@ -4,6 +4,8 @@ The generation failure is injected: a prefill holding a "POISON" prompt raises."
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -136,3 +138,34 @@ def test_retry_failed(fault_ray, faults, tiny_model, tmp_path, ray_tmpdirs):
     # Only the shards with dead letters were rewritten.
     assert {i for i, doc in result.commits.items() if doc["attempt"] != first.commits[i]["attempt"]} == {0, 2}
     assert len(commit_records(out)) == 3 and read_record(out)["state"] == "succeeded"
+
+
+def test_a_prompt_not_utf8_is_one_dead_letter_and_a_corrupt_page_names_its_file(fault_ray, tiny_model, tmp_path):
+    from tests.bad_files import corrupt_column, not_utf8
+
+    rows = 20
+    table = pq.read_table(write_prompts(tmp_path / "in" / "p.parquet", rows))
+    prompts = [p.encode() for p in table.column("prompt").to_pylist()]
+    prompts[7] = b"Write \xff a note"
+    table = table.set_column(table.schema.get_field_index("prompt"), "prompt", not_utf8(prompts))
+    pq.write_table(table, tmp_path / "in" / "p.parquet")
+    out = str(tmp_path / "out")
+    data = job_dict(
+        str(tmp_path / "in"), out, tiny_model,
+        generation={"max_new_tokens": 4}, resources={"replicas": 1, "num_cpus": 1},
+        shards={"rows_per_shard": 10, "max_failed_fraction": 0.1},
+    )  # fmt: skip
+    assert run_job(spec_from_dict(data), progress=False).state == "succeeded"
+    result = check_output(out, [f"row-{i:05d}" for i in range(rows)])
+    assert [(e["id"], e["error_code"]) for e in result.errors] == [("row-00007", "bad_encoding")]
+    assert len(result.data) == rows - 1
+
+    # A corrupt page outside the id column is found by the replica that reads it: the
+    # shard's own error names the file (the job's message names every failed shard's file anyway).
+    write_prompts(tmp_path / "in2" / "p.parquet", rows)
+    corrupt_column(tmp_path / "in2" / "p.parquet", "prompt")
+    data.update(input={**data["input"], "uri": str(tmp_path / "in2")}, output={**data["output"], "uri": out + "2"})
+    with pytest.raises(JobError) as failure:
+        run_job(spec_from_dict(data), progress=False)
+    last_error = str(failure.value).split("last error:")[1]
+    assert re.search(r"cannot read rows \d+:\d+ of input file \S*/in2/p\.parquet", last_error), last_error

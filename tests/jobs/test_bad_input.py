@@ -159,7 +159,7 @@ def test_null_id(tmp_path, tiny_model, nothing_heavy_starts):
         pa.table({"id": ["a", "b", None, "d"], "prompt": ["p"] * 4, "topic": ["t"] * 4}), tmp_path / "in.parquet"
     )
     spec = make_spec(tmp_path, tiny_model, input={"uri": str(tmp_path / "in.parquet")})
-    fails_early(spec, InputError, "input.id_column", "'id'", "null", "in.parquet", "near 2")
+    fails_early(spec, InputError, "input.id_column", "'id'", "null", "in.parquet", "row 2 of")
 
 
 def test_null_id_names_its_row_in_the_file(tmp_path, tiny_model):
@@ -169,7 +169,7 @@ def test_null_id_names_its_row_in_the_file(tmp_path, tiny_model):
         pa.table({"id": ids, "prompt": ["p"] * 8, "topic": ["t"] * 8}), tmp_path / "in.parquet", row_group_size=2
     )
     spec = make_spec(tmp_path, tiny_model, input={"uri": str(tmp_path / "in.parquet")})
-    with pytest.raises(InputError, match=r"null in .*in\.parquet \(a row near 5\)"):
+    with pytest.raises(InputError, match=r"null in row 5 of .*in\.parquet"):
         validate(spec)
 
 

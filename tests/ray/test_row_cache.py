@@ -3,6 +3,8 @@ writes the same output for the rows night 1 had; anything that decides the text 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -68,4 +70,15 @@ def test_other_weights_make_every_row_miss(ray_cluster, tiny_model, tmp_path):
     night(tmp_path, "before", 40, tiny_model, cache)
     retrained = save_tiny_model(tmp_path / "retrained", arch="llama", seed=1)
     changed, _ = night(tmp_path, "changed", 40, retrained, cache)
+    assert changed.counts.rows_cached == 0
+
+
+def test_a_changed_checkpoint_config_makes_every_row_miss(ray_cluster, tiny_model, tmp_path):
+    model = shutil.copytree(tiny_model, tmp_path / "model")  # the same path and weights both nights
+    cache = tmp_path / "cache"
+    night(tmp_path, "before", 40, model, cache)
+    config = json.loads((model / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 500.0
+    (model / "config.json").write_text(json.dumps(config))
+    changed, _ = night(tmp_path, "changed", 40, model, cache)
     assert changed.counts.rows_cached == 0

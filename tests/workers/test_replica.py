@@ -16,6 +16,7 @@ from jobs.core.plan import plan
 from jobs.core.protocol import ShardTask, TaskKind, row_seed
 from jobs.core.spec import spec_from_dict
 from jobs.dataset import open_dataset
+from tests.bad_files import corrupt_column, not_utf8
 from tests.conftest import job_dict, write_prompts
 from workers.replica import Replica
 
@@ -386,3 +387,41 @@ def test_dead_letters_keep_the_reference_and_retry_scores_them(tmp_path, tiny_mo
     scored = {r["id"]: r for r in again.to_pylist()}
     assert sorted(scored) == ["a", "b"] and scored["b"]["ref"] == "a note"
     assert scored["b"]["bleu"] is not None
+
+
+# -- input that pyarrow reads but cannot hand over -------------------------------------------
+
+
+def test_a_string_not_utf8_is_one_bad_encoding_dead_letter(tmp_path, tiny_model):
+    path = tmp_path / "in" / "prompts.parquet"
+    path.parent.mkdir(parents=True)
+    prompts = [f"Write note {i}".encode() for i in range(6)]
+    prompts[2] = b"Write \xff\xfe note"
+    topics = [b"t"] * 6
+    topics[4] = b"caf\xe9"  # Latin-1, not UTF-8: a carried column fails its row too
+    ids = [f"r{i}" for i in range(6)]
+    pq.write_table(pa.table({"id": ids, "prompt": not_utf8(prompts), "topic": not_utf8(topics)}), path)
+    spec = make_spec(tmp_path, tiny_model)
+    _, [result] = run_shards(spec)
+
+    assert (result.samples_ok, result.samples_failed) == (4, 2)
+    assert sorted(r["id"] for r in read(result.data_url).to_pylist()) == ["r0", "r1", "r3", "r5"]
+    errors = {r["id"]: r for r in read(result.errors_url).to_pylist()}
+    assert sorted(errors) == ["r2", "r4"]
+    assert {r["error_code"] for r in errors.values()} == {"bad_encoding"}
+    assert "column 'prompt'" in errors["r2"]["error"] and "\\xff\\xfe" in errors["r2"]["error"]
+    assert "column 'topic'" in errors["r4"]["error"]
+    # The dead letter keeps what did decode, so the row can be found and fixed.
+    assert (errors["r2"]["prompt"], errors["r2"]["topic"]) == (None, "t")
+    assert (errors["r4"]["prompt"], errors["r4"]["topic"]) == ("Write note 4", None)
+
+
+def test_a_corrupt_page_names_its_file(tmp_path, tiny_model):
+    from jobs.core.errors import InputError
+
+    path = write_prompts(tmp_path / "in" / "prompts.parquet", 6)
+    corrupt_column(path, "prompt")
+    spec = make_spec(tmp_path, tiny_model)
+    with pytest.raises(InputError, match=r"cannot read rows 0:6 of input file .*prompts\.parquet"):
+        run_shards(spec)
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.core.cache import Entry, RowCache, context_digest, sequence_key, tokenizer_identity
+from jobs.core.cache import Entry, RowCache, checkpoint_identity, context_digest, sequence_key, tokenizer_identity
 
 MODEL = {"path": "m", "revision": None, "weights_sha256": "aa", "commit_hash": None, "dtype": "float32"}
 TOKENIZER = {"path": "m", "revision": None, "files_sha256": "bb"}
@@ -61,6 +61,47 @@ def test_a_local_tokenizer_is_known_by_its_files(tmp_path):
     assert tokenizer_identity(str(tmp_path), None) != before
 
 
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "modeling_custom.py"])
+def test_a_local_checkpoint_is_known_by_its_config_and_code(tmp_path, name):
+    (tmp_path / "config.json").write_text('{"rope_theta": 10000.0}')
+    (tmp_path / "generation_config.json").write_text('{"temperature": 1.0}')
+    (tmp_path / "modeling_custom.py").write_text("# remote code")
+    (tmp_path / "README.md").write_text("a model card decides no text")
+    before = checkpoint_identity(str(tmp_path))
+    (tmp_path / "README.md").write_text("edited")
+    assert checkpoint_identity(str(tmp_path)) == before
+    (tmp_path / name).write_text((tmp_path / name).read_text() + " ")
+    assert checkpoint_identity(str(tmp_path)) != before
+    assert checkpoint_identity("org/hub-model") == {}  # a hub name: its resolved commit decides
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b'{"text": null, "finish_reason": "stop", "completion_tokens": 1}',
+        b'{"finish_reason": "stop", "completion_tokens": 1}',
+        b'{"text": "hi", "finish_reason": "banana", "completion_tokens": 1}',
+        b'{"text": "hi", "finish_reason": "stop", "completion_tokens": -1}',
+        b'{"text": "hi", "finish_reason": "stop", "completion_tokens": "1"}',
+        b'{"text": "hi", "finish_reason": "stop", "completion_tokens": 1.5}',
+        b'{"text": "hi", "finish_reason": "stop", "completion_tokens": true}',
+        b'{"text": "\\ud800", "finish_reason": "stop", "completion_tokens": 1}',
+        b'{"text": "hi", "finish_reason": "st',
+        b'["hi", "stop", 1]',
+        b"\xff\xfe",
+    ],
+)
+def test_an_entry_not_of_the_row_schema_does_not_parse(stored):
+    with pytest.raises(ValueError):
+        Entry.from_bytes(stored)
+
+
+def test_an_entry_fits_its_sequence_limit():
+    entry = Entry.from_bytes(b'{"text": "hi", "finish_reason": "length", "completion_tokens": 8}')
+    assert entry == Entry("hi", "length", 8)
+    assert entry.fits(8) and not entry.fits(7)
+
+
 def check_round_trip(cache: RowCache) -> None:
     a, b, missing = "a1" * 32, "b2" * 32, "c3" * 32
     assert cache.get_many([a, b]) == {}
@@ -77,6 +118,8 @@ def test_entries_on_local_disk(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text("not an entry")
     assert cache.get_many([stray]) == {}  # a miss, not an error
+    path.write_text('{"text": null, "finish_reason": "stop", "completion_tokens": 1}')
+    assert cache.get_many([stray]) == {}
 
 
 @pytest.mark.s3

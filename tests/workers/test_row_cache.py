@@ -1,0 +1,101 @@
+"""The replica's side of the row cache in-process (no Ray): what it takes from the cache,
+and what it refuses to take."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.core.plan import plan
+from jobs.core.protocol import ShardTask
+from jobs.core.spec import spec_from_dict
+from jobs.dataset import open_dataset
+from tests.conftest import job_dict, write_prompts
+from workers.replica import Replica
+
+MAX_NEW = 8
+ROWS = 12
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    # Replica sets torch's thread count for its process; this test process gets its own back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def cached_spec(tmp_path, model):
+    data = job_dict(
+        str(tmp_path / "in"), str(tmp_path / "out"), model,
+        generation={"max_new_tokens": MAX_NEW, "do_sample": True, "temperature": 0.9, "seed": 5},
+        shards={"rows_per_shard": 100},
+    )  # fmt: skip
+    data["cache"] = {"uri": str(tmp_path / "cache")}
+    return spec_from_dict(data)
+
+
+def run_once(spec, attempt: str):
+    """The one shard through a fresh replica, its rows committed to the cache; (result, rows by id)."""
+    replica = Replica(spec, {})
+    [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
+    result = replica.run(ShardTask(shard, attempt))
+    replica.publish_cache(attempt)
+    return result, {r["id"]: r for r in pq.read_table(result.data_url).to_pylist()}
+
+
+BAD_ENTRIES = [
+    '{"text": null, "finish_reason": "stop", "completion_tokens": 1}',
+    '{"text": "banana", "finish_reason": "banana", "completion_tokens": 1}',
+    '{"text": "cut", "finish_reason": "st',
+    '{"text": "minus", "finish_reason": "stop", "completion_tokens": -1}',
+    '{"text": "too long", "finish_reason": "length", "completion_tokens": %d}' % (MAX_NEW + 1),
+    '{"text": "a string count", "finish_reason": "stop", "completion_tokens": "1"}',
+]
+
+
+def test_an_entry_not_of_the_row_schema_is_a_counted_miss(tmp_path, tiny_model):
+    write_prompts(tmp_path / "in" / "p.parquet", ROWS)
+    spec = cached_spec(tmp_path, tiny_model)
+    _, fresh = run_once(spec, "attempt-0")
+    entries = sorted((tmp_path / "cache").rglob("*.json"))
+    assert len(entries) == ROWS
+    for path, bad in zip(entries, BAD_ENTRIES):
+        path.write_text(bad)
+
+    result, again = run_once(spec, "attempt-1")
+    assert result.samples_cached == ROWS - len(BAD_ENTRIES)
+    assert result.replica["cache_entries_rejected"] == len(BAD_ENTRIES)
+    fields = ("text", "finish_reason", "completion_tokens")
+    assert {k: tuple(r[f] for f in fields) for k, r in again.items()} == {
+        k: tuple(r[f] for f in fields) for k, r in fresh.items()
+    }
+    # The regenerated rows were written back once committed: a third run takes every row.
+    result, _ = run_once(spec, "attempt-2")
+    assert (result.samples_cached, result.replica["cache_entries_rejected"]) == (ROWS, 0)
+
+
+@pytest.mark.parametrize(
+    "name, change",
+    [
+        ("config.json", lambda c: c["rope_parameters"].update(rope_theta=500.0)),
+        ("generation_config.json", lambda c: c.update(top_k=5)),  # the checkpoint's own defaults
+    ],
+)
+def test_a_changed_checkpoint_config_misses(tmp_path, tiny_model, name, change):
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    write_prompts(tmp_path / "in" / "p.parquet", ROWS)
+    spec = cached_spec(tmp_path, model)
+    run_once(spec, "attempt-0")
+    result, _ = run_once(spec, "attempt-1")
+    assert result.samples_cached == ROWS  # the control: nothing changed, every row hits
+
+    config = json.loads((model / name).read_text())
+    change(config)
+    (model / name).write_text(json.dumps(config))
+    result, _ = run_once(spec, "attempt-2")
+    assert result.samples_cached == 0
