@@ -88,6 +88,11 @@ class OutputDir:
         """The job record as a dict, None if there is none; OutputError if it is not a job record."""
         return read_record_doc(self)
 
+    def wipe(self) -> None:
+        """Delete everything a job wrote (for --overwrite), and nothing else."""
+        for name in layout.JOB_ENTRIES:
+            self.remove(name)
+
     # -- shard commits ---------------------------------------------------------
 
     def commit(self, result: ShardResult, extra: dict) -> dict:
