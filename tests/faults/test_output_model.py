@@ -1,8 +1,8 @@
 """A randomized model-based test of the exactly-once promise (hypothesis's state machines).
 
-Hypothesis interleaves, on one output: `bulkgen run` and `bulkgen resume`, runs whose
-driver is killed at a random fault point (os._exit, as a crash would), input files added,
-removed and rewritten, `--overwrite`, and two drivers started at once. The model knows
+Hypothesis interleaves, on one output that a first run planned: `bulkgen run` and `bulkgen
+resume`, runs whose driver is killed at a random fault point (os._exit, as a crash would),
+input files added, removed and rewritten, `--overwrite`, and two drivers started at once. The model knows
 only what a user knows: the input now, and the input the output was planned on. After
 every step the output is either exactly once for the input it claims (a run that exits 0
 generated every row of today's input once), or the command was refused with exit 2 and
@@ -145,6 +145,7 @@ class OutputModel(RuleBasedStateMachine):
         spec["input"].update(storage_options=self.store.options)
         spec["output"].update(storage_options=self.store.options)
         (self.example / "job.yaml").write_text(yaml.safe_dump(spec))
+        self._run_once("run", overwrite=False, kill=None)  # every example starts from a planned output
 
     @rule(name=st.sampled_from(FILE_NAMES), n=st.integers(1, 30))
     def add_or_rewrite_file(self, name, n):
@@ -186,8 +187,14 @@ class OutputModel(RuleBasedStateMachine):
         return self.pinned is None or self.pinned == self.input or overwrite
 
     @rule(how=st.sampled_from(["run", "resume"]), overwrite=st.booleans(),
-          kill=st.none() | st.sampled_from(sorted(KILL_POINTS)))  # fmt: skip
-    def run(self, how, overwrite, kill):
+          kill=st.none() | st.sampled_from(sorted(KILL_POINTS)), drivers=st.sampled_from([1, 1, 2]))  # fmt: skip
+    def run(self, how, overwrite, kill, drivers):
+        if drivers == 2:
+            self._two_drivers_at_once()
+        else:
+            self._run_once(how, overwrite, kill)
+
+    def _run_once(self, how: str, overwrite: bool, kill: str | None) -> None:
         if how == "resume" and (not self.resumable or self.store.options):  # resume's record has no credentials
             how = "run"
         overwrite = overwrite and how == "run"
@@ -205,8 +212,7 @@ class OutputModel(RuleBasedStateMachine):
             return
         self._check_outcome(code, before, expect_success)
 
-    @rule()
-    def two_drivers_at_once(self):
+    def _two_drivers_at_once(self):
         before, expect_success = self.store.files(), self._expect_success(False)
         procs = [self._start(self._command("run", False)) for _ in range(2)]
         codes = sorted(self._wait(p) for p in procs)
@@ -265,7 +271,7 @@ def _run_machine(tmp_path: Path, cluster: LocalCluster, model: Path, store_root:
 
 
 def test_exactly_once_or_refused_on_local_files(shared_cluster, tiny_model, tmp_path):
-    _run_machine(tmp_path, shared_cluster, tiny_model, str(tmp_path / "store"), {}, examples=4)
+    _run_machine(tmp_path, shared_cluster, tiny_model, str(tmp_path / "store"), {}, examples=5)
 
 
 @pytest.mark.s3
