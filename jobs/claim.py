@@ -26,7 +26,7 @@ from jobs.core import faults, storage
 from jobs.core.errors import OutputError
 from jobs.core.layout import CLAIMS, RECORD, OutputLayout
 from jobs.core.times import age_seconds, now
-from jobs.record import HEARTBEAT_S
+from jobs.record import HEARTBEAT_S, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,9 @@ def _holder_alive(out, number: int, doc: dict) -> bool:
     its process alive (same host) or its heartbeat fresh (another host)."""
     if doc.get("released_at"):
         return False
-    if doc.get("host") == socket.gethostname() and doc.get("pid"):
-        try:
-            os.kill(doc["pid"], 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
+    alive = process_alive(doc.get("host"), doc.get("pid"))
+    if alive is not None:
+        return alive
     # Another host: the record's heartbeat, once that run writes it, else the claim's own time.
     beat = doc.get("claimed_at") or "1970-01-01T00:00:00+00:00"
     record = out.read_json(RECORD) or {}

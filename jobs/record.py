@@ -230,12 +230,21 @@ def driver_alive(doc: dict) -> bool:
     """Whether the driver of a record that says running is still alive: by pid on
     this host, elsewhere by a heartbeat younger than a few HEARTBEAT_S."""
     run = (doc.get("runs") or [{}])[-1]
-    if run.get("host") == socket.gethostname() and run.get("pid"):
-        try:
-            os.kill(run["pid"], 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return run["pid"] != os.getpid()
+    alive = process_alive(run.get("host"), run.get("pid"))
+    if alive is not None:
+        return alive and run["pid"] != os.getpid()
     return age_seconds(doc.get("updated_at", "1970-01-01T00:00:00+00:00")) < 6 * HEARTBEAT_S
+
+
+def process_alive(host: str | None, pid: int | None) -> bool | None:
+    """Whether process `pid` runs on `host`; None where that cannot be told from here
+    (another host, or no pid)."""
+    if host != socket.gethostname() or not pid:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, alive
+        pass
+    return True

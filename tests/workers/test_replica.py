@@ -20,15 +20,9 @@ from tests.bad_files import corrupt_column, not_utf8
 from tests.conftest import job_dict, write_prompts
 from workers.replica import Replica
 
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
+
 MAX_NEW = 8
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    # Replica sets torch's thread count for its process; this test process gets its own back.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from jobs.core.plan import plan
 from jobs.core.protocol import ShardTask
@@ -17,16 +16,10 @@ from jobs.dataset import open_dataset
 from tests.conftest import job_dict, write_prompts
 from workers.replica import Replica
 
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
+
 MAX_NEW = 8
 ROWS = 12
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    # Replica sets torch's thread count for its process; this test process gets its own back.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def cached_spec(tmp_path, model):
