@@ -153,12 +153,7 @@ def open_output(spec: JobSpec, overwrite: bool) -> tuple[OutputDir, OutputClaim,
     bulkgen did not make, another driver's claim, another job's committed shards, or an input
     that changed since the job was planned. `overwrite` deletes what blocks the last two."""
     out = OutputDir(spec.output.uri, spec.output.storage_options)
-    if out.read_record_doc() is None and out.foreign_entries():
-        raise OutputConflict(
-            f"{out.uri} is not empty ({', '.join(out.foreign_entries()[:5])}) and holds no bulkgen job record "
-            f"({RECORD}); bulkgen neither writes into nor deletes a directory it did not make, --overwrite "
-            "included: give another output.uri"
-        )
+    _refuse_foreign(out)
     claim = OutputClaim.acquire(out)
     try:
         return out, claim, _open_record(out, spec, overwrite)
@@ -167,28 +162,57 @@ def open_output(spec: JobSpec, overwrite: bool) -> tuple[OutputDir, OutputClaim,
         raise
 
 
+def check_output_takes(spec: JobSpec) -> None:
+    """What `open_output` would refuse without --overwrite, found read-only (`bulkgen validate`)."""
+    out = OutputDir(spec.output.uri, spec.output.storage_options)
+    _refuse_foreign(out)
+    blocker = _blocker(out, spec, out.read_record_doc())
+    if blocker is not None:
+        raise blocker
+
+
+def _refuse_foreign(out: OutputDir) -> None:
+    """A directory that is not empty and holds no job record is not bulkgen's: never written
+    into, nor deleted, whatever the flags."""
+    if out.read_record_doc() is None and out.foreign_entries():
+        raise OutputConflict(
+            f"{out.uri} is not empty ({', '.join(out.foreign_entries()[:5])}) and holds no bulkgen job record "
+            f"({RECORD}); bulkgen neither writes into nor deletes a directory it did not make, --overwrite "
+            "included: give another output.uri"
+        )
+
+
+def _blocker(out: OutputDir, spec: JobSpec, existing: dict | None) -> BadInput | None:
+    """What keeps this spec from running in the output as it is (None: nothing): another job's
+    committed shards, or an input that changed since the job was planned. --overwrite deletes either."""
+    if existing is None:
+        return None
+    if not same_job(existing, spec):
+        committed = out.commit_records()
+        if not committed:
+            return None
+        return OutputConflict(
+            f"{out.uri} holds {len(committed)} committed shards of a different job spec "
+            f"(fingerprint {existing.get('fingerprint')}, this spec is {spec.fingerprint()}); "
+            "use another output.uri, or --overwrite to delete them"
+        )
+    if existing.get("input"):
+        changed = input_changes(spec, InputSnapshot.from_json(existing["input"]))
+        if changed:
+            return InputChanged(input_changed_message(out, changed))
+    return None
+
+
 def _open_record(out: OutputDir, spec: JobSpec, overwrite: bool) -> JobRecord:
     existing = out.read_record_doc()  # again: read under the claim
-    if existing is not None and not same_job(existing, spec):
-        committed = out.commit_records()
-        if committed and not overwrite:
-            raise OutputConflict(
-                f"{out.uri} holds {len(committed)} committed shards of a different job spec "
-                f"(fingerprint {existing.get('fingerprint')}, this spec is {spec.fingerprint()}); "
-                "use another output.uri, or --overwrite to delete them"
-            )
-        log.warning("deleting the previous job's output in %s (%s)", out.uri,
-                    "--overwrite" if committed else "it committed nothing")  # fmt: skip
+    blocker = _blocker(out, spec, existing)
+    if blocker is not None and not overwrite:
+        raise blocker
+    if blocker is not None or (existing is not None and not same_job(existing, spec)):
+        why = f"--overwrite: {str(blocker).splitlines()[0]}" if blocker else "another job's, which committed nothing"
+        log.warning("deleting the output in %s (%s)", out.uri, why)
         out.wipe()
         existing = None
-    if existing is not None and existing.get("input"):
-        changed = input_changes(spec, InputSnapshot.from_json(existing["input"]))
-        if changed and not overwrite:
-            raise InputChanged(input_changed_message(out, changed))
-        if changed:
-            log.warning("--overwrite: the input changed since %s was planned; deleting its output", out.uri)
-            out.wipe()
-            existing = None
     if existing is None:
         record = JobRecord(spec.redacted(), spec.fingerprint(), spec.name)  # state pending
         out.write_json(RECORD, record.to_json())

@@ -30,6 +30,7 @@ from jobs.core.prompts import TEMPLATE_ERROR, RowError, build_prompt, decode_row
 from jobs.core.rows import read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
 from jobs.dataset import check_unique_ids, glob_root, is_glob, is_text, open_dataset
+from jobs.output import check_output_takes
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,10 @@ class Validated:
 
 
 def validate(spec: JobSpec) -> Validated:
-    """Every check that needs no replica: output, input, ids, model files, tokenizer."""
+    """Every check that needs no replica: output (and that a run could take it), input, ids,
+    model files, tokenizer."""
     check_output_usable(spec)
+    check_output_takes(spec)
     return check_input_and_model(spec)
 
 

@@ -53,3 +53,32 @@ def test_an_unreadable_record_is_refused_naming_it(tmp_path):
     with pytest.raises(OutputConflict.__mro__[1], match="_job.json is not a bulkgen job record"):
         open_output(spec, overwrite=True)
     assert (tmp_path / "out" / "_job.json").read_text() == '{"spec": {"na'
+
+
+def test_validate_refuses_what_a_run_would(tmp_path, tiny_model):
+    from jobs.validate import validate
+
+    write_prompts(tmp_path / "in.parquet", 20)
+    spec = _spec(tmp_path, tiny_model)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputConflict, match="holds no bulkgen job record"):
+        validate(spec)
+
+
+def test_validate_names_an_input_changed_since_the_job_was_planned(tmp_path, tiny_model):
+    from jobs.core.errors import InputChanged
+    from jobs.core.snapshot import InputSnapshot
+    from jobs.dataset import pin_input
+    from jobs.validate import validate
+
+    write_prompts(tmp_path / "in.parquet", 20)
+    spec = _spec(tmp_path, tiny_model)
+    record = {"spec": spec.redacted(), "fingerprint": spec.fingerprint(), "state": "succeeded",
+              "input": InputSnapshot(10, tuple(pin_input(spec.input))).to_json()}  # fmt: skip
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_job.json").write_text(json.dumps(record))
+    validate(spec)  # the input it was planned on
+    write_prompts(tmp_path / "in.parquet", 25)
+    with pytest.raises(InputChanged, match=r"rewritten: .*in\.parquet"):
+        validate(spec)

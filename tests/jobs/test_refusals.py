@@ -185,8 +185,7 @@ def test_an_output_under_proc_or_sys_is_refused(tmp_path, tiny_model, prompts, c
 
 def test_the_output_check_leaves_nothing_behind(tmp_path, tiny_model, prompts, nothing_heavy_starts):
     # A new output (its parent is probed) and an existing one (probed itself).
-    (tmp_path / "existing").mkdir()
-    (tmp_path / "existing" / "notes.txt").write_text("mine")
+    (tmp_path / "existing").mkdir()  # empty: a directory with files of its own is not an output bulkgen takes
     before = files_under(tmp_path)
     for out in (tmp_path / "new" / "out", tmp_path / "existing"):
         validate(spec_from_dict(job_dict(str(prompts), str(out), tiny_model)))
