@@ -73,6 +73,8 @@ def run_job(
         try:
             faults.inject("driver.validate")
             checked = check_input_and_model(spec)
+        except KeyboardInterrupt:
+            raise _interrupted(keeper, "validating") from None
         except BaseException as e:  # bad input, a bug, or storage gone: the record says which
             keeper.fail(str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}")
             log.error("validation failed: %s", e)
@@ -164,15 +166,19 @@ class _Run:
             self.keeper.move_to(JobState.CANCELLED, JobFailure("cancelled by the user", "running"))
             raise
         except KeyboardInterrupt:
-            self.keeper.move_to(JobState.CANCELLED, JobFailure("interrupted (Ctrl-C or SIGTERM)", "running"))
-            raise JobCancelled("interrupted; committed shards are kept, resume with `bulkgen resume`") from None
+            raise _interrupted(self.keeper, "running") from None
         except JobError as e:
             self.keeper.fail(str(e))
             raise
         except BaseException as e:  # storage gone for good, a bug: still leave a true record
             self.keeper.fail(f"{type(e).__name__}: {e}")
             raise
-        return self._finalize()
+        try:
+            return self._finalize()
+        except KeyboardInterrupt:
+            if self.record.state is not JobState.FINALIZING:
+                raise  # already succeeded (or failed): that is what the record says
+            raise _interrupted(self.keeper, "finalizing") from None
 
     def _run_shards(self, work: list[Work]) -> None:
         spec = self.spec
@@ -300,6 +306,12 @@ class _Run:
         self.keeper.move_to(JobState.SUCCEEDED)
         self.out.write_json(SUCCESS, {"finished_at": self.record.finished_at})
         return self.record
+
+
+def _interrupted(keeper: RecordKeeper, where: str) -> JobCancelled:
+    """Ctrl-C or SIGTERM (jobs/cli.py makes it a KeyboardInterrupt): the record says cancelled, and where."""
+    keeper.move_to(JobState.CANCELLED, JobFailure("interrupted (Ctrl-C or SIGTERM)", where))
+    return JobCancelled("interrupted; committed shards are kept, resume with `bulkgen resume`")
 
 
 def _progress(record: JobRecord, enabled: bool):

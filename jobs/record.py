@@ -45,7 +45,7 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.PENDING: {JobState.VALIDATING, JobState.FAILED, JobState.CANCELLED},
     JobState.VALIDATING: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED, JobState.PENDING},
     JobState.RUNNING: {JobState.FINALIZING, JobState.FAILED, JobState.CANCELLED, JobState.PENDING},
-    JobState.FINALIZING: {JobState.SUCCEEDED, JobState.FAILED, JobState.PENDING},
+    JobState.FINALIZING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.PENDING},
     JobState.SUCCEEDED: {JobState.PENDING},
     JobState.FAILED: {JobState.PENDING},
     JobState.CANCELLED: {JobState.PENDING},
