@@ -27,8 +27,11 @@ def connect(address: str | None) -> bool:
         return False
     with _signals_held() as held:
         faults.inject("driver.connect")
-        _init(ray, address or os.environ.get("RAY_ADDRESS"))
-    if held:  # Ctrl-C or SIGTERM came during ray.init: leave now, with nothing of Ray left running
+        try:
+            _init(ray, address or os.environ.get("RAY_ADDRESS"))
+        except SystemExit:  # ray.init's own SIGTERM handler (sys.exit), in place until it returns
+            held.append(signal.SIGTERM)
+    if held:  # Ctrl-C or SIGTERM came during ray.init: stop the Ray just started or joined, and leave
         ray.shutdown()
         raise KeyboardInterrupt(f"signal {held[0]} during ray.init")
     return True
@@ -60,11 +63,12 @@ def _init(ray, address: str | None) -> None:
 def _signals_held():
     """Hold SIGINT and SIGTERM while ray.init runs; yields the signals that came.
 
-    Interrupted half-way, ray.init leaves the local Ray it was starting running
-    with no one to stop it, and a driver that is not yet connected cannot shut it
-    down. ray.init also sets its own SIGTERM handler (sys.exit), which would make
-    `ray job stop` or Kubernetes end the driver as failed instead of cancelled:
-    the handlers in place before are put back, whatever ray.init set."""
+    Interrupted half-way, ray.init leaves a half-started Ray that a driver not yet
+    connected cannot shut down: it finishes, then connect shuts it down and leaves.
+    ray.init also sets its own SIGTERM handler (sys.exit) as it starts, which would
+    make `ray job stop` or Kubernetes end the driver as failed instead of cancelled:
+    the handlers in place before are put back, whatever ray.init set (a SIGTERM
+    that comes before that is ray.init's SystemExit, which connect holds too)."""
     came: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
         yield came

@@ -176,7 +176,7 @@ class _Run:
         try:
             return self._finalize()
         except KeyboardInterrupt:
-            if self.record.state is not JobState.FINALIZING:
+            if self.record.state.final:
                 raise  # already succeeded (or failed): that is what the record says
             raise _interrupted(self.keeper, "finalizing") from None
 

@@ -25,7 +25,8 @@ REACH_S = 300  # from the start to the fault point (a local Ray, a replica, a sh
 # moment -> (fault point, its `when`, the signal, the state the record says it was in)
 MOMENTS = {
     "validating": ("driver.validate", {}, signal.SIGINT, "validating"),
-    "during ray.init": ("driver.connect", {}, signal.SIGINT, "running"),
+    "ray.init, SIGINT": ("driver.connect", {}, signal.SIGINT, "running"),
+    "ray.init, SIGTERM": ("driver.connect", {}, signal.SIGTERM, "running"),
     "replica starting": ("replica.start", {}, signal.SIGTERM, "running"),
     "generating": ("replica.shard_start", {}, signal.SIGTERM, "running"),
     "finalizing": ("storage.write", {"path": {"contains": "_manifest.json"}}, signal.SIGINT, "finalizing"),
