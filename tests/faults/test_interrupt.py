@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM get `bulkgen run` out at any moment of a run, start-up included.
+"""Ctrl-C, SIGTERM and `bulkgen cancel` get `bulkgen run` out at any moment of a run,
+start-up included.
 
 Each case holds the run at one fault point (jobs/core/faults.py), signals the driver
 once the point is reached, and checks that it exits with 130 within a bounded time,
@@ -13,7 +14,7 @@ import pytest
 
 from jobs.cli import main as cli_main
 from tests.conftest import job_dict, write_job, write_prompts
-from tests.faults.conftest import Faults, check_output, cli_env, ray_processes, read_record, wait_for
+from tests.faults.conftest import Faults, check_output, cli_env, ray_processes, read_record, run_cli, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 
@@ -71,3 +72,25 @@ def test_a_signal_at_any_moment_ends_the_run_cancelled(
     if moment == "finalizing":  # every shard committed: a resume only finalizes
         assert cli_main(["resume", out, "--no-progress"]) == 0
         assert check_output(out, IDS).record["state"] == "succeeded"
+
+
+def test_bulkgen_cancel_during_start_up_ends_the_run(bulkgen_procs, ray_tmpdirs, fault_ray, tiny_model, tmp_path):
+    """A cancel asked while the driver validates is acted on as soon as the run starts, before any shard."""
+    write_prompts(tmp_path / "in" / "p.parquet", ROWS)
+    out = str(tmp_path / "out")
+    job = write_job(tmp_path / "job.yaml", job_dict(str(tmp_path / "in"), out, tiny_model,
+                                                    resources={"replicas": 1, "batch_size": 4, "num_cpus": 1}))
+    faults = Faults(tmp_path / "faults")
+    faults.rule("driver.validate", action="hold", timeout=3600)
+    ray_tmp = ray_tmpdirs()
+    driver = bulkgen_procs(["run", str(job), "--no-progress"], cli_env(ray_tmp, faults.dir))
+    wait_for(lambda: _reached(faults, "driver.validate", {}), REACH_S, "the driver to validate")
+
+    cancel = run_cli("cancel", out)
+    assert cancel.returncode == 0, cancel.stderr
+    (faults.dir / "driver.validate.release").touch()
+    assert driver.wait(EXIT_S) == 130, driver.output()[-3000:]
+    record = read_record(out)
+    assert record["state"] == "cancelled" and "cancel" in record["error"]["message"], record.get("error")
+    assert not any(e["point"] == "replica.shard_start" for e in faults.trace()), "a shard started after the cancel"
+    wait_for(lambda: not ray_processes(ray_tmp), 60, "the cancelled driver's Ray to stop")
