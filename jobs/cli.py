@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobCancelled as e:
         print(f"bulkgen: cancelled: {e}", file=sys.stderr)
         return EXIT_CANCELLED
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the job had a record to say so
+        print("bulkgen: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
     except JobError as e:
         print(f"bulkgen: job failed: {e}", file=sys.stderr)
         return EXIT_FAILED

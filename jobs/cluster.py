@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import signal
+import threading
 
+from jobs.core import faults
 from jobs.core.errors import ClusterError
 
 log = logging.getLogger(__name__)
@@ -21,7 +25,19 @@ def connect(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
+    with _signals_held() as held:
+        faults.inject("driver.connect")
+        try:
+            _init(ray, address or os.environ.get("RAY_ADDRESS"))
+        except SystemExit:  # ray.init's own SIGTERM handler (sys.exit), in place until it returns
+            held.append(signal.SIGTERM)
+    if held:  # Ctrl-C or SIGTERM came during ray.init: stop the Ray just started or joined, and leave
+        ray.shutdown()
+        raise KeyboardInterrupt(f"signal {held[0]} during ray.init")
+    return True
+
+
+def _init(ray, address: str | None) -> None:
     if address:
         # Ship our own two packages with the job, so a cluster whose image has
         # torch and transformers but not bulkgen can still run it. A driver that
@@ -41,7 +57,36 @@ def connect(address: str | None) -> bool:
     else:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
         log.info("started a local Ray instance")
-    return True
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM while ray.init runs; yields the signals that came.
+
+    Interrupted half-way, ray.init leaves a half-started Ray that a driver not yet
+    connected cannot shut down: it finishes, then connect shuts it down and leaves.
+    ray.init also sets its own SIGTERM handler (sys.exit) as it starts, which would
+    make `ray job stop` or Kubernetes end the driver as failed instead of cancelled:
+    the handlers in place before are put back, whatever ray.init set (a SIGTERM
+    that comes before that is ray.init's SystemExit, which connect holds too)."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield came
+        return
+
+    def hold(signum, frame):
+        came.append(signum)
+        if len(came) > 1:  # asked twice (ray.init stuck on an unreachable cluster?): out now
+            raise KeyboardInterrupt(f"signal {signum} during ray.init, twice")
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in before:
+        signal.signal(s, hold)
+    try:
+        yield came
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def package_dir(name: str) -> str:

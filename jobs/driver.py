@@ -35,7 +35,7 @@ from jobs.output import (
     open_output,
     read_record,
 )
-from jobs.record import HEARTBEAT_S, JobFailure, JobRecord, JobState, RecordKeeper, library_versions
+from jobs.record import HEARTBEAT_S, JobFailure, JobRecord, JobState, RecordKeeper, committed_counts, library_versions
 from jobs.run_log import COPY_EVERY_S, RunLog
 from jobs.scheduler import ShardExhausted, ShardScheduler, Work, plan_replicas, shards_per_batch, shards_per_replica
 from jobs.validate import Validated, check_input_and_model, check_output_usable
@@ -93,6 +93,8 @@ def _run_claimed(
             snapshot = _planned_input(spec, out, record, checked)
             commits = out.commit_records()
             check_commits_match_plan(out, commits, snapshot.shards())
+        except KeyboardInterrupt:
+            raise _interrupted(keeper, "validating") from None
         except BaseException as e:  # bad input, a bug, or storage gone: the record says which
             keeper.fail(str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}")
             log.error("validation failed: %s", e)
@@ -162,14 +164,8 @@ class _Run:
         }
 
     def _recount(self) -> None:
-        c, commits = self.record.counts, self.commits.values()
-        c.shards_committed = len(self.commits)
-        c.rows_done = sum(r["rows_done"] for r in commits)
-        c.rows_failed = sum(r["rows_failed"] for r in commits)
-        c.rows_cached = sum(r.get("rows_cached", 0) for r in commits)
-        c.rows_filtered = sum(r.get("rows_filtered", 0) for r in commits)
-        c.prompt_tokens = sum(r["prompt_tokens"] for r in commits)
-        c.completion_tokens = sum(r["completion_tokens"] for r in commits)
+        for name, value in committed_counts(self.commits.values()).items():
+            setattr(self.record.counts, name, value)
 
     def execute(self, retry_failed: bool = False) -> JobRecord:
         try:
@@ -209,8 +205,7 @@ class _Run:
             self.keeper.move_to(JobState.CANCELLED, JobFailure("cancelled by the user", "running"))
             raise
         except KeyboardInterrupt:
-            self.keeper.move_to(JobState.CANCELLED, JobFailure("interrupted (Ctrl-C or SIGTERM)", "running"))
-            raise JobCancelled("interrupted; committed shards are kept, resume with `bulkgen resume`") from None
+            raise _interrupted(self.keeper, "running") from None
         except JobError as e:
             self.keeper.fail(str(e))
             raise
@@ -219,7 +214,12 @@ class _Run:
         except BaseException as e:  # storage gone for good, a bug: still leave a true record
             self.keeper.fail(f"{type(e).__name__}: {e}")
             raise
-        return self._finalize()
+        try:
+            return self._finalize()
+        except KeyboardInterrupt:
+            if self.record.state.final:
+                raise  # already succeeded (or failed): that is what the record says
+            raise _interrupted(self.keeper, "finalizing") from None
 
     def _run_shards(self, work: list[Work]) -> None:
         spec = self.spec
@@ -352,6 +352,12 @@ class _Run:
         self.out.write_json(SUCCESS, {"finished_at": self.record.finished_at})
         self.out.remove(CANCEL)  # a request that came too late: `bulkgen cancel` withdraws one written after this
         return self.record
+
+
+def _interrupted(keeper: RecordKeeper, where: str) -> JobCancelled:
+    """Ctrl-C or SIGTERM (jobs/cli.py makes it a KeyboardInterrupt): the record says cancelled, and where."""
+    keeper.move_to(JobState.CANCELLED, JobFailure("interrupted (Ctrl-C or SIGTERM)", where))
+    return JobCancelled("interrupted; committed shards are kept, resume with `bulkgen resume`")
 
 
 def _progress(record: JobRecord, enabled: bool):

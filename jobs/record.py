@@ -7,7 +7,7 @@ per (id, sample_index). Every timestamp is ISO 8601 UTC (jobs.core.times).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import getpass
 import os
@@ -45,7 +45,7 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.PENDING: {JobState.VALIDATING, JobState.FAILED, JobState.CANCELLED},
     JobState.VALIDATING: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED, JobState.PENDING},
     JobState.RUNNING: {JobState.FINALIZING, JobState.FAILED, JobState.CANCELLED, JobState.PENDING},
-    JobState.FINALIZING: {JobState.SUCCEEDED, JobState.FAILED, JobState.PENDING},
+    JobState.FINALIZING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.PENDING},
     JobState.SUCCEEDED: {JobState.PENDING},
     JobState.FAILED: {JobState.PENDING},
     JobState.CANCELLED: {JobState.PENDING},
@@ -79,6 +79,22 @@ class Counts:
     shards_retried: int = 0  # attempts that had to be redone
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+def committed_counts(commits: Iterable[dict]) -> dict[str, int]:
+    """The counts that follow from the commit records alone: what the shards committed
+    so far hold. The record's copy of them is saved at most every second after a commit;
+    a reader that lists the commit records can count them exactly."""
+    commits = list(commits)
+    return {
+        "shards_committed": len(commits),
+        "rows_done": sum(c["rows_done"] for c in commits),
+        "rows_failed": sum(c["rows_failed"] for c in commits),
+        "rows_cached": sum(c.get("rows_cached", 0) for c in commits),
+        "rows_filtered": sum(c.get("rows_filtered", 0) for c in commits),
+        "prompt_tokens": sum(c["prompt_tokens"] for c in commits),
+        "completion_tokens": sum(c["completion_tokens"] for c in commits),
+    }
 
 
 @dataclass

@@ -31,6 +31,7 @@ from workers.row_cache import ReplicaCache
 
 class Replica:
     def __init__(self, spec: JobSpec, job_facts: dict):
+        faults.inject("replica.start")
         self.spec = spec
         self.loop = EngineLoop(lambda: create_engine(spec), job_name(spec.name, spec.output.uri), spec.resources.batch_size)
         self.engine = self.loop.engine

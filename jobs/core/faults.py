@@ -19,6 +19,7 @@ every process sees the same ones. Context values may be callables: they are
 evaluated only when a rule's `when` asks for them.
 
 The points:
+    replica.start                          a replica actor starts, before its engine loads
     replica.shard_start   shard, attempt   a replica starts generating a shard attempt
     replica.shard_end     shard, attempt   its files are staged; it is about to return
     engine.prefill        sequences, prompts (text)   prompts enter the model (transformers: a prefill
@@ -27,6 +28,8 @@ The points:
     storage.move          path             a staged file is published under this name
     driver.validate                        the driver starts validating a job
     driver.claim          run              the driver is about to create its claim on the output
+    driver.connect                         the driver is about to start or join Ray (SIGINT and
+                                           SIGTERM are held until ray.init returns)
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from jobs.core.layout import FILTERED, RECORD, OutputLayout
 from jobs.core.rows import EVALUATION_FIELDS, FILTER
 from jobs.core.storage import with_retries
 from jobs.output import OutputDir
-from jobs.record import JobState, driver_alive
+from jobs.record import JobState, committed_counts, driver_alive
 from jobs.record_file import read_record_doc
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,9 @@ def read_output(uri: str, storage_options: dict, sample_rows: int = SAMPLE_ROWS,
     if record is None:
         raise FileNotFoundError(f"no job record ({RECORD}) under {out.uri}: not a bulkgen output")
     commits = [doc for _, doc in sorted(out.commit_records().items())]
+    # Counted from the commit records read here, not the record's copy (saved at most
+    # every second after a commit): the report's numbers agree with the shards it shows.
+    record["counts"] = {**record.get("counts", {}), **committed_counts(commits)}
     alive = record.get("state") == JobState.RUNNING.value and driver_alive(record)
     found = OutputData(out.uri, record, alive, commits)
 

@@ -130,12 +130,12 @@ def test_a_lost_cluster_and_a_new_one_finish_the_job(tiny_model, tmp_path, tmp_p
         submit(lost, job, "--env", f"BULKGEN_FAULTS={faults}")
         wait_for("the first commit", lambda: (out / "_commits" / "part-00000.json").exists())
         run_log = out / "_logs" / "run-1.log"
-        wait_for("the run log's copy to show it", lambda: "committed part-00000" in run_log.read_text(), timeout=60)
+        wait_for("the run log's copy to show it", lambda: "committed part-00000" in run_log.read_text(), timeout=240)
         committed = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
         driver = json.loads((out / "_job.json").read_text())["runs"][-1]["pid"]
         lost.kill_node(lost.nodes[0])  # the head's whole process group, as if its machine were lost
         # Ray's job supervisor died with it; its watcher kills the driver (a session of its own) within seconds.
-        wait_for("the driver to die with its cluster", lambda: not _alive(driver), timeout=60)
+        wait_for("the driver to die with its cluster", lambda: not _alive(driver), timeout=120)
     finally:
         lost.stop()
 

@@ -89,7 +89,7 @@ def test_node_lost(cluster, cluster_faults, bulkgen_procs, tiny_model, tmp_path)
     lost = next(n for n in cluster.nodes if n.name == node_of[pid])
     survivor = next(n.name for n in workers.values() if n.name != lost.name)
     cluster.kill_node(lost)
-    wait_for(lambda: _session(pid) is None, 20, f"replica {pid} to be gone with its node")
+    wait_for(lambda: _session(pid) is None, 120, f"replica {pid} to be gone with its node")
 
     code = driver.wait(300)
     assert code == 0, driver.output()[-3000:]

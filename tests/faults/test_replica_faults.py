@@ -71,7 +71,7 @@ def test_replica_killed(fault_ray, faults, job_threads, tiny_model, tmp_path, en
     assert replica.environ().get(FAULTS_ENV) == str(faults.dir)
     assert replica.cmdline()[0].startswith("ray::Replica"), replica.cmdline()
     replica.kill()
-    replica.wait(10)
+    replica.wait(60)
 
     record, error = job.join(240)
     assert error is None, f"job failed: {error!r}"

@@ -69,8 +69,8 @@ def test_a_killed_job_leaves_no_entry_for_an_uncommitted_shard(bulkgen_procs, ra
     ray_tmp = ray_tmpdirs()
     driver = bulkgen_procs(["run", str(job), "--no-progress"], cli_env(ray_tmp, faults.dir))
     wait_for(lambda: 0 in commit_records(out), 240, "shard 0 committed")
-    wait_for(lambda: len(entries(cache)) == 20, 60, "shard 0's rows in the cache")
-    wait_for(lambda: sum(1 for t in faults.trace() if t["point"] == "replica.shard_end") == 3, 120,
+    wait_for(lambda: len(entries(cache)) == 20, 240, "shard 0's rows in the cache")
+    wait_for(lambda: sum(1 for t in faults.trace() if t["point"] == "replica.shard_end") == 3, 240,
              "shards 1 and 2 generated too")  # fmt: skip
 
     os.kill(driver.pid, signal.SIGKILL)

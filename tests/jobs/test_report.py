@@ -87,7 +87,8 @@ def make_output(uri: str, state: JobState = JobState.SUCCEEDED, scores: bool = F
         commits.append({
             "shard": shard, "name": f"part-{shard:05d}", "data": layout.data(shard),
             "errors": layout.errors(shard) if errors else None,
-            "rows_done": len(data), "rows_failed": len(errors), "rows_cached": 0,
+            "rows_done": len(data), "rows_failed": len(errors), "rows_cached": 7 if shard == 0 else 0,
+            "rows_filtered": len(dropped),
             "prompt_tokens": sum(r["prompt_tokens"] for r in data),
             "completion_tokens": sum(r["completion_tokens"] for r in data),
             "committed_at": f"2026-01-01T00:00:{10 + 5 * shard:02d}.000+00:00", "seconds": 4.0 + shard,
@@ -280,6 +281,27 @@ def test_a_running_job_is_reported_so_far(tmp_path):
     # The same record once its driver is gone says so, and what to do.
     gone = write_report(uri, {})
     assert "its driver is gone" in gone.notice and "bulkgen resume" in gone.notice
+
+
+def test_a_running_job_is_counted_from_its_commit_records(tmp_path):
+    """The driver saves the record at most once a second after a commit: a report read in
+    between counts the commit records it reads, so its notice and facts agree with its shards."""
+    uri = str(tmp_path / "out")
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # stands for a live driver
+    try:
+        made = make_output(uri, JobState.RUNNING, pid=driver.pid)
+        stale = made["record"]  # as saved before the last shard committed
+        stale["counts"].update(shards_committed=SHARDS - 1, rows_done=0, rows_cached=0, completion_tokens=0)
+        write_bytes(f"{uri}/{RECORD}", json.dumps(stale).encode(), {})
+        written = write_report(uri, {})
+    finally:
+        driver.kill()
+        driver.wait()
+    assert written.notice.startswith(f"running: a report of the {SHARDS} of {SHARDS + 1} shards committed so far")
+    page = Page(_read(written.html).decode())
+    assert page.facts["shards"] == f"{SHARDS}/{SHARDS + 1}"
+    assert page.facts["rows_generated"] == f"{len(made['data']) - 7:,}"
+    assert page.facts["completion_tokens"] == f"{sum(r['completion_tokens'] for r in made['data']):,}"
 
 
 def test_a_failed_job_says_failed_with_its_error(tmp_path, capsys):

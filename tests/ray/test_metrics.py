@@ -80,7 +80,7 @@ class Scraper(threading.Thread):
     """Scrapes the node every SCRAPE_EVERY_S while the job runs in the test's thread; once
     `mid_job(snapshot)` holds (or after `timeout`, so the job still ends), calls `release`."""
 
-    def __init__(self, port: int, mid_job, release, timeout: float = 60.0):
+    def __init__(self, port: int, mid_job, release, timeout: float = 300.0):
         super().__init__(daemon=True)
         self.port, self.mid_job_check, self.release, self.timeout = port, mid_job, release, timeout
         self.snapshots, self.errors, self.mid_job = [], [], None
@@ -144,7 +144,7 @@ def _input(path) -> str:
     return str(path)
 
 
-def _poll(port: int, check, timeout: float = 30.0):
+def _poll(port: int, check, timeout: float = 120.0):
     """Scrape until `check(families)` returns None (all good); else fail with its last complaint."""
     deadline, problem = time.monotonic() + timeout, "never scraped"
     while time.monotonic() < deadline:
@@ -174,7 +174,8 @@ def test_series_move_during_a_job_and_settle_after(metrics_port, fault_dir, tiny
     )
     spec = spec_from_dict(data)
     committed_before_hold = (HELD_FROM * ROWS_PER_SHARD) - sum(i < HELD_FROM * ROWS_PER_SHARD for i in EMPTY)
-    rule = {"action": "hold", "timeout": 120, "when": {"shard": {"min": HELD_FROM}}}
+    # Held until the scraper saw the job half done (or gave up): the rule's own timeout is only a backstop.
+    rule = {"action": "hold", "timeout": 900, "when": {"shard": {"min": HELD_FROM}}}
     (fault_dir / f"{HOLD}.json").write_text(json.dumps(rule))
     # The node's exporter answers before the job starts (nothing of ours in it yet).
     _poll(metrics_port, lambda families: None)

@@ -79,7 +79,7 @@ def held_ray(tmp_path_factory, monkeypatch):
     from jobs.core.faults import ENV
 
     fault_dir = tmp_path_factory.mktemp("held")
-    (fault_dir / "replica.shard_start.json").write_text('{"action": "hold", "timeout": 120}')
+    (fault_dir / "replica.shard_start.json").write_text('{"action": "hold", "timeout": 900}')
     monkeypatch.setenv(ENV, str(fault_dir))  # the driver's own fault points only trace
     ray.shutdown()
     start_local_ray(tmp_path_factory.mktemp("ray"), runtime_env={"env_vars": {ENV: str(fault_dir)}})
@@ -114,13 +114,13 @@ def test_default_replicas_use_both_cpus_of_a_two_cpu_ray(held_ray, tiny_model, t
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(run_job, spec, progress=False)
         # Two replicas each at a shard: both were placed (the driver holds no CPU of its own) and loaded.
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while len(replicas_holding_a_shard(held_ray)) < 2:
             assert not job.done(), f"the job ended with one replica holding shards: {job.exception()!r}"
             assert time.monotonic() < deadline, "a second replica never started a shard"
             time.sleep(0.05)
         (held_ray / "replica.shard_start.release").touch()
-        record = job.result(timeout=120)
+        record = job.result(timeout=300)
 
     out = assert_exactly_once(str(tmp_path / "out"), {}, [f"row-{i:05d}" for i in range(64)], n=1)
     assert_finished_layout(out, shards=16, rows_total=64)

@@ -87,7 +87,7 @@ def test_demo_report_in_a_browser(tmp_path, ray_cluster, monkeypatch, browser):
 
     # The check above does catch a broken figure.
     browser.execute_script("document.body.appendChild(Object.assign(new Image(), {src: 'data:image/png;base64,AAAA'}))")
-    wait_for(lambda: browser.execute_script("return Array.from(document.images).every(i => i.complete)"), 10,
+    wait_for(lambda: browser.execute_script("return Array.from(document.images).every(i => i.complete)"), 60,
              "the broken image to settle")
     assert len(_broken_figures(browser)) == 1
 
