@@ -344,7 +344,9 @@ class Bulkgen:
     def __init__(self, command: list[str], env: dict, logdir: Path):
         self.log = logdir / f"bulkgen-{time.monotonic_ns()}.log"
         self._log_file = self.log.open("w")
-        self.proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT, preexec_fn=_as_in_a_terminal
+        )
         self.pid = self.proc.pid
 
     def output(self) -> str:
@@ -362,6 +364,14 @@ class Bulkgen:
             return [me, *me.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
+
+
+def _as_in_a_terminal() -> None:
+    """In the child, before it runs bulkgen: Ctrl-C does what it does for a command started
+    in a terminal. A test run started in the background of a non-interactive shell (`pytest &`,
+    a CI harness) has SIGINT ignored, children inherit that, and Python then installs no
+    KeyboardInterrupt handler: the driver would never see the Ctrl-C a test sends it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def ray_processes(ray_tmpdir: Path) -> list[psutil.Process]:
