@@ -79,8 +79,11 @@ def _run_claimed(
     if retry_failed:
         if storage.process_local(out.uri, out.storage_options):
             raise OutputError("retry-failed needs output storage that Ray workers can reach, not memory://")
-        for name in (SUCCESS, BATCH_OUTPUT, BATCH_ERRORS):  # the output is about to change
+        for name in (BATCH_OUTPUT, BATCH_ERRORS):  # the output is about to change
             out.remove(name)
+    # _SUCCESS stands only beside a record that says succeeded: a re-run of a finished job
+    # that is killed before it finalizes again must not leave one beside "validating".
+    out.remove(SUCCESS)
     keeper = RecordKeeper(out, record, on_state=lambda r: metrics.job_state(spec, r))
     record.start_run(address, claim.number)
     with RunLog(out.uri, out.storage_options, len(record.runs)) as run_log:
