@@ -76,10 +76,11 @@ class OutputClaim:
     def release(self) -> None:
         """The run is over: the next driver may claim the output at once."""
         self.doc["released_at"] = now()
-        storage.write_bytes(self.out.url(OutputLayout.claim(self.number)), _encode(self.doc), self.out.storage_options)
+        self.out.write_json(OutputLayout.claim(self.number), self.doc)
 
 
 def _encode(doc: dict) -> bytes:
+    # As OutputDir.write_json writes it; create_exclusive takes the bytes.
     return json.dumps(doc, indent=2, sort_keys=True).encode()
 
 
