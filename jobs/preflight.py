@@ -10,8 +10,9 @@ import logging
 import os
 from pathlib import Path
 
+from jobs.core import vllm_support
 from jobs.core.errors import ClusterError, ModelError
-from jobs.core.model import context_length, vllm_refuses
+from jobs.core.model import context_length
 from jobs.core.spec import JobSpec, ReplicaCount, ResourcesSpec
 from jobs.scheduler import replicas_on
 
@@ -147,7 +148,7 @@ def check_engine(spec: JobSpec) -> None:
             f"resources.num_gpus {spec.resources.num_gpus}: the transformers engine runs a replica on one GPU; "
             "use model.engine: vllm for tensor parallelism, or more replicas of one GPU each"
         )
-    if m.engine == "vllm" and (reason := vllm_refuses(spec)):
+    if m.engine == "vllm" and (reason := vllm_support.refuses(spec)):
         raise ModelError(f"model.engine is vllm, but {reason}")
     owned = sorted(k for k in m.engine_options if k in _SPEC_OWNS)
     if owned:

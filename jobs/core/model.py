@@ -1,9 +1,12 @@
-"""What both sides need to know of a model before loading its weights: its tokenizer and context."""
+"""What both sides need to know of a model before loading its weights: its tokenizer, its
+config's text part (context length, dtype, shapes)."""
 
 from __future__ import annotations
 
+import functools
+
 from jobs.core.errors import ModelError
-from jobs.core.spec import JobSpec, ModelSpec
+from jobs.core.spec import ModelSpec
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -23,11 +26,19 @@ def context_length(config) -> int | None:
     return getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
 
 
-def vllm_refuses(spec: JobSpec) -> str | None:
-    """Why the vLLM engine cannot honour this spec's contract, or None."""
-    if spec.generation.no_repeat_ngram_size:
-        return "vLLM has no no_repeat_ngram_size; use model.engine: transformers, or drop it"
-    gpus = spec.resources.num_gpus
-    if gpus > 1 and gpus != int(gpus):
-        return f"resources.num_gpus {gpus} above 1 means tensor parallelism over whole GPUs; give an integer"
-    return None
+def text_config(spec: ModelSpec):
+    """The checkpoint's config (its text model's, for a multimodal one), read once per process."""
+    return _load_text_config(spec.path, spec.revision, spec.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=8)  # auto, the dtype and the KV size all ask; one read serves them
+def _load_text_config(path: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code).get_text_config()
+
+
+def checkpoint_dtype(spec: ModelSpec) -> str:
+    """The dtype the checkpoint's config names ("float32", ...), or "auto" when it names none."""
+    dtype = getattr(text_config(spec), "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
