@@ -4,20 +4,18 @@ An engine turns token-id requests into completions on one model replica. It
 knows nothing of shards, rows or storage; the replica's EngineLoop feeds it
 from every shard in flight. The transformers engine implements it
 (workers/transformers_engine.py), and so does vLLM's
-(workers/vllm_engine.py); the replica does not know which one it runs.
+(workers/vllm_engine.py); the replica does not know which one it runs
+(workers/engine_factory.py chooses it).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from jobs.core.spec import GenerationSpec, JobSpec
-
-log = logging.getLogger(__name__)
+    from jobs.core.spec import GenerationSpec
 
 
 @dataclass(frozen=True)
@@ -99,31 +97,6 @@ class Engine(Protocol):
 
     def describe(self) -> dict:
         """Facts for the job record: engine name and version, device, dtype, model revision."""
-
-
-def create_engine(spec: JobSpec) -> Engine:
-    """The engine a replica of `spec` runs, with its model loaded.
-
-    `auto` takes vLLM where it is installed, can honour the spec, and runs
-    this model here (it generates one token to prove it; on CPU only in
-    float32); else transformers."""
-    from jobs.core.model import vllm_refuses
-    from workers import vllm_engine
-    from workers.transformers_engine import TransformersEngine
-
-    choice = spec.model.engine
-    if choice == "vllm":
-        return vllm_engine.VllmEngine.from_spec(spec)
-    if choice == "auto" and vllm_engine.installed() and not vllm_refuses(spec):
-        if reason := vllm_engine.auto_passes_over(spec):
-            log.info("not trying vLLM for %s (%s); using the transformers engine", spec.model.path, reason)
-            return TransformersEngine.from_spec(spec)
-        try:
-            return vllm_engine.VllmEngine.from_spec(spec)
-        except Exception as e:  # anything vLLM raises means: not this model, here
-            log.warning("vLLM cannot run %s here (%s: %s); using the transformers engine", spec.model.path,
-                        type(e).__name__, e)
-    return TransformersEngine.from_spec(spec)
 
 
 def generate(engine: Engine, requests: Iterable[Request]) -> list[Completion]:

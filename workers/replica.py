@@ -23,7 +23,8 @@ from jobs.core.rows import METADATA_KEY, id_name, is_batch, job_input_columns, r
 from jobs.core.spec import JobSpec
 from jobs.core.times import now
 from workers import shard_io
-from workers.engine import Request, SamplingParams, create_engine
+from workers.engine import Request, SamplingParams
+from workers.engine_factory import create_engine
 from workers.engine_loop import EngineLoop
 from workers.quality import Candidate, Evaluator, Filters
 from workers.row_cache import ReplicaCache

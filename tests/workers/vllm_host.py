@@ -16,7 +16,7 @@ _engines: dict = {}
 
 
 def _engine(model: str, engine: str, generation: dict):
-    from workers.engine import create_engine
+    from workers.engine_factory import create_engine
 
     key = (model, engine, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in generation.items())))
     if key not in _engines:
@@ -58,7 +58,7 @@ def abort_then_serve(model: str, prompts: list[str]) -> tuple[list, bool, list]:
 def admission_order(model: str, limits: list[int], engine_options: dict) -> list[int]:
     """Keys of requests with these max_new_tokens, in the order one-at-a-time (batch_size 1)
     vLLM finished them: the order it admitted them."""
-    from workers.engine import create_engine
+    from workers.engine_factory import create_engine
 
     data = job_dict("/in", "/out", model, resources={"batch_size": 1})
     data["model"].update(engine="vllm", engine_options={"enforce_eager": True, **engine_options})
