@@ -26,7 +26,8 @@ from jobs.core import storage
 from jobs.core.errors import InputError, OutputError
 from jobs.core.model import load_tokenizer
 from jobs.core.plan import InputFile, Shard, plan, rows_per_shard
-from jobs.core.prompts import TEMPLATE_ERROR, RowError, build_prompt, decode_rows, render_prompt
+from jobs.core.prompts import TEMPLATE_ERROR, RowError, decode_rows, render_prompt
+from jobs.core.row_prompt import build_prompt
 from jobs.core.rows import read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
 from jobs.dataset import check_unique_ids, glob_root, is_glob, is_text, open_dataset

@@ -17,8 +17,9 @@ from jobs.core import faults, openai_batch
 from jobs.core.cache import Entry
 from jobs.core.dedupe import index_name
 from jobs.core.metrics import job_name
-from jobs.core.prompts import GENERATION_ERROR, RowError, build_prompt, decode_rows, max_new_tokens
+from jobs.core.prompts import GENERATION_ERROR, RowError, decode_rows, max_new_tokens
 from jobs.core.protocol import ShardResult, ShardTask, TaskKind, row_seed
+from jobs.core.row_prompt import build_prompt
 from jobs.core.rows import METADATA_KEY, id_name, is_batch, job_input_columns, read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
 from jobs.core.times import now

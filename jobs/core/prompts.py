@@ -1,7 +1,9 @@
 """Turning one input row into prompt text and token ids, or a typed per-row error.
 
 Shared by `bulkgen validate` (which scans prompts on the driver's machine)
-and the replicas, so both judge a row the same way."""
+and the replicas, so both judge a row the same way. An OpenAI batch line is
+parsed apart (jobs/core/openai_batch.py) and rendered here, as a chat or a
+completion prompt column."""
 
 from __future__ import annotations
 
@@ -104,11 +106,8 @@ def tokenize_prompt(spec: InputSpec, text: str, tokenizer) -> list[int]:
 
 
 def build_prompt(spec: InputSpec, row: dict[str, Any], tokenizer, context: int | None) -> tuple[str, list[int]]:
-    """(prompt text, token ids) for `row`, or RowError; the prompt must leave room for one new token."""
-    if spec.format == "openai-batch":  # chat or completion, decided by each line
-        from jobs.core import openai_batch  # which imports this module
-
-        return openai_batch.build_prompt(row, tokenizer, context)
+    """(prompt text, token ids) for `row` of an input with prompt columns, or RowError; the prompt
+    must leave room for one new token. A row of any input format: jobs/core/row_prompt.py."""
     text = render_prompt(spec, row, tokenizer)
     token_ids = tokenize_prompt(spec, text, tokenizer)
     if context and len(token_ids) >= context:

@@ -10,10 +10,10 @@ from openai.types import BatchError, Completion
 from openai.types.chat import ChatCompletion
 
 from jobs.batch_output import shard_lines
+from jobs.core import row_prompt
 from jobs.core.errors import InputError, SpecError
 from jobs.core.openai_batch import BAD_REQUEST, CHAT, COMPLETIONS, build_prompt, parse_request, request_of, samples
 from jobs.core.prompts import EMPTY_PROMPT, RowError
-from jobs.core import prompts
 from jobs.core.rows import data_fields, error_fields, input_columns, iter_batch_lines, read_batch_rows
 from jobs.core.spec import spec_from_dict
 from jobs.dataset import open_dataset
@@ -132,10 +132,10 @@ def test_chat_and_completion_prompts(tokenizer):
 def test_prompt_errors_of_batch_rows(tokenizer):
     spec = spec_from_dict(batch_spec("/in/batch.jsonl")).input
     with pytest.raises(RowError) as info:
-        prompts.build_prompt(spec, {"request": line(url=COMPLETIONS, prompt="  "), "line": 3}, tokenizer, 128)
+        row_prompt.build_prompt(spec, {"request": line(url=COMPLETIONS, prompt="  "), "line": 3}, tokenizer, 128)
     assert info.value.code == EMPTY_PROMPT
     with pytest.raises(RowError) as info:
-        prompts.build_prompt(spec, {"request": "{", "line": 3}, tokenizer, 128)  # the replica's own call
+        row_prompt.build_prompt(spec, {"request": "{", "line": 3}, tokenizer, 128)  # the replica's own call
     assert info.value.code == BAD_REQUEST and "line 3" in str(info.value)
 
 
