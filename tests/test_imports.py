@@ -10,6 +10,13 @@
 Every import counts, wherever it is written (inside functions, under
 TYPE_CHECKING, relative ones), since a function-level import is still a
 dependency; only "at module level" rules ignore the ones that never run at import.
+
+And no import cycles among our modules (jobs, jobs.core, jobs.report, workers):
+a cycle is a strongly connected component of the import graph, and the test
+names its modules and the import lines that close it. A function-level import
+counts here too (it only hides the cycle until that function runs); an import
+under TYPE_CHECKING does not, since it never runs: it names a type for the
+reader and the type checker, and a cycle of annotations costs nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ class Import:
     line: int
     target: str  # the module imported, resolved to a submodule where `from X import Y` names one
     module_level: bool  # runs when the importing module is imported
+    type_checking: bool = False  # under `if TYPE_CHECKING:`: never runs
 
 
 def module_name(relpath: str) -> str:
@@ -50,17 +58,17 @@ def imports(relpath: str, source: str, repo: Path = REPO) -> list[Import]:
     package = module if relpath.endswith("__init__.py") else module.rpartition(".")[0]
     found: list[Import] = []
 
-    def visit(node: ast.AST, module_level: bool) -> None:
+    def visit(node: ast.AST, module_level: bool, type_checking: bool = False) -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             module_level = False
         elif isinstance(node, ast.If) and _is_type_checking(node.test):
             for child in node.body:
-                visit(child, False)  # never runs
+                visit(child, False, True)  # never runs
             for child in node.orelse:
-                visit(child, module_level)
+                visit(child, module_level, type_checking)
             return
         if isinstance(node, ast.Import):
-            found.extend(Import(node.lineno, alias.name, module_level) for alias in node.names)
+            found.extend(Import(node.lineno, alias.name, module_level, type_checking) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 anchor = package.split(".")
@@ -71,9 +79,9 @@ def imports(relpath: str, source: str, repo: Path = REPO) -> list[Import]:
             for alias in node.names:
                 candidate = f"{base}.{alias.name}"
                 target = candidate if alias.name != "*" and _is_first_party_module(candidate, repo) else base
-                found.append(Import(node.lineno, target, module_level))
+                found.append(Import(node.lineno, target, module_level, type_checking))
         for child in ast.iter_child_nodes(node):
-            visit(child, module_level)
+            visit(child, module_level, type_checking)
 
     visit(ast.parse(source, filename=relpath), True)
     return found
@@ -116,6 +124,60 @@ def forbidden(relpath: str, source: str, repo: Path = REPO) -> list[str]:
     return problems
 
 
+def cycles(sources: dict[str, str], repo: Path = REPO) -> list[str]:
+    """The import cycles among `sources` ({relpath: source}): one entry per strongly connected
+    component of the graph of imports that run, listing its modules and every import line
+    between them ('file:line: a -> b')."""
+    graph: dict[str, dict[str, list[str]]] = {}  # module -> imported module -> the lines that import it
+    for relpath, source in sorted(sources.items()):
+        module = module_name(relpath)
+        edges = graph.setdefault(module, {})
+        for imp in imports(relpath, source, repo):
+            line = f"{relpath}:{imp.line}: {module} -> {imp.target}"  # `from m import a, b`: one line
+            if not imp.type_checking and imp.target != module and line not in edges.get(imp.target, ()):
+                edges.setdefault(imp.target, []).append(line)
+    found = []
+    for component in _strongly_connected(graph):
+        if len(component) > 1:
+            members = set(component)
+            lines = [line for m in sorted(members) for t, ls in graph[m].items() if t in members for line in ls]
+            found.append(f"{' <-> '.join(sorted(members))}:\n    " + "\n    ".join(lines))
+    return found
+
+
+def _strongly_connected(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
+    """Tarjan's algorithm over the modules of `graph` (imports of modules outside it lead nowhere)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            components.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return components
+
+
 def source_files() -> list[str]:
     return sorted(
         p.relative_to(REPO).as_posix()
@@ -131,6 +193,11 @@ def source_files() -> list[str]:
 def test_no_forbidden_import_edges():
     problems = [p for relpath in source_files() for p in forbidden(relpath, (REPO / relpath).read_text())]
     assert not problems, "forbidden imports:\n  " + "\n  ".join(problems)
+
+
+def test_no_import_cycles():
+    found = cycles({relpath: (REPO / relpath).read_text() for relpath in source_files()})
+    assert not found, "import cycles (move what both sides need into a module below them):\n  " + "\n  ".join(found)
 
 
 def test_the_walk_covers_both_packages_and_function_level_imports():
@@ -221,3 +288,40 @@ def test_the_checker_lets_allowed_edges_through(relpath, source):
 def test_relative_imports_resolve_to_modules():
     found = imports("jobs/core/spec.py", "from . import rows\nfrom .errors import SpecError\nfrom .. import dispatch\n")
     assert [i.target for i in found] == ["jobs.core.rows", "jobs.core.errors", "jobs.dispatch"]
+
+
+# -- the cycle check catches what it should ----------------------------------------------------
+
+
+def test_the_cycle_check_catches_a_two_module_cycle():
+    found = cycles({
+        "jobs/core/prompts.py": "from jobs.core.spec import InputSpec\n",
+        "jobs/core/spec.py": "def f():\n    from jobs.core import prompts\n",
+        "jobs/core/plan.py": "from jobs.core.spec import JobSpec\n",  # imports into the cycle, not part of it
+    })  # fmt: skip
+    assert found == [
+        "jobs.core.prompts <-> jobs.core.spec:\n"
+        "    jobs/core/prompts.py:1: jobs.core.prompts -> jobs.core.spec\n"
+        "    jobs/core/spec.py:2: jobs.core.spec -> jobs.core.prompts"
+    ]
+
+
+def test_the_cycle_check_catches_a_longer_cycle_through_relative_imports():
+    found = cycles({
+        "workers/engine.py": "def create():\n    from .vllm_engine import VllmEngine\n",
+        "workers/vllm_engine.py": "from workers.sampling import pick\n",
+        "workers/sampling.py": "from . import engine\n",
+    })  # fmt: skip
+    assert len(found) == 1
+    assert found[0].startswith("workers.engine <-> workers.sampling <-> workers.vllm_engine:")
+    for line in ("workers/engine.py:2:", "workers/vllm_engine.py:1:", "workers/sampling.py:1:"):
+        assert line in found[0]
+
+
+def test_the_cycle_check_lets_type_checking_imports_and_layers_through():
+    assert cycles({
+        "jobs/core/rows.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from jobs.core.spec import JobSpec\n",
+        "jobs/core/spec.py": "from jobs.core import rows\n",
+        "jobs/driver.py": "from jobs.core import spec\nfrom jobs import output\n",
+        "jobs/output.py": "from jobs.core.rows import GENERATED\n",
+    }) == []  # fmt: skip
