@@ -8,9 +8,10 @@ import dataclasses
 import logging
 from collections import OrderedDict
 
-from jobs.core.cache import Entry, RowCache, checkpoint_identity, context_digest, sequence_key, tokenizer_identity
+from jobs.core.cache import Entry, checkpoint_identity, context_digest, sequence_key, tokenizer_identity
 from jobs.core.spec import JobSpec
 from workers.engine import Request
+from workers.row_cache_store import RowCache
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""The row cache: generated sequences kept under `cache.uri`, shared by every job that names it.
+"""The row cache's contract: generated sequences kept under `cache.uri`, shared by every job
+that names it. Here: what decides a key, the layout and an entry; the store that reads
+and writes entries is the replica's (workers/row_cache_store.py).
 
 A nightly prompt set is mostly last night's. With a cache, a replica looks up
 each sequence before generating it and writes the hits to the output as if it
@@ -36,16 +38,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import fsspec
-
-from jobs.core.storage import with_retries, write_bytes
-
 VERSION = "v1"
-WRITERS = 16  # concurrent entry writes: object stores take many small PUTs in parallel well
 # Generation fields that are per sequence (in the key on their own) or decide no text.
 _NOT_CONTEXT = ("seed", "max_new_tokens", "num_return_sequences")
 _TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template", "spiece")
@@ -121,6 +117,11 @@ def tokenizer_identity(path: str, revision: str | None) -> dict:
     return identity
 
 
+def entry_path(key: str) -> str:
+    """Where the entry of `key` lives, relative to cache.uri (the layout above)."""
+    return f"{VERSION}/{key[:2]}/{key}.json"
+
+
 def checkpoint_identity(path: str) -> dict:
     """For a local checkpoint, a hash of its config files and shipped code (its weights are
     hashed apart, jobs/preflight.model_identity); empty for a hub name (its commit decides)."""
@@ -131,42 +132,3 @@ def checkpoint_identity(path: str) -> dict:
         if p.is_file() and (p.name in _CONFIG_FILES or p.name.endswith(_CODE_SUFFIX)):
             digest.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     return {"config_sha256": digest.hexdigest()}
-
-
-class RowCache:
-    def __init__(self, uri: str, storage_options: dict):
-        self.uri = uri.rstrip("/")
-        self.storage_options = storage_options
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options)
-
-    def url(self, key: str) -> str:
-        return f"{self.uri}/{VERSION}/{key[:2]}/{key}.json"
-
-    def _path(self, key: str) -> str:
-        return f"{self.root.rstrip('/')}/{VERSION}/{key[:2]}/{key}.json"
-
-    def read_many(self, keys) -> dict[str, bytes]:
-        """The stored bytes of the entries found among `keys`, in one batched read (s3fs
-        fetches them concurrently)."""
-        paths = {self._path(k): k for k in set(keys)}
-        if not paths:
-            return {}
-        found = with_retries(lambda: self.fs.cat(list(paths), on_error="omit"), f"reading the cache at {self.uri}")
-        return {paths[self.fs._strip_protocol(path)]: data for path, data in found.items()}
-
-    def get_many(self, keys) -> dict[str, Entry]:
-        """The entries found among `keys`; one that does not parse (Entry.from_bytes) is a miss."""
-        entries = {}
-        for key, data in self.read_many(keys).items():
-            try:
-                entries[key] = Entry.from_bytes(data)
-            except ValueError:
-                continue
-        return entries
-
-    def put_many(self, entries: dict[str, Entry]) -> None:
-        """Write entries, each one whole object (a reader never sees half of one)."""
-        with ThreadPoolExecutor(WRITERS) as pool:
-            for _ in pool.map(lambda kv: write_bytes(self.url(kv[0]), kv[1].to_bytes(), self.storage_options),
-                              entries.items()):  # fmt: skip
-                pass
