@@ -18,7 +18,7 @@ from jobs.cancel import cancel_requested
 from jobs.claim import ClaimLost, OutputClaim
 from jobs.cluster import connect
 from jobs.core import faults, storage
-from jobs.core.dedupe import DedupeIndex, index_name
+from jobs.core.dedupe import index_name
 from jobs.core.errors import BadInput, InputChanged, OutputError
 from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, CANCEL, ERRORS, MANIFEST, RECORD, STAGING, SUCCESS
 from jobs.core.protocol import ShardResult, TaskKind
@@ -27,6 +27,7 @@ from jobs.core.snapshot import InputSnapshot
 from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
 from jobs.core.times import now
 from jobs.dataset import pin_input
+from jobs.dedupe_index import DedupeIndex
 from jobs.output import (
     OutputDir,
     check_commits_match_plan,
@@ -262,7 +263,7 @@ class _Run:
                 self.bar.close()
 
     def _start_dedupe_index(self) -> None:
-        """filters.deduplicate across the job: the index the replicas share (jobs/core/dedupe.py),
+        """filters.deduplicate across the job: the index the replicas share (jobs/dedupe_index.py),
         seeded with the shards committed before this run. It lives as long as this driver."""
         import ray
 

@@ -1,16 +1,14 @@
-"""Duplicates across a job (filters.deduplicate): sequence fingerprints and the index
-the replicas share.
+"""Duplicates across a job (filters.deduplicate): a sequence's fingerprint, and the name
+of the index the replicas share.
 
 Exact duplicates compare a hash of the whitespace-normalised text; near duplicates
 compare MinHash signatures of word 3-gram shingles (datasketch), found through
 MinHash LSH at `filters.near_duplicate_threshold` (estimated Jaccard similarity).
 
-The driver starts one index per run as a named Ray actor (`index_name`), seeded
-with the job's committed rows (read by the actor from data/, never through the
-driver); each replica asks it which of a shard's sequences repeat one it has
-seen, and it adds the others. The first sequence shown of a group stays; a
-shard retried after a crash shows the same (id, sample_index) again, which is
-never its own duplicate.
+The driver starts one index per run as a named Ray actor (`index_name`;
+jobs/dedupe_index.py); each replica finds it by that name and asks it which of
+a shard's sequences repeat one it has seen (workers/quality.py fingerprints
+them with `Print`).
 """
 
 from __future__ import annotations
@@ -45,37 +43,3 @@ class Print:
         if self.exact == other.exact:
             return True
         return self.minhash is not None and self.minhash.jaccard(other.minhash) >= threshold
-
-
-class DedupeIndex:
-    """Every kept sequence of the job so far; a Ray actor (one per run, see index_name)."""
-
-    def __init__(self, near: bool, threshold: float, committed: list[tuple[str, dict]] = (), id_column: str = "id"):
-        """`committed`: (data file URL, storage options) of the shards committed before this run."""
-        from datasketch import MinHashLSH
-
-        self.near, self.threshold = near, threshold
-        self.exact: dict[str, object] = {}  # text hash -> (id, sample_index) of its first sequence
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM) if near else None
-        for url, options in committed:
-            from jobs.core.storage import read_parquet
-
-            table = read_parquet(url, options, columns=[id_column, "sample_index", "text"])
-            rows = zip(*(table.column(c).to_pylist() for c in (id_column, "sample_index", "text")))
-            self.check_and_add([((i, s), Print(t, near)) for i, s, t in rows])
-
-    def check_and_add(self, items: list[tuple[object, Print]]) -> list[bool]:
-        """For each (key, print): whether it repeats a sequence with another key; adds those that do not."""
-        repeats = []
-        for key, p in items:
-            key = tuple(key) if isinstance(key, list) else key
-            first = self.exact.get(p.exact)
-            duplicate = first is not None and first != key
-            if not duplicate and first is None and self.lsh is not None:
-                duplicate = any(other != repr(key) for other in self.lsh.query(p.minhash))
-            repeats.append(duplicate)
-            if not duplicate and first is None:
-                self.exact[p.exact] = key
-                if self.lsh is not None and repr(key) not in self.lsh.keys:  # a retry may bring new text
-                    self.lsh.insert(repr(key), p.minhash)
-        return repeats

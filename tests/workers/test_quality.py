@@ -1,9 +1,10 @@
-"""Filters and the job's duplicate index, without Ray (jobs/core/dedupe.py, workers/quality.py)."""
+"""Filters and the job's duplicate index, without Ray (workers/quality.py, jobs/dedupe_index.py)."""
 
 from __future__ import annotations
 
-from jobs.core.dedupe import DedupeIndex, Print
+from jobs.core.dedupe import Print
 from jobs.core.spec import FiltersSpec
+from jobs.dedupe_index import DedupeIndex
 from workers.quality import Candidate, Filters
 
 LONG = "the quick brown fox jumps over the lazy dog near the old river bank this morning"
