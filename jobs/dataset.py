@@ -29,8 +29,8 @@ from jobs.core.errors import InputError
 from jobs.core.openai_batch import request_of
 from jobs.core.plan import InputFile
 from jobs.core.rows import BATCH_FIELDS, BATCH_ID, batch_row, is_batch, iter_batch_lines, one_line
-from jobs.core.snapshot import PinnedFile, pin_files
 from jobs.core.spec import InputSpec
+from jobs.snapshot import PinnedFile, pin_files
 
 log = logging.getLogger(__name__)
 

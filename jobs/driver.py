@@ -23,7 +23,6 @@ from jobs.core.errors import BadInput, InputChanged, OutputError
 from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, CANCEL, ERRORS, MANIFEST, RECORD, STAGING, SUCCESS
 from jobs.core.protocol import ShardResult, TaskKind
 from jobs.core.rows import id_name
-from jobs.core.snapshot import InputSnapshot
 from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
 from jobs.core.times import now
 from jobs.dataset import pin_input
@@ -39,6 +38,7 @@ from jobs.output import (
 from jobs.record import HEARTBEAT_S, JobFailure, JobRecord, JobState, RecordKeeper, committed_counts, library_versions
 from jobs.run_log import COPY_EVERY_S, RunLog
 from jobs.scheduler import ShardExhausted, ShardScheduler, Work, plan_replicas, shards_per_batch, shards_per_replica
+from jobs.snapshot import InputSnapshot
 from jobs.validate import Validated, check_input_and_model, check_output_usable
 
 log = logging.getLogger(__name__)

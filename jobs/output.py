@@ -25,12 +25,12 @@ from jobs.core.errors import BadInput, InputChanged, InputError, OutputError
 from jobs.core.layout import CANCEL, RECORD, OutputLayout
 from jobs.core.plan import InputFile, Shard, shard_name
 from jobs.core.protocol import ShardResult
-from jobs.core.snapshot import InputSnapshot, changes
 from jobs.core.spec import JobSpec, spec_from_dict
 from jobs.core.storage import move, read_bytes, with_retries, write_bytes
 from jobs.dataset import pin_input
 from jobs.record import JobRecord
 from jobs.record_file import NoRecord, parse_record, read_record_doc
+from jobs.snapshot import InputSnapshot, changes
 
 log = logging.getLogger(__name__)
 

@@ -136,7 +136,7 @@ class JobRecord:
     finished_at: str | None = None
     runs: list[Run] = field(default_factory=list)
     error: JobFailure | None = None
-    input: dict | None = None  # the input snapshot the job was planned on (jobs/core/snapshot.py), once planned
+    input: dict | None = None  # the input snapshot the job was planned on (jobs/snapshot.py), once planned
 
     def to_json(self) -> dict:
         doc = asdict(self)

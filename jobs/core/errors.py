@@ -32,4 +32,4 @@ class ClusterError(BadInput):
 
 
 class InputChanged(InputError):
-    """The input differs from the one the job in this output was planned on (jobs/core/snapshot.py)."""
+    """The input differs from the one the job in this output was planned on (jobs/snapshot.py)."""

@@ -68,8 +68,8 @@ def test_validate_refuses_what_a_run_would(tmp_path, tiny_model):
 
 def test_validate_names_an_input_changed_since_the_job_was_planned(tmp_path, tiny_model):
     from jobs.core.errors import InputChanged
-    from jobs.core.snapshot import InputSnapshot
     from jobs.dataset import pin_input
+    from jobs.snapshot import InputSnapshot
     from jobs.validate import validate
 
     write_prompts(tmp_path / "in.parquet", 20)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.core.plan import InputFile, plan
-from jobs.core.snapshot import InputSnapshot, PinnedFile, changes, version_stamp
+from jobs.snapshot import InputSnapshot, PinnedFile, changes, version_stamp
 
 
 def pinned(relpath: str, size: int = 100, version: str = "mtime:1", rows: int | None = 10) -> PinnedFile:
