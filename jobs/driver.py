@@ -13,10 +13,9 @@ from __future__ import annotations
 import logging
 import time
 
-from jobs import batch_output, dispatch, metrics, preflight
+from jobs import batch_output, dispatch, driver_metrics, preflight
 from jobs.cancel import cancel_requested
 from jobs.claim import ClaimLost, OutputClaim
-from jobs.cluster import connect
 from jobs.core import faults, storage
 from jobs.core.dedupe import index_name
 from jobs.core.errors import BadInput, InputChanged, OutputError
@@ -35,6 +34,7 @@ from jobs.output import (
     open_output,
     read_record,
 )
+from jobs.ray_connection import connect
 from jobs.record import HEARTBEAT_S, JobFailure, JobRecord, JobState, RecordKeeper, committed_counts, library_versions
 from jobs.run_log import COPY_EVERY_S, RunLog
 from jobs.scheduler import ShardExhausted, ShardScheduler, Work, plan_replicas, shards_per_batch, shards_per_replica
@@ -85,7 +85,7 @@ def _run_claimed(
     # _SUCCESS stands only beside a record that says succeeded: a re-run of a finished job
     # that is killed before it finalizes again must not leave one beside "validating".
     out.remove(SUCCESS)
-    keeper = RecordKeeper(out, record, on_state=lambda r: metrics.job_state(spec, r))
+    keeper = RecordKeeper(out, record, on_state=lambda r: driver_metrics.job_state(spec, r))
     record.start_run(address, claim.number)
     with RunLog(out.uri, out.storage_options, len(record.runs)) as run_log:
         log.info("run %d of %s (%s) into %s", len(record.runs), spec.name or "job", spec.fingerprint(), out.uri)
@@ -280,7 +280,7 @@ class _Run:
     def tick(self) -> None:
         self.record.counts.shards_retried = self.retried_before + self.scheduler.retried
         self.keeper.save(every=HEARTBEAT_S)
-        metrics.progress(self.spec, self.record, self.scheduler)
+        driver_metrics.progress(self.spec, self.record, self.scheduler)
         self.run_log.copy(every=COPY_EVERY_S)
         if time.monotonic() >= self._next_cancel_poll:
             if cancel_requested(self.out):
@@ -319,7 +319,7 @@ class _Run:
                 replicas[pid] = result.replica
         self.record.counts.shards_retried = self.retried_before + self.scheduler.retried
         self.keeper.save(every=RECORD_EVERY_S)
-        metrics.progress(self.spec, self.record, self.scheduler, force=True)
+        driver_metrics.progress(self.spec, self.record, self.scheduler, force=True)
         log.info("committed %s: %d rows, %d failed, %.1fs", shard.name, result.samples_ok, result.samples_failed, result.seconds)
         self.bar.update(result.samples_ok + result.samples_failed + result.samples_filtered)
         tokens = self.record.counts.completion_tokens - self._tokens_before

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import yaml
 
-from jobs.cluster import package_dir
 from jobs.core.errors import ClusterError, OutputError
 from jobs.core.spec import JobSpec
+from jobs.ray_connection import package_dir
 from jobs.record import SUBMISSION_ID_ENV, JobRecord, JobState, driver_alive
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ target's label in Prometheus, and a sample's own `job` would be renamed
 processes apart, and one value per replica ever started would grow without end.
 
 Who records what:
-- the driver (jobs/metrics.py): rows, tokens, shards, replicas alive, job
+- the driver (jobs/driver_metrics.py): rows, tokens, shards, replicas alive, job
   state. Rows and tokens are counted as shards commit, from the job's counts,
   so a retried attempt is never counted twice.
 - each replica (workers/engine_loop.py): engine step time and batch occupancy.
