@@ -1,4 +1,4 @@
-"""`bulkgen` command line: run, submit, resume, status, logs, cancel, validate, report, retry-failed.
+"""`bulkgen` command line: run, submit, resume, status, logs, cancel, validate, report, retry-failed, k8s.
 
 Exit codes: 0 success, 1 the job failed (or an internal error: its traceback
 is in the log), 2 bad input or usage (jobs.core.errors.BadInput), 130 cancelled.
@@ -6,8 +6,10 @@ is in the log), 2 bad input or usage (jobs.core.errors.BadInput), 130 cancelled.
 status, logs and cancel take a job's output URI (any job, run or submitted) or
 the id `bulkgen submit` printed (with --address, as `ray job status` does).
 
-Over 300 lines because every command's arguments are declared here, in one
-parser; each command's body is a few lines that call the module doing the work.
+Over 300 lines because the arguments of every command but one are declared
+here, in one parser; each command's body is a few lines that call the module
+doing the work. `bulkgen k8s` declares its own (jobs/k8s.py's add_parser), beside
+the manifests it renders.
 """
 
 from __future__ import annotations

@@ -1,7 +1,13 @@
 """The Ray plumbing of a run: start replicas, send them the scheduler's shards,
-wait, and hand every outcome back. Decides nothing itself: which shard goes
-where and what a failure costs is jobs/scheduler.py's; what a committed
-shard means is the driver's.
+wait, and hand every outcome back. Which shard goes where and what a shard's
+failure costs is jobs/scheduler.py's; what a committed shard means is the
+listener's (the driver's).
+
+What it decides itself is the replicas' lifecycle: a replica that dies is
+replaced at once; one that fails to start is started again, until
+shards.max_attempts fail in a row (ReplicasFailToStart); and a shard's rows go
+to the row cache only after the listener has committed it, waited for (up to
+PUBLISH_WAIT_S) before the replicas stop.
 """
 
 from __future__ import annotations

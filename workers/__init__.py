@@ -1,1 +1,15 @@
-"""bulkgen's replica side: the Ray actor, the generation engine, prompts and storage I/O."""
+"""bulkgen's replica side: what runs in a replica actor.
+
+    replica              the Ray actor: loads its engine once, turns shard tasks into staged files
+    shard_io             a shard's output rows gathered, then staged as files
+    quality              evaluation against references and quality filters
+    row_cache            the replica's side of the row cache: look up, publish once committed
+    row_cache_store      the row cache's store: batched reads, whole-object writes
+    engine_loop          runs the engine in one thread, fed by every shard in flight
+    engine               the engine interface: requests in, completions out
+    engine_factory       chooses and loads the engine (model.engine)
+    transformers_engine  continuous batching with a KV cache on any HF causal LM
+    kv_batch             the transformers engine's running batch and its cache surgery
+    sampling             the transformers engine's next-token choice
+    vllm_engine          vLLM behind the engine interface
+"""

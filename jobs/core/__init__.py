@@ -1,6 +1,22 @@
-"""The contracts both sides of a job share: the spec, the plan, the shard task
-and result, the output layout, row identity and schemas, prompts, storage I/O
-and fault-injection points.
+"""The contracts both sides of a job share, and nothing else.
+
+    spec          the job spec, validated once when loaded
+    plan          shards from Parquet footer facts (pure)
+    protocol      the shard task the driver sends and the result a replica returns
+    layout        every path of a job's output
+    rows          row identity and the columns of every file a job writes
+    errors        bad input: the errors reported as exit 2
+    storage       storage I/O: retries, whole-file writes, Parquet
+    times         the one timestamp type
+    prompts       a row of prompt columns to prompt text and token ids, or a row error
+    openai_batch  the OpenAI batch format: request lines in, response lines out
+    row_prompt    a row's prompt, whichever the input format
+    model         what both sides read of a model before its weights: tokenizer, config
+    vllm_support  whether the vLLM engine can run a spec
+    cache         the row cache's keys, layout and entry
+    dedupe        a sequence's fingerprint and the name of the job's duplicate index
+    metrics       the Prometheus series, defined once for the driver, replicas and dashboard
+    faults        the named fault-injection points tests trip
 
 Imports neither the driver (the rest of `jobs`) nor the replica side
 (`workers`), nor Ray nor torch; tests/test_imports.py keeps it so.
