@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,14 @@ import pytest
 from cluster.local_cluster import LocalCluster, psutil
 from tests.conftest import job_dict, write_job, write_prompts
 from tests.ray.conftest import assert_exactly_once
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ray
 
 BULKGEN = shutil.which("bulkgen", path=str(Path(sys.executable).parent)) or "bulkgen"
 ROWS, ROWS_PER_SHARD = 30, 10
 IDS = [f"row-{i:05d}" for i in range(ROWS)]
+STATUS_EVERY_S = 1.0  # a check may run `bulkgen status`, a process of its own: poll gently
 SUBMISSION = re.compile(r"submitted (bulkgen-[0-9a-f]{8}-[0-9a-f]{12}-run\d+) to (http://\S+)")
 
 
@@ -60,15 +61,6 @@ def hold_shards_after_the_first(faults: Path) -> None:
     (faults / "replica.shard_start.json").write_text(json.dumps(rule))
 
 
-def wait_for(what: str, check, timeout: float = 240, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def status(cluster: LocalCluster, sid: str) -> str:
     done = bulkgen(cluster, "status", sid, "--address", cluster.dashboard_url)
     assert done.returncode in (0, 1), done.stderr
@@ -100,7 +92,7 @@ def test_double_submit_refused_then_cancel_and_resume(cluster, tiny_model, tmp_p
     faults = tmp_path / "faults"
     hold_shards_after_the_first(faults)
     sid = submit(cluster, job, "--env", f"BULKGEN_FAULTS={faults}")
-    wait_for("the first commit", lambda: (out / "_commits" / "part-00000.json").exists())
+    wait_for(lambda: (out / "_commits" / "part-00000.json").exists(), 240, "the first commit", interval=STATUS_EVERY_S)
 
     again = bulkgen(cluster, "submit", str(job), "--address", cluster.dashboard_url)
     assert again.returncode == 2, again.stdout + again.stderr
@@ -108,13 +100,15 @@ def test_double_submit_refused_then_cancel_and_resume(cluster, tiny_model, tmp_p
 
     cancelled = bulkgen(cluster, "cancel", sid, "--address", cluster.dashboard_url, timeout=120)
     assert cancelled.returncode == 0, cancelled.stderr
-    wait_for("the record to say cancelled", lambda: "state:    cancelled" in status(cluster, sid))
+    wait_for(lambda: "state:    cancelled" in status(cluster, sid), 240, "the record to say cancelled",
+             interval=STATUS_EVERY_S)
     first = (out / "data" / "part-00000.parquet").read_bytes()
 
     # The same spec again is the next run: it resumes from the commit log.
     resumed = submit(cluster, job)
     assert resumed != sid and resumed.endswith("-run2")
-    wait_for("the resumed job to succeed", lambda: "state:    succeeded" in status(cluster, resumed))
+    wait_for(lambda: "state:    succeeded" in status(cluster, resumed), 240, "the resumed job to succeed",
+             interval=STATUS_EVERY_S)
     assert_exactly_once(str(out), {}, IDS, n=1)
     assert (out / "data" / "part-00000.parquet").read_bytes() == first  # committed, not generated again
     assert sorted(p.name for p in (out / "_logs").iterdir()) == ["run-1.log", "run-2.log"]
@@ -128,21 +122,24 @@ def test_a_lost_cluster_and_a_new_one_finish_the_job(tiny_model, tmp_path, tmp_p
     try:
         lost.start_head()
         submit(lost, job, "--env", f"BULKGEN_FAULTS={faults}")
-        wait_for("the first commit", lambda: (out / "_commits" / "part-00000.json").exists())
+        wait_for(lambda: (out / "_commits" / "part-00000.json").exists(), 240, "the first commit",
+                 interval=STATUS_EVERY_S)
         run_log = out / "_logs" / "run-1.log"
-        wait_for("the run log's copy to show it", lambda: "committed part-00000" in run_log.read_text(), timeout=240)
+        wait_for(lambda: "committed part-00000" in run_log.read_text(), 240, "the run log's copy to show it",
+                 interval=STATUS_EVERY_S)
         committed = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
         driver = json.loads((out / "_job.json").read_text())["runs"][-1]["pid"]
         lost.kill_node(lost.nodes[0])  # the head's whole process group, as if its machine were lost
         # Ray's job supervisor died with it; its watcher kills the driver (a session of its own) within seconds.
-        wait_for("the driver to die with its cluster", lambda: not _alive(driver), timeout=120)
+        wait_for(lambda: not _alive(driver), 120, "the driver to die with its cluster", interval=STATUS_EVERY_S)
     finally:
         lost.stop()
 
     with LocalCluster(tmp_path_factory.mktemp("rn"), num_cpus=2) as new:
         sid = submit(new, job)
         assert sid.endswith("-run2")
-        wait_for("the job to succeed on the new cluster", lambda: "state:    succeeded" in status(new, sid))
+        wait_for(lambda: "state:    succeeded" in status(new, sid), 240, "the job to succeed on the new cluster",
+                 interval=STATUS_EVERY_S)
 
     assert_exactly_once(str(out), {}, IDS, n=1)
     for name, data in committed.items():

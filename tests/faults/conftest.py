@@ -29,21 +29,6 @@ from tests.conftest import REPO, start_local_ray
 PART = re.compile(r"part-\d{5}\.parquet")
 
 
-# -- polling ---------------------------------------------------------------------
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
-    """Poll `condition` until it returns something truthy; fail naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 # -- the output, as a reader sees it -----------------------------------------------
 
 

@@ -23,8 +23,8 @@ from tests.faults.conftest import (
     ray_processes,
     read_record,
     run_cli,
-    wait_for,
 )
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 

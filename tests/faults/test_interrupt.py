@@ -14,7 +14,8 @@ import pytest
 
 from jobs.cli import main as cli_main
 from tests.conftest import job_dict, write_job, write_prompts
-from tests.faults.conftest import Faults, check_output, cli_env, ray_processes, read_record, run_cli, wait_for
+from tests.faults.conftest import Faults, check_output, cli_env, ray_processes, read_record, run_cli
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 

@@ -12,7 +12,8 @@ import pytest
 
 from jobs.core.faults import ENV as FAULTS_ENV
 from tests.conftest import job_dict, write_job, write_prompts
-from tests.faults.conftest import Faults, check_output, cli_env, commit_records, wait_for
+from tests.faults.conftest import Faults, check_output, cli_env, commit_records
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 

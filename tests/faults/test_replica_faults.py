@@ -21,8 +21,8 @@ from tests.faults.conftest import (
     commit_records,
     read_record,
     run_cli,
-    wait_for,
 )
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 

@@ -11,7 +11,8 @@ from jobs.core.spec import spec_from_dict
 from jobs.driver import JobCancelled, request_cancel, run_job
 from jobs.output import OutputConflict
 from tests.conftest import job_dict, write_job, write_prompts
-from tests.faults.conftest import check_output, commit_records, read_record, run_cli, wait_for
+from tests.faults.conftest import check_output, commit_records, read_record, run_cli
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 

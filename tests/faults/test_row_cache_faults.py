@@ -19,8 +19,8 @@ from tests.faults.conftest import (
     kill_processes,
     ray_processes,
     run_cli,
-    wait_for,
 )
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 

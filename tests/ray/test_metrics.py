@@ -28,6 +28,7 @@ from jobs.core.spec import spec_from_dict
 from jobs.driver import run_job
 from jobs.record import JobState
 from tests.conftest import free_port, job_dict, start_local_ray, write_prompts
+from tests.waiting import wait_for
 
 # Ray labels every sample with the process that recorded it; our own labels are the rest.
 RAY_LABELS = {
@@ -146,18 +147,19 @@ def _input(path) -> str:
 
 def _poll(port: int, check, timeout: float = 120.0):
     """Scrape until `check(families)` returns None (all good); else fail with its last complaint."""
-    deadline, problem = time.monotonic() + timeout, "never scraped"
-    while time.monotonic() < deadline:
+    problem = "never scraped"
+
+    def scraped_and_good():
+        nonlocal problem
         try:
             families = scrape(port)
         except OSError as e:
             problem = f"scrape failed: {e}"
-        else:
-            problem = check(families)
-            if problem is None:
-                return families
-        time.sleep(SCRAPE_EVERY_S)
-    pytest.fail(f"after {timeout:.0f}s: {problem}")
+            return None
+        problem = check(families)
+        return families if problem is None else None
+
+    return wait_for(scraped_and_good, timeout, lambda: f"a scrape that passes ({problem})", interval=SCRAPE_EVERY_S)
 
 
 @pytest.mark.ray

@@ -4,7 +4,6 @@ no Ray), and a job with the spec's defaults using every CPU of a 2-CPU local Ray
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from jobs.driver import run_job
 from jobs.preflight import check_replica_fits, replica_need
 from tests.conftest import job_dict, start_local_ray, write_prompts
 from tests.ray.conftest import assert_exactly_once, assert_finished_layout
+from tests.waiting import wait_for
 
 GPU1 = {"CPU": 1.0, "GPU": 1.0}
 CPU_NODE = {"CPU": 2.0, "memory": 8e9, "node:127.0.0.1": 1.0}
@@ -113,12 +113,15 @@ def test_default_replicas_use_both_cpus_of_a_two_cpu_ray(held_ray, tiny_model, t
 
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(run_job, spec, progress=False)
-        # Two replicas each at a shard: both were placed (the driver holds no CPU of its own) and loaded.
-        deadline = time.monotonic() + 300
-        while len(replicas_holding_a_shard(held_ray)) < 2:
+
+        def both_hold_a_shard() -> bool:
+            if len(replicas_holding_a_shard(held_ray)) >= 2:
+                return True
             assert not job.done(), f"the job ended with one replica holding shards: {job.exception()!r}"
-            assert time.monotonic() < deadline, "a second replica never started a shard"
-            time.sleep(0.05)
+            return False
+
+        # Two replicas each at a shard: both were placed (the driver holds no CPU of its own) and loaded.
+        wait_for(both_hold_a_shard, 300, "a second replica to start a shard")
         (held_ray / "replica.shard_start.release").touch()
         record = job.result(timeout=300)
 

@@ -18,7 +18,8 @@ import pytest
 from jobs.core.spec import load_spec
 from jobs.driver import run_job
 from tests.conftest import REPO, job_dict, write_job, write_prompts
-from tests.faults.conftest import Faults, bulkgen_procs, cli_env, commit_records, ray_tmpdirs, wait_for  # noqa: F401
+from tests.faults.conftest import Faults, bulkgen_procs, cli_env, commit_records, ray_tmpdirs  # noqa: F401
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ray
 
