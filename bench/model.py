@@ -9,6 +9,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from examples.demo.bpe_tokenizer import as_transformers, train_bpe
+
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 
 
@@ -59,30 +61,10 @@ def pseudo_words(rng: random.Random, n: int) -> list[str]:
 
 def build_tokenizer(vocab_size: int, seed: int = 0):
     """A byte-level BPE with `vocab_size` tokens, trained on pseudo-words."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     rng = random.Random(seed)
     words = pseudo_words(rng, 400_000)
     lines = [" ".join(words[i : i + 50]) for i in range(0, len(words), 50)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(lines, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-        chat_template=CHAT_TEMPLATE,
-    )
+    return as_transformers(train_bpe(lines, vocab_size), CHAT_TEMPLATE)
 
 
 def save_model(path: Path, shape: ModelShape, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> Path:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from examples.demo.bpe_tokenizer import as_transformers, train_bpe
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -21,27 +23,7 @@ _CORPUS = [
 
 
 def build_tokenizer(vocab_size: int = 300):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-        model_max_length=128,
-        chat_template=CHAT_TEMPLATE,
-    )
+    return as_transformers(train_bpe(_CORPUS, vocab_size), CHAT_TEMPLATE, model_max_length=128)
 
 
 def save_tiny_model(path: Path, arch: str = "llama", max_positions: int = 128, seed: int = 0) -> Path:

@@ -35,7 +35,8 @@ os.environ.setdefault("RAYON_RS_NUM_CPUS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from bpe_tokenizer import SPECIAL, as_transformers, train_bpe  # noqa: E402  (beside this script)
+from tokenizers import processors  # noqa: E402
 from transformers import (  # noqa: E402
     GenerationConfig,
     LlamaConfig,
@@ -44,7 +45,6 @@ from transformers import (  # noqa: E402
 )
 
 HERE = Path(__file__).resolve().parent
-SPECIAL = "<|endoftext|>"  # one special token: document separator, bos, eos, pad and unk
 
 # Model size. ~2.6M parameters -> ~10 MB of fp32 safetensors, small enough for the repo
 # and fast enough to train on two CPU cores in a few minutes.
@@ -136,18 +136,8 @@ def collect_docstrings() -> list[str]:
 
 # ------------------------------------------------------------------------ tokenizer
 def train_tokenizer(docs: list[str]) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (GPT-2 style): any input string is encodable, no unknown bytes."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=[SPECIAL],  # gets id 0
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes
-        show_progress=False,
-    )
-    tok.train_from_iterator(docs, trainer=trainer)
+    """Byte-level BPE (GPT-2 style, bpe_tokenizer.py): any input string is encodable, no unknown bytes."""
+    tok = train_bpe(docs, VOCAB_SIZE, min_frequency=2)
     # Prepend <|endoftext|> to every encoded text: during training each docstring
     # follows a separator, so prompts then look like "the start of a docstring".
     eot = tok.token_to_id(SPECIAL)
@@ -156,15 +146,11 @@ def train_tokenizer(docs: list[str]) -> PreTrainedTokenizerFast:
         pair=f"{SPECIAL} $A {SPECIAL} $B",
         special_tokens=[(SPECIAL, eot)],
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=SPECIAL,
-        eos_token=SPECIAL,
-        pad_token=SPECIAL,  # no separate pad token needed: the attention mask hides pads
+    return as_transformers(
+        tok,
+        CHAT_TEMPLATE,
         unk_token=SPECIAL,
-        padding_side="left",  # decoder-only models must be left-padded for batched generate
         model_max_length=CONTEXT,
-        chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,  # byte-level: decode must round-trip exactly
     )
 
