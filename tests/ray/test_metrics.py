@@ -157,9 +157,9 @@ def _poll(port: int, check, timeout: float = 120.0):
             problem = f"scrape failed: {e}"
             return None
         problem = check(families)
-        return families if problem is None else None
+        return (families,) if problem is None else None  # truthy even where nothing was scraped yet
 
-    return wait_for(scraped_and_good, timeout, lambda: f"a scrape that passes ({problem})", interval=SCRAPE_EVERY_S)
+    return wait_for(scraped_and_good, timeout, lambda: f"a scrape that passes ({problem})", interval=SCRAPE_EVERY_S)[0]
 
 
 @pytest.mark.ray
