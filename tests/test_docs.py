@@ -37,4 +37,5 @@ def test_package_docstring_lists_its_modules(package):
     listed = set(re.findall(r"^ {4}(\w+)(?:\.py|/)? ", doc, re.M))  # "    name  what it holds", one a line
     present = {p.stem for p in directory.glob("*.py") if p.stem != "__init__"}
     present |= {d.name for d in directory.iterdir() if (d / "__init__.py").is_file()}
-    assert listed == present, f"{package}/__init__.py: lists {sorted(listed - present)}, misses {sorted(present - listed)}"
+    extra, missing = sorted(listed - present), sorted(present - listed)
+    assert listed == present, f"{package}/__init__.py lists {extra}, which are no modules, and misses {missing}"

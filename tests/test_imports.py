@@ -320,7 +320,8 @@ def test_the_cycle_check_catches_a_longer_cycle_through_relative_imports():
 
 def test_the_cycle_check_lets_type_checking_imports_and_layers_through():
     assert cycles({
-        "jobs/core/rows.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from jobs.core.spec import JobSpec\n",
+        "jobs/core/rows.py": "from typing import TYPE_CHECKING\n"
+                             "if TYPE_CHECKING:\n    from jobs.core.spec import JobSpec\n",
         "jobs/core/spec.py": "from jobs.core import rows\n",
         "jobs/driver.py": "from jobs.core import spec\nfrom jobs import output\n",
         "jobs/output.py": "from jobs.core.rows import GENERATED\n",
