@@ -3,11 +3,15 @@
     cli             the `bulkgen` command line; each command calls one module below
     validate        everything checked before a replica starts (`bulkgen validate`)
     dataset         the input as the driver sees it: files, footers, schema checks
-    preflight       checks that need the model's files, and whether a replica fits the cluster
+    preflight       checks that need the model's files
     snapshot        the input a job was planned on, pinned, and the plan rebuilt from it
+    replica_plan    how many replicas a run starts on its cluster, and whether one fits at all
     scheduler       which shard runs next and what a failure costs (policy, no Ray)
     dispatch        the Ray plumbing of a run: replicas started, shards sent, outcomes back
-    driver          one run of a job: validate, claim, run the shards, commit, finalize
+    driver          one run of a job, its steps in order (it only sequences them)
+    commit_listener what a done shard sets off: commit, counts, record, metrics, progress; cancel polls
+    finalize        the end of a run: batch files, error budget, manifest, _SUCCESS
+    run_errors      how a started run ends other than in success (JobError, JobCancelled)
     ray_connection  joining a Ray cluster, or starting a local one
     claim           one driver per output: the atomic claim of each run
     output          the output directory and its commit protocol

@@ -10,7 +10,11 @@ never its own duplicate.
 
 from __future__ import annotations
 
-from jobs.core.dedupe import NUM_PERM, Print
+from collections.abc import Iterable
+
+from jobs.core.dedupe import NUM_PERM, Print, index_name
+from jobs.core.rows import id_name
+from jobs.core.spec import JobSpec
 from jobs.core.storage import read_parquet
 
 
@@ -44,3 +48,18 @@ class DedupeIndex:
                 if self.lsh is not None and repr(key) not in self.lsh.keys:  # a retry may bring new text
                     self.lsh.insert(repr(key), p.minhash)
         return repeats
+
+
+def start_dedupe_index(spec: JobSpec, out, commits: Iterable[dict]):
+    """filters.deduplicate across the job: start the run's index (a handle to keep while the run
+    lasts: the actor lives as long as its driver), seeded with the shards committed before this
+    run; None when the job does not deduplicate across itself. Needs a connected Ray."""
+    import ray
+
+    f = spec.filters
+    if f is None or f.deduplicate == "none":
+        return None
+    committed = [(out.url(c["data"]), spec.output.storage_options) for c in commits]
+    return ray.remote(DedupeIndex).options(name=index_name(spec.fingerprint()), num_cpus=0).remote(
+        f.deduplicate == "near", f.near_duplicate_threshold, committed, id_name(spec.input)
+    )

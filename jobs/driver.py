@@ -1,31 +1,35 @@
-"""The driver: validate, claim the output, run the shards on replicas, commit, finalize.
+"""The driver: one run's life, told in order, each step done by its own module.
 
-It reads Parquet footers to plan and sends replicas shard tasks; rows go
-from storage to the replicas and back (jobs/dispatch.py, jobs/output.py).
+    claim the output            jobs/output.py open_output, jobs/claim.py
+    validate input and model    jobs/validate.py check_input_and_model
+    plan (or re-read the plan)  jobs/core/plan.py via the pinned InputSnapshot
+    join Ray, plan replicas     jobs/ray_connection.py, jobs/replica_plan.py
+    dispatch shards             jobs/dispatch.py, jobs/scheduler.py
+    commit each done shard      jobs/commit_listener.py
+    finalize                    jobs/finalize.py
+    report                      jobs/report/
 
-Over 300 lines because one run's life is one story told in order (claim,
-validate, plan the replicas, dispatch, commit, finalize, report); what each
-step does lives in its own module, and this one only sequences them.
+Rows go from storage to the replicas and back; the driver reads Parquet
+footers only. This module decides nothing beyond the order of the steps and
+what state the record is left in when one of them raises.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
-from jobs import batch_output, dispatch, driver_metrics, preflight
-from jobs.cancel import cancel_requested
+from jobs import dispatch, driver_metrics
 from jobs.claim import ClaimLost, OutputClaim
+from jobs.commit_listener import CommitListener, count_committed
 from jobs.core import faults, storage
-from jobs.core.dedupe import index_name
 from jobs.core.errors import BadInput, InputChanged, OutputError
-from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, CANCEL, ERRORS, MANIFEST, RECORD, STAGING, SUCCESS
-from jobs.core.protocol import ShardResult, TaskKind
-from jobs.core.rows import id_name
+from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, RECORD, SUCCESS
+from jobs.core.plan import rows_per_shard
+from jobs.core.protocol import TaskKind
 from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
-from jobs.core.times import now
 from jobs.dataset import pin_input
-from jobs.dedupe_index import DedupeIndex
+from jobs.dedupe_index import start_dedupe_index
+from jobs.finalize import finalize
 from jobs.output import (
     OutputDir,
     check_commits_match_plan,
@@ -35,25 +39,15 @@ from jobs.output import (
     read_record,
 )
 from jobs.ray_connection import connect
-from jobs.record import HEARTBEAT_S, JobFailure, JobRecord, JobState, RecordKeeper, committed_counts, library_versions
-from jobs.run_log import COPY_EVERY_S, RunLog
-from jobs.scheduler import ShardExhausted, ShardScheduler, Work, plan_replicas, shards_per_batch, shards_per_replica
+from jobs.record import JobFailure, JobRecord, JobState, RecordKeeper, library_versions
+from jobs.replica_plan import plan_for_cluster
+from jobs.run_errors import JobCancelled, JobError
+from jobs.run_log import RunLog
+from jobs.scheduler import ShardExhausted, ShardScheduler, Work, shards_per_batch, shards_per_replica
 from jobs.snapshot import InputSnapshot
-from jobs.validate import Validated, check_input_and_model, check_output_usable
+from jobs.validate import Checked, check_input_and_model, check_output_usable
 
 log = logging.getLogger(__name__)
-
-RECORD_EVERY_S = 1.0  # at most this often on commits
-CANCEL_POLL_S = 2.0
-
-
-class JobError(RuntimeError):
-    """The job ran and failed; committed shards are kept and the job can be resumed."""
-
-
-class JobCancelled(RuntimeError):
-    """The job was cancelled; committed shards are kept and the job can be resumed."""
-
 
 def run_job(
     spec: JobSpec,
@@ -112,11 +106,13 @@ def _run_claimed(
             raise
 
 
-def _planned_input(spec: JobSpec, out: OutputDir, record: JobRecord, checked: Validated) -> InputSnapshot:
-    """The input snapshot this job plans from: pinned now by its first run, else the one it
-    was planned on, which the input read just now must still equal (row counts included)."""
+def _planned_input(spec: JobSpec, out: OutputDir, record: JobRecord, checked: Checked) -> InputSnapshot:
+    """The input snapshot this job plans from: pinned now by its first run (the plan: rows per
+    shard decided once), else the one it was planned on, which the input read just now must
+    still equal (row counts included)."""
     if record.input is None:
-        snapshot = InputSnapshot(checked.rows_per_shard, tuple(pin_input(spec.input, checked.files)))
+        per_shard = rows_per_shard(spec.shards.rows_per_shard, checked.input_rows)
+        snapshot = InputSnapshot(per_shard, tuple(pin_input(spec.input, checked.files)))
         record.input = snapshot.to_json()
         return snapshot
     snapshot = InputSnapshot.from_json(record.input)
@@ -127,14 +123,14 @@ def _planned_input(spec: JobSpec, out: OutputDir, record: JobRecord, checked: Va
 
 
 class _Run:
-    """One driver run of a job: feeds the scheduler's shards to replicas and commits them."""
+    """One driver run of a job, from a validated plan: runs its shards on replicas, then finalizes."""
 
     def __init__(
         self,
         spec: JobSpec,
         out: OutputDir,
         keeper: RecordKeeper,
-        checked: Validated,
+        checked: Checked,
         snapshot: InputSnapshot,
         commits: dict[int, dict],
         claim: OutputClaim,
@@ -148,15 +144,11 @@ class _Run:
         self.show_progress = progress
         c = self.record.counts
         c.input_rows, c.rows_total, c.shards_total = checked.input_rows, checked.output_rows, len(self.shards)
-        self.retried_before = c.shards_retried
         self.job_facts = self._job_facts()  # the replicas add their engine and write it into every file
         self.commits = commits  # shard index -> commit record, checked against the plan
-        self._recount()
-        self.scheduler: ShardScheduler | None = None
+        count_committed(self.record, self.commits)
         self.started_ray = False  # whether this run started Ray (and so shuts it down)
         self._dedupe_index = None  # filters.deduplicate: the replicas' shared index (a Ray actor)
-        self.bar = None
-        self._next_cancel_poll = 0.0
 
     def _job_facts(self) -> dict:
         return {
@@ -166,10 +158,6 @@ class _Run:
             "generation": self.spec.generation.model_dump(mode="json"),
             "versions": library_versions(),
         }
-
-    def _recount(self) -> None:
-        for name, value in committed_counts(self.commits.values()).items():
-            setattr(self.record.counts, name, value)
 
     def execute(self, retry_failed: bool = False) -> JobRecord:
         try:
@@ -219,7 +207,7 @@ class _Run:
             self.keeper.fail(f"{type(e).__name__}: {e}")
             raise
         try:
-            return self._finalize()
+            return finalize(self.spec, self.out, self.keeper, self.claim, self.commits)
         except KeyboardInterrupt:
             if self.record.state.final:
                 raise  # already succeeded (or failed): that is what the record says
@@ -228,12 +216,9 @@ class _Run:
     def _run_shards(self, work: list[Work]) -> None:
         spec = self.spec
         self.started_ray = connect(self.address)
+        bar = None
         try:
-            # resources.replicas is resolved on the cluster just joined, before any replica starts.
-            need = preflight.replica_need(spec.resources)
-            nodes, node_types = preflight.cluster_nodes()
-            preflight.check_replica_fits(spec.resources.replicas, need, nodes, node_types)
-            replicas = plan_replicas(spec.resources.replicas, need, nodes)
+            replicas = plan_for_cluster(spec.resources)  # on the cluster just joined, before any replica starts
             self.record.run.replica_plan = {
                 "asked": spec.resources.replicas.to_json(),
                 "launched": replicas.launch,
@@ -242,13 +227,13 @@ class _Run:
             }
             log.info("%d replica(s) (%s)", replicas.launch, replicas.how)
             sizes = (spec.resources.batch_size, self.rows_per_shard, spec.generation.num_return_sequences)
-            self.scheduler = ShardScheduler(
+            scheduler = ShardScheduler(
                 work, spec.shards.max_attempts, shards_per_replica(*sizes), replicas.expect, shards_per_batch(*sizes)
             )
-            self.bar = _progress(self.record, self.show_progress)
-            self._tokens_before = self.record.counts.completion_tokens
-            self._start_dedupe_index()
-            dispatch.run_shards(self.spec, self.scheduler, self.job_facts, self, replicas.launch)
+            bar = _progress(self.record, self.show_progress)
+            listener = CommitListener(spec, self.out, self.keeper, self.claim, self.run_log, scheduler, self.commits, bar)
+            self._dedupe_index = start_dedupe_index(spec, self.out, self.commits.values())
+            dispatch.run_shards(self.spec, scheduler, self.job_facts, listener, replicas.launch)
         except ShardExhausted as e:
             shard = e.work.shard
             raise JobError(
@@ -259,103 +244,8 @@ class _Run:
         except dispatch.ReplicasFailToStart as e:
             raise JobError(str(e)) from None
         finally:
-            if self.bar is not None:
-                self.bar.close()
-
-    def _start_dedupe_index(self) -> None:
-        """filters.deduplicate across the job: the index the replicas share (jobs/dedupe_index.py),
-        seeded with the shards committed before this run. It lives as long as this driver."""
-        import ray
-
-        f = self.spec.filters
-        if f is None or f.deduplicate == "none":
-            return
-        committed = [(self.out.url(c["data"]), self.spec.output.storage_options) for c in self.commits.values()]
-        self._dedupe_index = ray.remote(DedupeIndex).options(name=index_name(self.spec.fingerprint()), num_cpus=0).remote(
-            f.deduplicate == "near", f.near_duplicate_threshold, committed, id_name(self.spec.input)
-        )
-
-    # -- what the dispatch loop reports (dispatch.RunListener) ---------------------
-
-    def tick(self) -> None:
-        self.record.counts.shards_retried = self.retried_before + self.scheduler.retried
-        self.keeper.save(every=HEARTBEAT_S)
-        driver_metrics.progress(self.spec, self.record, self.scheduler)
-        self.run_log.copy(every=COPY_EVERY_S)
-        if time.monotonic() >= self._next_cancel_poll:
-            if cancel_requested(self.out):
-                raise JobCancelled(f"cancelled through {self.out.url(CANCEL)}")
-            self.claim.check_still_ours()
-            self._next_cancel_poll = time.monotonic() + CANCEL_POLL_S
-
-    def replica_ready(self, info: dict, ready: int) -> None:
-        run = self.record.run
-        if "replica" not in self.record.model:
-            self.record.model["replica"] = info
-            run.first_replica_ready_at = now()
-        if ready >= run.replica_plan["launched"] and run.all_replicas_ready_at is None:
-            run.all_replicas_ready_at = now()
-
-    def shard_done(self, work: Work, result: ShardResult, tries: int) -> None:
-        for url, data in (result.inline_files or {}).items():
-            storage.write_bytes(url, data, self.spec.output.storage_options)
-        shard = work.shard
-        extra = {
-            "input": shard.url,
-            "input_start": shard.start,
-            "input_stop": shard.stop,
-            "attempts": tries,
-            # For the report's throughput over time and per replica.
-            "committed_at": now(),
-            "seconds": round(result.seconds, 3),
-            "replica_pid": (result.replica or {}).get("pid"),
-        }
-        self.commits[shard.index] = self.out.commit(result, extra)
-        self._recount()
-        if result.replica:
-            # Counters are cumulative, and a replica's shards may report out of order: keep the latest.
-            replicas, pid = self.record.run.replicas, str(result.replica["pid"])
-            if result.replica.get("steps", 0) >= replicas.get(pid, {}).get("steps", 0):
-                replicas[pid] = result.replica
-        self.record.counts.shards_retried = self.retried_before + self.scheduler.retried
-        self.keeper.save(every=RECORD_EVERY_S)
-        driver_metrics.progress(self.spec, self.record, self.scheduler, force=True)
-        log.info("committed %s: %d rows, %d failed, %.1fs", shard.name, result.samples_ok, result.samples_failed, result.seconds)
-        self.bar.update(result.samples_ok + result.samples_failed + result.samples_filtered)
-        tokens = self.record.counts.completion_tokens - self._tokens_before
-        elapsed = self.bar.format_dict.get("elapsed") or 0
-        self.bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s" if elapsed else "", refresh=False)
-
-    # -- the end -------------------------------------------------------------------
-
-    def _finalize(self) -> JobRecord:
-        self.keeper.move_to(JobState.FINALIZING)
-        # output.format openai-batch: like a provider's batch, the job ends with both files, over its
-        # error budget or not (request_counts says how many failed); before the manifest and _SUCCESS.
-        batch_output.write_batch_files(self.spec, self.out, self.commits)
-        c = self.record.counts
-        failed_fraction = c.rows_failed / c.rows_total if c.rows_total else 0.0
-        if failed_fraction > self.spec.shards.max_failed_fraction:
-            message = (
-                f"{c.rows_failed} of {c.rows_total} rows failed ({failed_fraction:.2%}), over the error budget "
-                f"shards.max_failed_fraction={self.spec.shards.max_failed_fraction}; see {self.out.url(ERRORS)}/"
-            )
-            self.keeper.fail(message)
-            raise JobError(message)
-        manifest = {
-            "fingerprint": self.spec.fingerprint(),
-            "shards": [self.commits[i] for i in sorted(self.commits)],
-            "rows_done": c.rows_done,
-            "rows_failed": c.rows_failed,
-        }
-        self.claim.check_still_ours()
-        self.out.write_json(MANIFEST, manifest)
-        self.out.remove(STAGING)
-        self.record.run.finished_at = now()
-        self.keeper.move_to(JobState.SUCCEEDED)
-        self.out.write_json(SUCCESS, {"finished_at": self.record.finished_at})
-        self.out.remove(CANCEL)  # a request that came too late: `bulkgen cancel` withdraws one written after this
-        return self.record
+            if bar is not None:
+                bar.close()
 
 
 def _interrupted(keeper: RecordKeeper, where: str) -> JobCancelled:

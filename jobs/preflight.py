@@ -1,5 +1,5 @@
-"""Checks done before any replica starts: those that need the model's files but
-not the model, and whether one replica fits the cluster the driver joined."""
+"""Checks done before any replica starts that need the model's files but not the model
+(whether one replica fits the cluster is jobs/replica_plan.py's)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import os
 from pathlib import Path
 
 from jobs.core import vllm_support
-from jobs.core.errors import ClusterError, ModelError
+from jobs.core.errors import ModelError
 from jobs.core.model import context_length
-from jobs.core.spec import JobSpec, ReplicaCount, ResourcesSpec
-from jobs.scheduler import replicas_on
+from jobs.core.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -169,70 +168,3 @@ def check_engine(spec: JobSpec) -> None:
             f"model.engine_options.{name}: vLLM's EngineArgs has no such argument"
             + (f"; did you mean {hint[0]!r}?" if hint else "")
         )
-
-
-# -- the cluster ----------------------------------------------------------------------
-
-
-def replica_need(res: ResourcesSpec) -> dict[str, float]:
-    """The Ray resources one replica actor asks for (jobs/dispatch.py launches it with these)."""
-    return {"CPU": res.num_cpus, "GPU": res.num_gpus}
-
-
-def cluster_nodes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
-    """(total resources of each live node, of each node type the autoscaler may add, or None
-    when the cluster reports no autoscaler config). Needs a connected Ray."""
-    import ray
-
-    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-    try:
-        # Private API, the one Ray Data's autoscaling reads; None on a cluster without an autoscaler config.
-        import ray._private.state
-
-        config = ray._private.state.state.get_cluster_config()
-    except Exception as e:  # an older or newer Ray without it: then no node types are known
-        log.debug("no autoscaler config: %s", e)
-        config = None
-    if config is None or not config.node_group_configs:
-        return nodes, None
-    groups = [g for g in config.node_group_configs if g.max_count != 0]  # 0: a type it may never add
-    return nodes, [{name: float(amount) for name, amount in g.resources.items()} for g in groups]
-
-
-def check_replica_fits(
-    count: ReplicaCount,
-    need: dict[str, float],
-    nodes: list[dict[str, float]],
-    node_types: list[dict[str, float]] | None,
-) -> None:
-    """Raise ClusterError when one replica could never start: it fits no live node and no node
-    type the autoscaler may add. A range is the spec's word that the cluster autoscales: it is
-    refused only where the node types are known, so a GPU group scaled to zero is no error."""
-    asked = {name: amount for name, amount in need.items() if amount > 0}
-    if not asked or any(_fits(asked, node) for node in nodes):
-        return
-    if node_types is not None and any(_fits(asked, node) for node in node_types):
-        return
-    if node_types is None and not count.auto and count.fixed is None:  # a range, on a cluster that tells no node types
-        log.warning(
-            "resources.replicas %s: no node holds one replica (%s) now; they wait for the autoscaler to add one",
-            count, _spell(asked),
-        )
-        return
-    shapes = sorted({_spell(node) for node in nodes + (node_types or [])}) or ["no live node"]
-    remedy = "lower resources.num_cpus / resources.num_gpus, or add such a node"
-    if node_types is None:
-        remedy += '; on an autoscaling cluster give resources.replicas as a range, e.g. "1..4", to wait for one'
-    raise ClusterError(
-        f"resources.replicas {count}: one replica needs {_spell(asked)}, and no node of the cluster "
-        f"{'or its autoscaler ' if node_types is not None else ''}has that ({'; '.join(shapes)}), so none "
-        f"could ever start; {remedy}"
-    )
-
-
-def _fits(need: dict[str, float], node: dict[str, float]) -> bool:
-    return replicas_on(node, need) >= 1
-
-
-def _spell(resources: dict[str, float]) -> str:
-    return ", ".join(f"{resources.get(name, 0):g} {name}" for name in ("CPU", "GPU"))

@@ -15,9 +15,6 @@ feeds it events).
   idle replica, and only a death while it runs alone is charged to it.
 - Failures: a failed attempt is charged to its shard, which goes to the back
   of the queue (healthy shards first); the max_attempts-th charge ends the job.
-- Replica count (plan_replicas): `resources.replicas` against the cluster's
-  nodes as the run starts: how many replica actors to start, and how many the
-  balance above counts on.
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ from dataclasses import dataclass
 
 from jobs.core.plan import Shard
 from jobs.core.protocol import TaskKind
-from jobs.core.spec import ReplicaCount
 
 IN_FLIGHT_PER_REPLICA = 2  # the next shard waits at the replica, so it never idles between shards
 
@@ -44,54 +40,6 @@ def shards_per_replica(batch_size: int, rows_per_shard: int, samples_per_row: in
     until a whole shard ends (at least IN_FLIGHT_PER_REPLICA)."""
     sequences = rows_per_shard * samples_per_row
     return max(IN_FLIGHT_PER_REPLICA, -(-2 * batch_size // sequences))
-
-
-@dataclass(frozen=True)
-class ReplicaPlan:
-    """How many replicas a run starts, and how many its scheduler counts on."""
-
-    launch: int  # replica actors started at once; those without room stay pending
-    expect: int  # ShardScheduler's `replicas`: the ones it leaves shares for while they load
-    how: str  # why, for the job record and the log, e.g. "auto: 2 CPUs / 1 per replica"
-
-
-def replicas_on(node: dict[str, float], need: dict[str, float]) -> int:
-    """Replicas that one node of these total resources holds (need: Ray resource -> amount per replica)."""
-    # The epsilon: 0.3 / 0.1 is 2.9999999999999996 in floats, and Ray's own accounting is exact.
-    return min((int(node.get(name, 0) / amount + 1e-9) for name, amount in need.items() if amount > 0), default=0)
-
-
-def plan_replicas(count: ReplicaCount, need: dict[str, float], nodes: list[dict[str, float]]) -> ReplicaPlan:
-    """Resolve `resources.replicas` on a cluster whose live nodes have these total resources.
-
-    - A count: that many, counted on (as before ranges existed).
-    - auto: as many as the nodes hold, node by node (a replica never spans two),
-      at least one: GPUs / num_gpus with num_gpus, else CPUs / num_cpus.
-    - MIN..MAX: start MAX at once; those without room stay pending, which is the
-      demand Ray's autoscaler adds nodes for, and join as the nodes come. The
-      scheduler counts on the ones the cluster holds now, kept within MIN..MAX:
-      those load in seconds, like the first, and would be starved if it took
-      their share; one that needs a new node waits minutes for it, or forever
-      (quota, max_workers), and holding shards back for it would keep the ready
-      replicas' batches underfilled all that time. A replica that joins later
-      still gets work: the balance counts every ready replica."""
-    # A replica that asks for nothing (num_cpus 0, no GPU) fits anywhere, without end:
-    # count it one per CPU, the most that can usefully run at once.
-    sized = need if any(amount > 0 for amount in need.values()) else {"CPU": 1.0}
-    holds = sum(replicas_on(node, sized) for node in nodes)
-    if count.fixed is not None:
-        return ReplicaPlan(count.fixed, count.fixed, f"{count.fixed}, as the spec says (the cluster holds {holds})")
-    if count.auto:
-        unit = "GPU" if sized.get("GPU", 0) > 0 else "CPU"
-        total = sum(node.get(unit, 0) for node in nodes)
-        how = f"auto: {total:g} {unit}s / {sized[unit]:g} per replica"
-        if holds < int(total / sized[unit] + 1e-9):
-            how += f", {holds} fit node by node"  # e.g. a GPU node short of CPUs, or GPU halves on two nodes
-        return ReplicaPlan(max(1, holds), max(1, holds), how)
-    expect = min(max(holds, count.min), count.max)
-    waiting = count.max - min(holds, count.max)
-    how = f"{count}: the cluster holds {holds} now" + (f"; {waiting} wait for new nodes" if waiting else "")
-    return ReplicaPlan(count.max, expect, how)
 
 
 @dataclass(frozen=True)

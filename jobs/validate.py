@@ -11,11 +11,11 @@ error budget. Failures raise BadInput.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import string
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import fsspec
@@ -35,32 +35,41 @@ from jobs.output import check_output_takes
 
 
 @dataclass(frozen=True)
-class Validated:
-    shards: list[Shard]
+class Checked:
+    """What the checks of the input and the model found."""
+
     input_rows: int
     model: dict  # identity: path, revision, dtype, weights hash
     context: int | None
-    rows_per_shard: int  # shards.rows_per_shard, `auto` decided
     output_rows: int  # (id, sample_index) rows the job writes: a batch request asks for its own n
-    files: tuple[InputFile, ...] = ()  # the input files whose footers were read, in plan order
+    files: tuple[InputFile, ...]  # the input files whose footers were read
+
+
+@dataclass(frozen=True)
+class Validated(Checked):
+    """`bulkgen validate`'s answer: the checks, and the shards a first run would plan."""
+
+    rows_per_shard: int  # shards.rows_per_shard, `auto` decided
+    shards: list[Shard]
 
 
 def validate(spec: JobSpec) -> Validated:
     """Every check that needs no replica: output (and that a run could take it), input, ids,
-    model files, tokenizer."""
+    model files, tokenizer; and the plan a first run would make of this input."""
     check_output_usable(spec)
     check_output_takes(spec)
-    return check_input_and_model(spec)
+    checked = check_input_and_model(spec)
+    per_shard = rows_per_shard(spec.shards.rows_per_shard, checked.input_rows)
+    return Validated(**vars(checked), rows_per_shard=per_shard, shards=plan(checked.files, per_shard))
 
 
-def check_input_and_model(spec: JobSpec) -> Validated:
-    """The checks after the output is known usable (`run` claims it in between, to record a failure)."""
+def check_input_and_model(spec: JobSpec) -> Checked:
+    """The checks after the output is known usable (`run` claims it in between, to record a failure).
+    They plan nothing: the driver plans (or re-reads the plan it pinned) once they pass."""
     dataset = open_dataset(spec.input)
     check_unique_ids(spec.input, dataset)
     check_reference_column(spec, dataset.schema)
-    per_shard = rows_per_shard(spec.shards.rows_per_shard, dataset.num_rows)
-    shards = plan(dataset.files, per_shard)
-    check_template_renders(spec, shards)
+    check_template_renders(spec, dataset.files)
     preflight.check_engine(spec)
     preflight.check_attn_implementation(spec)
     preflight.check_model_source(spec)
@@ -68,7 +77,7 @@ def check_input_and_model(spec: JobSpec) -> Validated:
     preflight.check_tokenizer(spec, load_tokenizer(spec.model))
     output_rows = dataset.output_rows(spec.generation.num_return_sequences)
     identity = preflight.model_identity(spec)
-    return Validated(shards, dataset.num_rows, identity, context, per_shard, output_rows, dataset.files)
+    return Checked(dataset.num_rows, identity, context, output_rows, tuple(dataset.files))
 
 
 def check_reference_column(spec: JobSpec, schema) -> None:
@@ -88,15 +97,15 @@ def check_reference_column(spec: JobSpec, schema) -> None:
 _TEMPLATE_PROBE_ROWS = 16  # rows read to find one with every template field set
 
 
-def check_template_renders(spec: JobSpec, shards: list[Shard]) -> None:
+def check_template_renders(spec: JobSpec, files: Sequence[InputFile]) -> None:
     """A prompt_template with a format spec or conversion ({n:d}, {x!r}) must render the first
     input row that has every field set: a column's type is the same in every row, so a spec
     that fails one row (`{topic:d}` on text) fails them all, and the job would end in dead letters."""
     template = spec.input.prompt_template
-    if template is None or not shards or not _formats_values(template):
+    first = min((f for f in files if f.num_rows), key=lambda f: f.relpath, default=None)  # the plan's first rows
+    if template is None or first is None or not _formats_values(template):
         return
-    first = shards[0]
-    shard = dataclasses.replace(first, stop=min(first.stop, first.start + _TEMPLATE_PROBE_ROWS))
+    shard = Shard(0, first.url, first.relpath, 0, min(first.num_rows, _TEMPLATE_PROBE_ROWS))
     table = read_shard_rows(spec, shard)
     ids = row_ids(spec.input, shard, table)
     columns = spec.input.source_columns()

@@ -201,7 +201,7 @@ class ReplicaCount:
     """`resources.replicas`: a fixed count, `auto`, or a range MIN..MAX.
 
     Written in the spec (and back into the job record) as an int, "auto" or
-    "MIN..MAX"; what each means on a cluster is decided by jobs/scheduler.py's
+    "MIN..MAX"; what each means on a cluster is decided by jobs/replica_plan.py's
     plan_replicas once the driver has joined it."""
 
     min: int | None = None  # None: auto

@@ -17,7 +17,8 @@ import pytest
 from jobs.core.plan import Shard
 from jobs.core.protocol import TaskKind
 from jobs.core.spec import ReplicaCount
-from jobs.scheduler import IN_FLIGHT_PER_REPLICA, ShardExhausted, ShardScheduler, Work, plan_replicas
+from jobs.replica_plan import plan_replicas
+from jobs.scheduler import IN_FLIGHT_PER_REPLICA, ShardExhausted, ShardScheduler, Work
 
 
 def shard(i: int) -> Shard:

@@ -12,7 +12,7 @@ import pytest
 from jobs.core.errors import ClusterError
 from jobs.core.spec import ReplicaCount, spec_from_dict
 from jobs.driver import run_job
-from jobs.preflight import check_replica_fits, replica_need
+from jobs.replica_plan import check_replica_fits, replica_need
 from tests.conftest import job_dict, start_local_ray, write_prompts
 from tests.ray.conftest import assert_exactly_once, assert_finished_layout
 from tests.waiting import wait_for

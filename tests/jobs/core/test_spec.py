@@ -54,7 +54,7 @@ def test_valid_spec_loads_with_defaults(tmp_path):
     assert spec.generation.max_new_tokens == 16
     assert spec.generation.stop == ("\n\n",)
     assert spec.generation.do_sample is False
-    assert spec.resources.replicas.auto  # as many as the cluster holds (jobs/scheduler.py plan_replicas)
+    assert spec.resources.replicas.auto  # as many as the cluster holds (jobs/replica_plan.py plan_replicas)
     assert spec.shards.rows_per_shard == "auto"
     assert spec.model.use_safetensors is True
 
