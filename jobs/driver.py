@@ -21,7 +21,7 @@ from jobs.core import faults, storage
 from jobs.core.dedupe import DedupeIndex, index_name
 from jobs.core.errors import BadInput, InputChanged, OutputError
 from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, CANCEL, ERRORS, MANIFEST, RECORD, STAGING, SUCCESS
-from jobs.core.protocol import ShardResult, TaskKind
+from jobs.core.protocol import CommitRecord, ShardResult, TaskKind
 from jobs.core.rows import id_name
 from jobs.core.snapshot import InputSnapshot
 from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
@@ -135,7 +135,7 @@ class _Run:
         keeper: RecordKeeper,
         checked: Validated,
         snapshot: InputSnapshot,
-        commits: dict[int, dict],
+        commits: dict[int, CommitRecord],
         claim: OutputClaim,
         address,
         progress,
@@ -198,7 +198,8 @@ class _Run:
     def _execute(self, retry_failed: bool) -> JobRecord:
         work = [Work(s) for s in self.shards if s.index not in self.commits]
         if retry_failed:
-            work += [Work(s, TaskKind.RETRY_FAILED) for s in self.shards if (self.commits.get(s.index) or {}).get("errors")]
+            with_errors = {i for i, c in self.commits.items() if c.errors}
+            work += [Work(s, TaskKind.RETRY_FAILED) for s in self.shards if s.index in with_errors]
         self.keeper.move_to(JobState.RUNNING)
         log.info("%d shards, %d committed earlier, %d to run", len(self.shards), len(self.commits), len(work))
         try:
@@ -269,7 +270,7 @@ class _Run:
         f = self.spec.filters
         if f is None or f.deduplicate == "none":
             return
-        committed = [(self.out.url(c["data"]), self.spec.output.storage_options) for c in self.commits.values()]
+        committed = [(self.out.url(c.data), self.spec.output.storage_options) for c in self.commits.values()]
         self._dedupe_index = ray.remote(DedupeIndex).options(name=index_name(self.spec.fingerprint()), num_cpus=0).remote(
             f.deduplicate == "near", f.near_duplicate_threshold, committed, id_name(self.spec.input)
         )
@@ -299,17 +300,7 @@ class _Run:
         for url, data in (result.inline_files or {}).items():
             storage.write_bytes(url, data, self.spec.output.storage_options)
         shard = work.shard
-        extra = {
-            "input": shard.url,
-            "input_start": shard.start,
-            "input_stop": shard.stop,
-            "attempts": tries,
-            # For the report's throughput over time and per replica.
-            "committed_at": now(),
-            "seconds": round(result.seconds, 3),
-            "replica_pid": (result.replica or {}).get("pid"),
-        }
-        self.commits[shard.index] = self.out.commit(result, extra)
+        self.commits[shard.index] = self.out.commit(result, shard, tries)
         self._recount()
         if result.replica:
             # Counters are cumulative, and a replica's shards may report out of order: keep the latest.
@@ -319,8 +310,9 @@ class _Run:
         self.record.counts.shards_retried = self.retried_before + self.scheduler.retried
         self.keeper.save(every=RECORD_EVERY_S)
         metrics.progress(self.spec, self.record, self.scheduler, force=True)
-        log.info("committed %s: %d rows, %d failed, %.1fs", shard.name, result.samples_ok, result.samples_failed, result.seconds)
-        self.bar.update(result.samples_ok + result.samples_failed + result.samples_filtered)
+        t = result.tally
+        log.info("committed %s: %d rows, %d failed, %.1fs", shard.name, t.rows_done, t.rows_failed, result.seconds)
+        self.bar.update(t.rows_done + t.rows_failed + t.rows_filtered)
         tokens = self.record.counts.completion_tokens - self._tokens_before
         elapsed = self.bar.format_dict.get("elapsed") or 0
         self.bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s" if elapsed else "", refresh=False)
@@ -343,7 +335,7 @@ class _Run:
             raise JobError(message)
         manifest = {
             "fingerprint": self.spec.fingerprint(),
-            "shards": [self.commits[i] for i in sorted(self.commits)],
+            "shards": [self.commits[i].to_json() for i in sorted(self.commits)],
             "rows_done": c.rows_done,
             "rows_failed": c.rows_failed,
         }
