@@ -221,7 +221,8 @@ def test_an_old_record_still_loads():
 
 def test_committed_counts_sum_every_tally_counter_into_counts():
     def committed(shard: int, tally: Tally) -> CommitRecord:
-        return CommitRecord(shard, f"part-{shard:05d}", "attempt-0", f"data/part-{shard:05d}.parquet", None, None, tally)
+        return CommitRecord(shard, f"part-{shard:05d}", "attempt-0", f"data/part-{shard:05d}.parquet", None, None,
+                            tally)  # fmt: skip
 
     tallies = [Tally(rows_done=5, rows_cached=2, prompt_tokens=40), Tally(rows_done=3, rows_failed=1, rows_filtered=4)]
     counts = committed_counts(committed(i, t) for i, t in enumerate(tallies))

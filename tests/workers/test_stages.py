@@ -155,7 +155,8 @@ SHORT = {"input": {"max_new_tokens_column": "budget"}}  # even rows get 2 new to
 def write_input(tmp_path, rows: int = ROWS) -> None:
     """Prompts with a reference and a budget each, and one row that cannot be rendered (a dead letter)."""
     budget = pa.array([2 if i % 2 == 0 else 8 for i in range(rows)], pa.int32())
-    path = write_prompts(tmp_path / "in" / "p.parquet", rows, reference=[f"a note {i}" for i in range(rows)], budget=budget)
+    references = [f"a note {i}" for i in range(rows)]
+    path = write_prompts(tmp_path / "in" / "p.parquet", rows, reference=references, budget=budget)
     table = pq.read_table(path)
     prompts = table.column("prompt").to_pylist()
     prompts[1] = None

@@ -35,7 +35,8 @@ class Filter(Stage):
         self.filters.apply(candidates, [(work.ids[c.row_index], c.sample_index) for c in candidates])
         dropped = {key: c.dropped_by for key, c in zip(keys, candidates) if c.dropped_by is not None}
         marked = {key: replace(work.generated[key], dropped_by=name) for key, name in dropped.items()}
-        return replace(work, generated={**work.generated, **marked}, tally=work.tally + Tally(rows_filtered=len(dropped)))
+        tally = work.tally + Tally(rows_filtered=len(dropped))
+        return replace(work, generated={**work.generated, **marked}, tally=tally)
 
 
 def _job_index(spec: JobSpec):

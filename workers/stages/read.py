@@ -82,4 +82,4 @@ class DeadLetterReader(Reader):
                 samples.append([])
             samples[where[key]].append(record["sample_index"])
         input_schema = pa.schema([errors.schema.field(c) for c in job_input_columns(self.spec)])
-        return replace(work, input_schema=input_schema, rows=rows, ids=ids, samples=samples, kept=data)
+        return replace(work, input_schema=input_schema, rows=rows, ids=ids, samples=samples, committed_data=data)

@@ -49,7 +49,7 @@ class ShardWork:
     rows: list[dict] = field(default_factory=list)
     ids: list = field(default_factory=list)
     samples: list = field(default_factory=list)  # per row: its sample indices (a range, or retry-failed's list)
-    kept: pa.Table | None = None  # retry-failed: the shard's committed data rows, which stay
+    committed_data: pa.Table | None = None  # retry-failed: the shard's committed data rows, which stay
     # Render: each row's prompt, and the requests for the sequences still to generate
     # (the row cache removes those it has).
     prompts: dict[int, Prompt] = field(default_factory=dict)  # by row index

@@ -67,8 +67,8 @@ class Write(Stage):
 
         spec, schema, metadata = self.spec, work.input_schema, self.metadata
         data = shard_io.data_table(spec, out, schema, metadata)
-        if work.kept is not None:
-            data = pa.concat_tables([work.kept.cast(data.schema), data])
+        if work.committed_data is not None:
+            data = pa.concat_tables([work.committed_data.cast(data.schema), data])
         tables = {DATA: data}
         if err.count:
             tables[ERRORS] = shard_io.errors_table(spec, err, schema, metadata)
