@@ -106,7 +106,7 @@ class OutputDir:
         # first, so no crash can leave a half-replaced set counted as done.
         self.remove(paths.commit(index))
         published: dict[str, str | None] = {}
-        for kind in SHARD_FILES:  # data last: its file is what readers of data/ see
+        for kind in SHARD_FILES:  # errors, filtered, then data
             final = paths.shard_file(kind, index)
             if kind in result.staged:
                 move(result.staged[kind], self.url(final), self.storage_options)

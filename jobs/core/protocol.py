@@ -3,7 +3,7 @@
 Small on purpose: a task names its row range, never carries rows (except
 for process-local input, below); a result carries counts and where the
 files are staged, never the rows themselves. The driver turns a result into
-the shard's commit record, typed here too, as every reader of it reads it.
+the shard's commit record, also typed here: every reader of one reads this type.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ class ShardTask:
 class Tally:
     """A shard attempt's counts, in output rows (one per id and sample_index) and tokens.
 
-    The replica's stages add to it; the commit record stores it under these names, the job
-    record's Counts has a field of each name, and jobs/record.py's committed_counts sums them
-    all: a new counter is a new field here, and nothing else needs code for it."""
+    The replica's stages add to it; the commit record stores it under these names, and
+    jobs/record.py's committed_counts sums every field into the job record's Counts: a new
+    counter is a field here and one of that name in Counts (a test checks), no more code."""
 
     rows_done: int = 0  # in data/
     rows_failed: int = 0  # in errors/
