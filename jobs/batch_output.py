@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from jobs.core import storage
 from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT
 from jobs.core.openai_batch import CHAT, COMPLETIONS, error_line, response_line
+from jobs.core.protocol import CommitRecord
 from jobs.core.rows import DERIVED_ID, OPENAI_BATCH, custom_id_of, id_name
 from jobs.core.spec import JobSpec
 from jobs.output import OutputDir
@@ -45,7 +46,7 @@ _FILTERED_COLUMNS = ["sample_index", "filter"]
 FILTERED = "filtered"  # errors.jsonl's code for a request whose every sample a filter dropped
 
 
-def write_batch_files(spec: JobSpec, out: OutputDir, commits: dict[int, dict]) -> None:
+def write_batch_files(spec: JobSpec, out: OutputDir, commits: dict[int, CommitRecord]) -> None:
     """Write output.jsonl and errors.jsonl from the committed shards (`commits`: by shard index),
     when the spec asks for them."""
     if spec.output.format != OPENAI_BATCH:
@@ -58,14 +59,14 @@ def write_batch_files(spec: JobSpec, out: OutputDir, commits: dict[int, dict]) -
     with _whole_file(out, BATCH_OUTPUT) as responses, _whole_file(out, BATCH_ERRORS) as failures:
         for index in sorted(commits):
             commit, opts = commits[index], out.storage_options
-            data = storage.read_parquet(out.url(commit["data"]), opts, columns=data_columns).to_pylist()
+            data = storage.read_parquet(out.url(commit.data), opts, columns=data_columns).to_pylist()
             errors = []
-            if commit.get("errors"):
-                errors = storage.read_parquet(out.url(commit["errors"]), opts, columns=error_columns).to_pylist()
+            if commit.errors:
+                errors = storage.read_parquet(out.url(commit.errors), opts, columns=error_columns).to_pylist()
             filtered = []
-            if commit.get("filtered"):
+            if commit.filtered:
                 columns = [key, *_FILTERED_COLUMNS, *(["line", "request"] if batch_input else [])]
-                filtered = storage.read_parquet(out.url(commit["filtered"]), opts, columns=columns).to_pylist()
+                filtered = storage.read_parquet(out.url(commit.filtered), opts, columns=columns).to_pylist()
             ok, failed = shard_lines(spec, data, errors, created, filtered)
             for target, lines, count in ((responses, ok, 0), (failures, failed, 1)):
                 target.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode())
@@ -143,11 +144,11 @@ def request_counts(output_uri: str, record: JobRecord, storage_options: dict | N
     commits = out.commit_records()
     failed = 0
     for commit in commits.values():  # a request's samples all live in its one shard
-        errors = _ids(out, commit.get("errors"), key)
+        errors = _ids(out, commit.errors, key)
         failed += len(errors)
-        if commit.get("filtered"):  # a request a filter emptied is failed too (errors.jsonl: filtered)
-            failed += len(_ids(out, commit["filtered"], key) - _ids(out, commit["data"], key) - errors)
-    committed = sum(c.get("input_stop", 0) - c.get("input_start", 0) for c in commits.values())
+        if commit.filtered:  # a request a filter emptied is failed too (errors.jsonl: filtered)
+            failed += len(_ids(out, commit.filtered, key) - _ids(out, commit.data, key) - errors)
+    committed = sum(c.input_rows for c in commits.values())
     return {"total": record.counts.input_rows, "completed": committed - failed, "failed": failed}
 
 

@@ -385,6 +385,7 @@ def _print_done(uri: str, storage_options: dict, record) -> None:
 
 def _samples(uri: str, storage_options: dict, k: int) -> list[str]:
     from jobs.core.layout import MANIFEST
+    from jobs.core.protocol import CommitRecord
     from jobs.core.storage import read_parquet
     from jobs.output import OutputDir
 
@@ -392,7 +393,7 @@ def _samples(uri: str, storage_options: dict, k: int) -> list[str]:
     manifest = out.read_json(MANIFEST) or {}
     samples = []
     for entry in manifest.get("shards", []):
-        table = read_parquet(out.url(entry["data"]), storage_options)
+        table = read_parquet(out.url(CommitRecord.from_json(entry).data), storage_options)
         for row in table.slice(0, k - len(samples)).to_pylist():
             samples.append(f"{row.get('prompt', '[prompt not included]')}\n  -> {row['text']}")
         if len(samples) >= k:

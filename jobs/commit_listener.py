@@ -17,7 +17,7 @@ from jobs.cancel import cancel_requested
 from jobs.claim import OutputClaim
 from jobs.core import storage
 from jobs.core.layout import CANCEL
-from jobs.core.protocol import ShardResult
+from jobs.core.protocol import CommitRecord, ShardResult
 from jobs.core.spec import JobSpec
 from jobs.core.times import now
 from jobs.output import OutputDir
@@ -41,7 +41,7 @@ class CommitListener:
         claim: OutputClaim,
         run_log: RunLog,
         scheduler: ShardScheduler,
-        commits: dict[int, dict],
+        commits: dict[int, CommitRecord],
         progress_bar,
     ):
         """`commits`: the shards committed so far, by index; this listener adds to it."""
@@ -93,19 +93,9 @@ class CommitListener:
             storage.write_bytes(url, data, self.spec.output.storage_options)
 
     def commit(self, work: Work, result: ShardResult, tries: int) -> None:
-        shard = work.shard
-        extra = {
-            "input": shard.url,
-            "input_start": shard.start,
-            "input_stop": shard.stop,
-            "attempts": tries,
-            # For the report's throughput over time and per replica.
-            "committed_at": now(),
-            "seconds": round(result.seconds, 3),
-            "replica_pid": (result.replica or {}).get("pid"),
-        }
-        self.commits[shard.index] = self.out.commit(result, extra)
-        log.info("committed %s: %d rows, %d failed, %.1fs", shard.name, result.samples_ok, result.samples_failed, result.seconds)
+        shard, t = work.shard, result.tally
+        self.commits[shard.index] = self.out.commit(result, shard, tries)
+        log.info("committed %s: %d rows, %d failed, %.1fs", shard.name, t.rows_done, t.rows_failed, result.seconds)
 
     def recount(self) -> None:
         count_committed(self.record, self.commits)
@@ -127,13 +117,14 @@ class CommitListener:
         driver_metrics.progress(self.spec, self.record, self.scheduler, force=True)
 
     def show_progress(self, result: ShardResult) -> None:
-        self.bar.update(result.samples_ok + result.samples_failed + result.samples_filtered)
+        t = result.tally
+        self.bar.update(t.rows_done + t.rows_failed + t.rows_filtered)
         tokens = self.record.counts.completion_tokens - self.tokens_before
         elapsed = self.bar.format_dict.get("elapsed") or 0
         self.bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s" if elapsed else "", refresh=False)
 
 
-def count_committed(record: JobRecord, commits: dict[int, dict]) -> None:
+def count_committed(record: JobRecord, commits: dict[int, CommitRecord]) -> None:
     """The record's counts, from the commit records (never added up event by event)."""
     for name, value in committed_counts(commits.values()).items():
         setattr(record.counts, name, value)

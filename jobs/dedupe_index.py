@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from jobs.core.dedupe import NUM_PERM, Print, index_name
+from jobs.core.protocol import CommitRecord
 from jobs.core.rows import id_name
 from jobs.core.spec import JobSpec
 from jobs.core.storage import read_parquet
@@ -50,7 +51,7 @@ class DedupeIndex:
         return repeats
 
 
-def start_dedupe_index(spec: JobSpec, out, commits: Iterable[dict]):
+def start_dedupe_index(spec: JobSpec, out, commits: Iterable[CommitRecord]):
     """filters.deduplicate across the job: start the run's index (a handle to keep while the run
     lasts: the actor lives as long as its driver), seeded with the shards committed before this
     run; None when the job does not deduplicate across itself. Needs a connected Ray."""
@@ -59,7 +60,7 @@ def start_dedupe_index(spec: JobSpec, out, commits: Iterable[dict]):
     f = spec.filters
     if f is None or f.deduplicate == "none":
         return None
-    committed = [(out.url(c["data"]), spec.output.storage_options) for c in commits]
+    committed = [(out.url(c.data), spec.output.storage_options) for c in commits]
     return ray.remote(DedupeIndex).options(name=index_name(spec.fingerprint()), num_cpus=0).remote(
         f.deduplicate == "near", f.near_duplicate_threshold, committed, id_name(spec.input)
     )

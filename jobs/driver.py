@@ -25,7 +25,7 @@ from jobs.core import faults, storage
 from jobs.core.errors import BadInput, InputChanged, OutputError
 from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, RECORD, SUCCESS
 from jobs.core.plan import rows_per_shard
-from jobs.core.protocol import TaskKind
+from jobs.core.protocol import CommitRecord, TaskKind
 from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
 from jobs.dataset import pin_input
 from jobs.dedupe_index import start_dedupe_index
@@ -132,7 +132,7 @@ class _Run:
         keeper: RecordKeeper,
         checked: Checked,
         snapshot: InputSnapshot,
-        commits: dict[int, dict],
+        commits: dict[int, CommitRecord],
         claim: OutputClaim,
         address,
         progress,
@@ -187,7 +187,8 @@ class _Run:
     def _execute(self, retry_failed: bool) -> JobRecord:
         work = [Work(s) for s in self.shards if s.index not in self.commits]
         if retry_failed:
-            work += [Work(s, TaskKind.RETRY_FAILED) for s in self.shards if (self.commits.get(s.index) or {}).get("errors")]
+            with_errors = {i for i, c in self.commits.items() if c.errors}
+            work += [Work(s, TaskKind.RETRY_FAILED) for s in self.shards if s.index in with_errors]
         self.keeper.move_to(JobState.RUNNING)
         log.info("%d shards, %d committed earlier, %d to run", len(self.shards), len(self.commits), len(work))
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from jobs import batch_output
 from jobs.claim import OutputClaim
 from jobs.core.layout import CANCEL, ERRORS, MANIFEST, STAGING, SUCCESS
+from jobs.core.protocol import CommitRecord
 from jobs.core.spec import JobSpec
 from jobs.core.times import now
 from jobs.output import OutputDir
@@ -18,7 +19,7 @@ from jobs.record import Counts, JobRecord, JobState, RecordKeeper
 from jobs.run_errors import JobError
 
 
-def finalize(spec: JobSpec, out: OutputDir, keeper: RecordKeeper, claim: OutputClaim, commits: dict[int, dict]) -> JobRecord:
+def finalize(spec: JobSpec, out: OutputDir, keeper: RecordKeeper, claim: OutputClaim, commits: dict[int, CommitRecord]) -> JobRecord:
     """Succeed the job, or fail it over its error budget (JobError)."""
     record = keeper.record
     keeper.move_to(JobState.FINALIZING)
@@ -31,7 +32,7 @@ def finalize(spec: JobSpec, out: OutputDir, keeper: RecordKeeper, claim: OutputC
         raise JobError(over_budget)
     manifest = {
         "fingerprint": spec.fingerprint(),
-        "shards": [commits[i] for i in sorted(commits)],
+        "shards": [commits[i].to_json() for i in sorted(commits)],
         "rows_done": record.counts.rows_done,
         "rows_failed": record.counts.rows_failed,
     }

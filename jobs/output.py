@@ -22,11 +22,12 @@ import fsspec
 from jobs.claim import OutputClaim, OutputConflict
 from jobs.core import layout
 from jobs.core.errors import BadInput, InputChanged, InputError, OutputError
-from jobs.core.layout import CANCEL, RECORD, OutputLayout
+from jobs.core.layout import CANCEL, RECORD, SHARD_FILES, OutputLayout
 from jobs.core.plan import InputFile, Shard, shard_name
-from jobs.core.protocol import ShardResult
+from jobs.core.protocol import CommitRecord, ShardResult
 from jobs.core.spec import JobSpec, spec_from_dict
 from jobs.core.storage import move, read_bytes, with_retries, write_bytes
+from jobs.core.times import now
 from jobs.dataset import pin_input
 from jobs.record import JobRecord
 from jobs.record_file import NoRecord, parse_record, read_record_doc
@@ -95,43 +96,43 @@ class OutputDir:
 
     # -- shard commits ---------------------------------------------------------
 
-    def commit(self, result: ShardResult, extra: dict) -> dict:
-        """Publish a shard attempt's staged files under their final names, then its commit record."""
-        shard, paths = result.shard, self.layout
+    def commit(self, result: ShardResult, shard: Shard, attempts: int) -> CommitRecord:
+        """Publish a shard attempt's staged files under their final names, then its commit record.
+        `attempts`: the dispatches the shard took, this one included."""
+        index, paths = shard.index, self.layout
         # Each step is retried on its own and is idempotent, so a transient
         # failure half-way never repeats a move that already happened.
         # A shard committed earlier (retry-failed rewrites one) is uncommitted
-        # first, so no crash can leave a half-replaced pair counted as done.
-        self.remove(paths.commit(shard))
-        if result.errors_url:
-            move(result.errors_url, self.url(paths.errors(shard)), self.storage_options)
-        else:
-            self.remove(paths.errors(shard))  # left by an earlier, uncommitted attempt
-        if result.filtered_url:
-            move(result.filtered_url, self.url(paths.filtered(shard)), self.storage_options)
-        else:
-            self.remove(paths.filtered(shard))
-        move(result.data_url, self.url(paths.data(shard)), self.storage_options)
-        record = {
-            "shard": shard,
-            "name": shard_name(shard),
-            "attempt": result.attempt,
-            "data": paths.data(shard),
-            "errors": paths.errors(shard) if result.errors_url else None,
-            "rows_done": result.samples_ok,
-            "rows_failed": result.samples_failed,
-            "rows_cached": result.samples_cached,
-            "rows_filtered": result.samples_filtered,
-            "filtered": paths.filtered(shard) if result.filtered_url else None,
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            **extra,
-        }
-        self.write_json(paths.commit(shard), record)
-        self.remove(paths.staging(shard))
+        # first, so no crash can leave a half-replaced set counted as done.
+        self.remove(paths.commit(index))
+        published: dict[str, str | None] = {}
+        for kind in SHARD_FILES:  # errors, filtered, then data
+            final = paths.shard_file(kind, index)
+            if kind in result.staged:
+                move(result.staged[kind], self.url(final), self.storage_options)
+                published[kind] = final
+            else:
+                self.remove(final)  # left by an earlier, uncommitted attempt
+                published[kind] = None
+        record = CommitRecord(
+            shard=index,
+            name=shard_name(index),
+            attempt=result.attempt,
+            **published,
+            tally=result.tally,
+            input=shard.url,
+            input_start=shard.start,
+            input_stop=shard.stop,
+            attempts=attempts,
+            committed_at=now(),
+            seconds=round(result.seconds, 3),
+            replica_pid=result.replica.get("pid"),
+        )
+        self.write_json(paths.commit(index), record.to_json())
+        self.remove(paths.staging(index))
         return record
 
-    def commit_records(self) -> dict[int, dict]:
+    def commit_records(self) -> dict[int, CommitRecord]:
         """Every committed shard's record, by shard index."""
 
         def listing() -> list[str]:
@@ -143,7 +144,8 @@ class OutputDir:
         paths = with_retries(listing, f"listing {self.url(layout.COMMITS)}")
         with ThreadPoolExecutor(max_workers=16) as pool:
             docs = pool.map(lambda p: json.loads(with_retries(lambda: self.fs.cat_file(p), f"reading {p}")), paths)
-            return {doc["shard"]: doc for doc in docs}
+            records = [CommitRecord.from_json(doc) for doc in docs]
+        return {record.shard: record for record in records}
 
 
 def open_output(spec: JobSpec, overwrite: bool) -> tuple[OutputDir, OutputClaim, JobRecord]:
@@ -256,16 +258,16 @@ def input_changed_message(out: OutputDir, changed: list[str]) -> str:
     )
 
 
-def check_commits_match_plan(out: OutputDir, commits: dict[int, dict], shards: list[Shard]) -> None:
+def check_commits_match_plan(out: OutputDir, commits: dict[int, CommitRecord], shards: list[Shard]) -> None:
     """Every committed shard must cover the rows the plan gives its index, or the job would
     count rows it never wrote and skip rows it never generated."""
     planned = {s.index: s for s in shards}
     wrong = []
     for index in sorted(commits):
         c, s = commits[index], planned.get(index)
-        covered = (c.get("input"), c.get("input_start"), c.get("input_stop"))
+        covered = (c.input, c.input_start, c.input_stop)
         if s is None:
-            wrong.append(f"{c.get('name')} covers {covered[0]} rows {covered[1]}:{covered[2]}; the plan has no such shard")
+            wrong.append(f"{c.name} covers {covered[0]} rows {covered[1]}:{covered[2]}; the plan has no such shard")
         elif covered != (s.url, s.start, s.stop):
             wrong.append(f"{s.name} covers {covered[0]} rows {covered[1]}:{covered[2]}; the plan's is {s.url} "
                          f"rows {s.start}:{s.stop}")  # fmt: skip

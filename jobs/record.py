@@ -19,6 +19,7 @@ from enum import Enum
 from importlib import metadata
 
 from jobs.core.layout import RECORD
+from jobs.core.protocol import CommitRecord, Tally
 from jobs.core.times import age_seconds, now
 
 SUBMISSION_ID_ENV = "BULKGEN_SUBMISSION_ID"  # set for a driver that `bulkgen submit` started
@@ -68,6 +69,9 @@ def library_versions() -> dict[str, str]:
 
 @dataclass
 class Counts:
+    """The job's counts; of them, shards_committed and every Tally counter (jobs/core/protocol.py)
+    come from the commit records (committed_counts), so each Tally field has one here."""
+
     input_rows: int = 0
     rows_total: int = 0  # (id, sample_index) rows the job writes: input_rows * n, a batch request its own n
     rows_done: int = 0  # in data/
@@ -81,20 +85,14 @@ class Counts:
     completion_tokens: int = 0
 
 
-def committed_counts(commits: Iterable[dict]) -> dict[str, int]:
+def committed_counts(commits: Iterable[CommitRecord]) -> dict[str, int]:
     """The counts that follow from the commit records alone: what the shards committed
-    so far hold. The record's copy of them is saved at most every second after a commit;
-    a reader that lists the commit records can count them exactly."""
+    so far hold (shards_committed, and every counter of their tallies). The record's copy
+    of them is saved at most every second after a commit; a reader that lists the commit
+    records can count them exactly."""
     commits = list(commits)
-    return {
-        "shards_committed": len(commits),
-        "rows_done": sum(c["rows_done"] for c in commits),
-        "rows_failed": sum(c["rows_failed"] for c in commits),
-        "rows_cached": sum(c.get("rows_cached", 0) for c in commits),
-        "rows_filtered": sum(c.get("rows_filtered", 0) for c in commits),
-        "prompt_tokens": sum(c["prompt_tokens"] for c in commits),
-        "completion_tokens": sum(c["completion_tokens"] for c in commits),
-    }
+    total = sum((c.tally for c in commits), Tally())
+    return {"shards_committed": len(commits), **total.to_json()}
 
 
 @dataclass

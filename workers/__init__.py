@@ -1,6 +1,7 @@
 """bulkgen's replica side: what runs in a replica actor.
 
     replica              the Ray actor: loads its engine once, turns shard tasks into staged files
+    stages/              a shard attempt's work, stage by stage (stages/__init__.py lists them)
     shard_io             a shard's output rows gathered, then staged as files
     quality              evaluation against references and quality filters
     row_cache            the replica's side of the row cache: look up, publish once committed

@@ -25,9 +25,6 @@ class OutputRows:
         self.columns: dict[str, list] = {}
         self.count = 0
         self._rows: list[dict] = []
-        self.cached = 0  # rows taken from the row cache
-        self.dropped: OutputRows | None = None  # data rows a filter dropped, for filtered/
-        self.fresh: dict = {}  # cache key -> jobs.core.cache.Entry: generated, for the cache once committed
 
     def add(self, *, id, row: dict, **values) -> None:
         self._rows.append(row)
@@ -51,36 +48,21 @@ class OutputRows:
 
 @dataclass(frozen=True)
 class Staged:
-    data_url: str
-    errors_url: str | None
-    filtered_url: str | None
+    urls: dict[str, str]  # file kind (jobs/core/layout.py's SHARD_FILES) -> staged URL
     inline: dict[str, bytes] | None  # bytes by URL, for the driver to write (process-local output)
 
 
-def stage(
-    spec: JobSpec,
-    shard: int,
-    attempt: str,
-    data: pa.Table,
-    errors: pa.Table | None,
-    filtered: pa.Table | None = None,
-) -> Staged:
-    """Write an attempt's files under _staging/. Their bytes are returned instead of
-    written when the output is process-local."""
+def stage(spec: JobSpec, shard: int, attempt: str, tables: dict[str, pa.Table]) -> Staged:
+    """Write an attempt's files (`tables`: by file kind) under _staging/. Their bytes are
+    returned instead of written when the output is process-local."""
     layout = OutputLayout(spec.output.uri)
-    data_url = layout.url(layout.staged_data(shard, attempt))
-    errors_url = layout.url(layout.staged_errors(shard, attempt)) if errors is not None else None
-    filtered_url = layout.url(layout.staged_filtered(shard, attempt)) if filtered is not None else None
-    staged = {data_url: storage.parquet_bytes(data)}
-    if errors is not None:
-        staged[errors_url] = storage.parquet_bytes(errors)
-    if filtered is not None:
-        staged[filtered_url] = storage.parquet_bytes(filtered)
+    urls = {kind: layout.url(layout.staged_file(kind, shard, attempt)) for kind in tables}
+    staged = {urls[kind]: storage.parquet_bytes(table) for kind, table in tables.items()}
     if storage.process_local(spec.output.uri, spec.output.storage_options):
-        return Staged(data_url, errors_url, filtered_url, staged)
+        return Staged(urls, staged)
     for url, payload in staged.items():
         storage.write_bytes(url, payload, spec.output.storage_options)
-    return Staged(data_url, errors_url, filtered_url, None)
+    return Staged(urls, None)
 
 
 def data_table(spec: JobSpec, rows: OutputRows, input_schema: pa.Schema, metadata: dict[bytes, bytes]) -> pa.Table:

@@ -6,7 +6,7 @@
     filtered/part-NNNNN.parquet  rows a quality filter dropped
     _commits/part-NNNNN.json   the shard's commit record, written last
     _manifest.json             all commit records, written at the end
-    _staging/part-NNNNN/ATTEMPT/{data,errors}.parquet  an attempt's files before commit
+    _staging/part-NNNNN/ATTEMPT/{data,errors,filtered}.parquet  an attempt's files before commit
     _logs/run-N.log            the driver's log of run N
     _report/index.html         the job's report, one self-contained page (jobs/report/)
     _report/report.md          the same content as Markdown, beside its figures
@@ -38,6 +38,8 @@ CLAIMS = "_claims"
 REPORT = "_report"
 REPORT_HTML, REPORT_MARKDOWN, REPORT_FIGURES = "index.html", "report.md", "figures"
 DATA, ERRORS, FILTERED = "data", "errors", "filtered"
+# The kinds of a shard's files, in the order a commit publishes them: data last (jobs/output.py).
+SHARD_FILES = (ERRORS, FILTERED, DATA)
 BATCH_OUTPUT, BATCH_ERRORS = "output.jsonl", "errors.jsonl"
 
 # What `--overwrite` deletes: everything a job writes, and nothing else. The claims stay:
@@ -61,16 +63,21 @@ class OutputLayout:
         return f"{self.uri}/{relpath}"
 
     @staticmethod
+    def shard_file(kind: str, shard: int) -> str:
+        """A shard's committed file of one of the SHARD_FILES kinds."""
+        return f"{kind}/{shard_name(shard)}.parquet"
+
+    @staticmethod
     def data(shard: int) -> str:
-        return f"{DATA}/{shard_name(shard)}.parquet"
+        return OutputLayout.shard_file(DATA, shard)
 
     @staticmethod
     def errors(shard: int) -> str:
-        return f"{ERRORS}/{shard_name(shard)}.parquet"
+        return OutputLayout.shard_file(ERRORS, shard)
 
     @staticmethod
     def filtered(shard: int) -> str:
-        return f"{FILTERED}/{shard_name(shard)}.parquet"
+        return OutputLayout.shard_file(FILTERED, shard)
 
     @staticmethod
     def commit(shard: int) -> str:
@@ -83,16 +90,9 @@ class OutputLayout:
         return f"{where}/{attempt}" if attempt else where
 
     @staticmethod
-    def staged_data(shard: int, attempt: str) -> str:
-        return f"{OutputLayout.staging(shard, attempt)}/data.parquet"
-
-    @staticmethod
-    def staged_errors(shard: int, attempt: str) -> str:
-        return f"{OutputLayout.staging(shard, attempt)}/errors.parquet"
-
-    @staticmethod
-    def staged_filtered(shard: int, attempt: str) -> str:
-        return f"{OutputLayout.staging(shard, attempt)}/filtered.parquet"
+    def staged_file(kind: str, shard: int, attempt: str) -> str:
+        """An attempt's file of one of the SHARD_FILES kinds, before its commit."""
+        return f"{OutputLayout.staging(shard, attempt)}/{kind}.parquet"
 
     @staticmethod
     def claim(run: int) -> str:

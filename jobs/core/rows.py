@@ -92,10 +92,18 @@ def input_columns(spec: InputSpec) -> list[str]:
 
 
 def read_shard_rows(spec: JobSpec, shard: Shard) -> pa.Table:
-    """The input columns the job reads (job_input_columns), for the shard's row range."""
+    """The input columns the job reads (job_input_columns), for the shard's row range, of either
+    input format: for the driver (validation's scan, process-local input); a replica's reader
+    (workers/stages/) was chosen for its format once."""
     i = spec.input
     if is_batch(i):
         return read_batch_rows(shard.url, i.storage_options, shard.relpath, shard.start, shard.stop)
+    return read_parquet_rows(spec, shard)
+
+
+def read_parquet_rows(spec: JobSpec, shard: Shard) -> pa.Table:
+    """The rows of read_shard_rows from a Parquet input."""
+    i = spec.input
     try:
         return storage.read_row_range(shard.url, i.storage_options, shard.start, shard.stop, job_input_columns(spec))
     except OSError as e:  # pyarrow raises a bare OSError for a corrupt page, naming no file

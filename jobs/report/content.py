@@ -143,7 +143,7 @@ def _throughput(d: OutputData) -> Section:
     if not d.commits:
         s.blocks.append("No shard committed yet.")
         return s
-    pids = {x.get("replica_pid") for x in d.commits if x.get("replica_pid") is not None}
+    pids = {x.replica_pid for x in d.commits if x.replica_pid is not None}
     s.blocks.append(
         f"{len(d.commits):,} shards committed by {len(pids) or 'unknown'} replicas; "
         f"{c.get('shards_retried', 0):,} shard attempts redone."

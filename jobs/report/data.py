@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.core.layout import FILTERED, RECORD, OutputLayout
+from jobs.core.protocol import CommitRecord
 from jobs.core.rows import EVALUATION_FIELDS, FILTER
 from jobs.core.storage import with_retries
 from jobs.output import OutputDir
@@ -112,7 +113,7 @@ class OutputData:
     uri: str
     record: dict  # _job.json as written, fields newer than this code included
     driver_alive: bool  # for a record that says running: whether its driver still runs
-    commits: list[dict]  # commit records, by shard
+    commits: list[CommitRecord]  # by shard
     rows: int = 0  # rows read from data/
     prompt_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     completion_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -139,18 +140,18 @@ def read_output(uri: str, storage_options: dict, sample_rows: int = SAMPLE_ROWS,
     record = read_record_doc(out)
     if record is None:
         raise FileNotFoundError(f"no job record ({RECORD}) under {out.uri}: not a bulkgen output")
-    commits = [doc for _, doc in sorted(out.commit_records().items())]
+    commits = [record for _, record in sorted(out.commit_records().items())]
     # Counted from the commit records read here, not the record's copy (saved at most
     # every second after a commit): the report's numbers agree with the shards it shows.
     record["counts"] = {**record.get("counts", {}), **committed_counts(commits)}
     alive = record.get("state") == JobState.RUNNING.value and driver_alive(record)
     found = OutputData(out.uri, record, alive, commits)
 
-    files = [DataFile(out.url(c["data"])) for c in commits]
+    files = [DataFile(out.url(c.data)) for c in commits]
     with ThreadPoolExecutor(max_workers=READERS) as pool:
         for done in pool.map(lambda f: _read_data_file(f, storage_options, found), files):
             _merge(found, done)
-        errors = [out.url(c["errors"]) for c in commits if c.get("errors")]
+        errors = [out.url(c.errors) for c in commits if c.errors]
         for dropped in pool.map(lambda url: _read_dropped(url, "error_code", storage_options, found), errors):
             found.errors.merge(dropped)
         filtered = _filtered_files(out, commits)
@@ -301,7 +302,7 @@ def _sample_texts(files: list[DataFile], storage_options: dict, n: int, rng: ran
 # -- errors/ and filtered/ ---------------------------------------------------------------------
 
 
-def _filtered_files(out: OutputDir, commits: list[dict]) -> list[str]:
+def _filtered_files(out: OutputDir, commits: list[CommitRecord]) -> list[str]:
     """The filtered/ files of committed shards: named in the commit record, or by the layout."""
     try:
         present = {posixpath.basename(p) for p in out.fs.ls(posixpath.join(out.root, FILTERED), detail=False)}
@@ -309,8 +310,8 @@ def _filtered_files(out: OutputDir, commits: list[dict]) -> list[str]:
         present = set()
     urls = []
     for c in commits:
-        relpath = c.get("filtered") or OutputLayout.filtered(c["shard"])
-        if c.get("filtered") or posixpath.basename(relpath) in present:
+        relpath = c.filtered or OutputLayout.filtered(c.shard)
+        if c.filtered or posixpath.basename(relpath) in present:
             urls.append(out.url(relpath))
     return urls
 

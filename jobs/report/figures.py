@@ -12,6 +12,7 @@ from collections import defaultdict
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from jobs.core.protocol import CommitRecord
 from jobs.core.times import seconds_between
 
 SIZE = (9.0, 3.2)  # inches; at DPI, 900 px wide: fits a laptop screen beside nothing else
@@ -42,17 +43,17 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def throughput(commits: list[dict], start: str) -> bytes | None:
+def throughput(commits: list[CommitRecord], start: str) -> bytes | None:
     """Tokens/s over time (all replicas and each) and rows committed, from the commit records.
 
     A shard's tokens are spread evenly over the seconds it took, which ended
     at its commit: the curve shows when work happened, not when it landed."""
-    timed = [c for c in commits if c.get("committed_at") and c.get("seconds") is not None]
+    timed = [c for c in commits if c.committed_at and c.seconds is not None]
     if not timed:
         return None
-    ends = np.array([seconds_between(start, c["committed_at"]) for c in timed])
-    begins = ends - np.array([max(float(c["seconds"]), 1e-3) for c in timed])
-    tokens = np.array([c.get("completion_tokens", 0) for c in timed], dtype=float)
+    ends = np.array([seconds_between(start, c.committed_at) for c in timed])
+    begins = ends - np.array([max(float(c.seconds), 1e-3) for c in timed])
+    tokens = np.array([c.tally.completion_tokens for c in timed], dtype=float)
     lo, hi = max(0.0, begins.min()), ends.max()
     width = max((hi - lo) / MAX_BINS, 0.5)
     edges = np.arange(lo, hi + width, width)
@@ -67,31 +68,31 @@ def throughput(commits: list[dict], start: str) -> bytes | None:
     fig, (left, right) = _figure(2)
     centers = (edges[:-1] + edges[1:]) / 2
     left.plot(centers, rate(np.ones(len(timed), bool)), color=COLOR, lw=2, label="all replicas")
-    pids = sorted({c.get("replica_pid") for c in timed if c.get("replica_pid") is not None})
+    pids = sorted({c.replica_pid for c in timed if c.replica_pid is not None})
     if 1 < len(pids) <= MAX_REPLICA_LINES:
         for pid in pids:
-            left.plot(centers, rate(np.array([c.get("replica_pid") == pid for c in timed])), lw=1, label=f"pid {pid}")
+            left.plot(centers, rate(np.array([c.replica_pid == pid for c in timed])), lw=1, label=f"pid {pid}")
     left.set(title="completion tokens/s", xlabel="seconds since the job started")
     left.legend(fontsize="small", frameon=False)
     order = np.argsort(ends)
-    rows = np.cumsum([0] + [timed[i].get("rows_done", 0) + timed[i].get("rows_failed", 0) for i in order])
+    rows = np.cumsum([0] + [timed[i].tally.rows_done + timed[i].tally.rows_failed for i in order])
     right.step(np.concatenate([[lo], ends[order]]), rows, where="post", color=COLOR, lw=2)
     right.set(title="rows committed", xlabel="seconds since the job started")
     right.yaxis.set_major_locator(MaxNLocator(integer=True))
     return _png(fig)
 
 
-def replicas(commits: list[dict], start: str) -> bytes | None:
+def replicas(commits: list[CommitRecord], start: str) -> bytes | None:
     """Completion tokens each replica generated, and its tokens/s over the span it was busy
     (first shard's start to last shard's commit)."""
     by_pid: dict = defaultdict(lambda: {"tokens": 0, "rows": 0, "begin": np.inf, "end": -np.inf})
     for c in commits:
-        if c.get("replica_pid") is None or not c.get("committed_at"):
+        if c.replica_pid is None or not c.committed_at:
             continue
-        r, end = by_pid[c["replica_pid"]], seconds_between(start, c["committed_at"])
-        r["tokens"] += c.get("completion_tokens", 0)
-        r["rows"] += c.get("rows_done", 0)
-        r["begin"] = min(r["begin"], end - float(c.get("seconds") or 0.0))
+        r, end = by_pid[c.replica_pid], seconds_between(start, c.committed_at)
+        r["tokens"] += c.tally.completion_tokens
+        r["rows"] += c.tally.rows_done
+        r["begin"] = min(r["begin"], end - float(c.seconds or 0.0))
         r["end"] = max(r["end"], end)
     if not by_pid:
         return None

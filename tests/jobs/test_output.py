@@ -8,7 +8,8 @@ import pyarrow.dataset as ds
 import pytest
 
 import jobs.output
-from jobs.core.protocol import ShardResult
+from jobs.core.plan import Shard
+from jobs.core.protocol import ShardResult, Tally
 from jobs.core.storage import move, write_parquet
 from jobs.output import OutputDir
 
@@ -21,14 +22,14 @@ def stage(out_uri: str, shard: int, attempt: str, ids: list[str], errors: list[s
     return ShardResult(
         shard=shard,
         attempt=attempt,
-        samples_ok=len(ids),
-        samples_failed=len(errors),
-        prompt_tokens=0,
-        completion_tokens=0,
+        tally=Tally(rows_done=len(ids), rows_failed=len(errors)),
         seconds=0.0,
-        data_url=f"{base}/data.parquet",
-        errors_url=f"{base}/errors.parquet" if errors else None,
+        staged={"data": f"{base}/data.parquet", **({"errors": f"{base}/errors.parquet"} if errors else {})},
     )
+
+
+def shard(index: int) -> Shard:
+    return Shard(index, "file:///in/a.parquet", "a.parquet", 0, 2)
 
 
 def published(out_uri: str, kind: str) -> list[str]:
@@ -40,8 +41,8 @@ def published(out_uri: str, kind: str) -> list[str]:
 
 def test_commit_publishes_files_then_its_record(tmp_path):
     out = OutputDir(str(tmp_path), {})
-    record = out.commit(stage(str(tmp_path), 3, "attempt-0-a", ["a", "b"], errors=["c"]), {"input_start": 0})
-    assert record["rows_done"] == 2 and record["rows_failed"] == 1
+    record = out.commit(stage(str(tmp_path), 3, "attempt-0-a", ["a", "b"], errors=["c"]), shard(3), 1)
+    assert record.tally.rows_done == 2 and record.tally.rows_failed == 1
     assert published(str(tmp_path), "data") == ["a", "b"]
     assert published(str(tmp_path), "errors") == ["c"]
     assert set(out.commit_records()) == {3}
@@ -50,7 +51,7 @@ def test_commit_publishes_files_then_its_record(tmp_path):
 
 def test_a_zombie_attempt_never_reaches_data(tmp_path):
     out = OutputDir(str(tmp_path), {})
-    out.commit(stage(str(tmp_path), 0, "attempt-1-live", ["a", "b"]), {})
+    out.commit(stage(str(tmp_path), 0, "attempt-1-live", ["a", "b"]), shard(0), 1)
     # The attempt the driver gave up on finishes afterwards and stages its files.
     stage(str(tmp_path), 0, "attempt-0-zombie", ["a", "b"])
     assert published(str(tmp_path), "data") == ["a", "b"]
@@ -61,16 +62,16 @@ def test_a_redo_without_errors_removes_the_stale_errors_file(tmp_path):
     out = OutputDir(str(tmp_path), {})
     # An earlier attempt got as far as publishing its errors file, then the driver died.
     first = stage(str(tmp_path), 0, "attempt-0-x", ["a"], errors=["b"])
-    move(first.errors_url, str(tmp_path / "errors" / "part-00000.parquet"), {})
+    move(first.staged["errors"], str(tmp_path / "errors" / "part-00000.parquet"), {})
     assert out.commit_records() == {}  # no record: not committed
-    out.commit(stage(str(tmp_path), 0, "attempt-1-y", ["a", "b"]), {})
+    out.commit(stage(str(tmp_path), 0, "attempt-1-y", ["a", "b"]), shard(0), 2)
     assert published(str(tmp_path), "data") == ["a", "b"]
     assert published(str(tmp_path), "errors") == []
 
 
 def test_a_crash_while_replacing_a_committed_shard_uncommits_it(tmp_path, monkeypatch):
     out = OutputDir(str(tmp_path), {})
-    out.commit(stage(str(tmp_path), 0, "attempt-0-a", ["a"], errors=["b"]), {})
+    out.commit(stage(str(tmp_path), 0, "attempt-0-a", ["a"], errors=["b"]), shard(0), 1)
     # retry-failed replaces the shard: "b" now succeeds. The storage dies after the first move.
     retry = stage(str(tmp_path), 0, "attempt-1-b", ["a", "b"])
     moves = []
@@ -81,7 +82,7 @@ def test_a_crash_while_replacing_a_committed_shard_uncommits_it(tmp_path, monkey
 
     monkeypatch.setattr(jobs.output, "move", dying_move)  # the commit's one way to publish a file
     with pytest.raises(PermissionError):
-        out.commit(retry, {})
+        out.commit(retry, shard(0), 1)
     # The old pair is no longer counted as committed, so a resume redoes the shard
     # whole instead of trusting a half-replaced pair.
     assert out.commit_records() == {}

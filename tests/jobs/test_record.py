@@ -9,6 +9,7 @@ from datetime import datetime
 import pytest
 
 from jobs.core.layout import RECORD
+from jobs.core.protocol import TALLY_FIELDS, CommitRecord, Tally
 from jobs.output import OutputDir
 from jobs.record import (
     TRANSITIONS,
@@ -19,6 +20,7 @@ from jobs.record import (
     JobState,
     RecordKeeper,
     Run,
+    committed_counts,
     format_status,
 )
 
@@ -215,6 +217,19 @@ def test_an_old_record_still_loads():
     r.start_run(None)
     assert r.state is S.PENDING and len(r.runs) == 2 and r.error is None
     json.dumps(r.to_json())
+
+
+def test_committed_counts_sum_every_tally_counter_into_counts():
+    def committed(shard: int, tally: Tally) -> CommitRecord:
+        return CommitRecord(shard, f"part-{shard:05d}", "attempt-0", f"data/part-{shard:05d}.parquet", None, None,
+                            tally)  # fmt: skip
+
+    tallies = [Tally(rows_done=5, rows_cached=2, prompt_tokens=40), Tally(rows_done=3, rows_failed=1, rows_filtered=4)]
+    counts = committed_counts(committed(i, t) for i, t in enumerate(tallies))
+    assert counts == {"shards_committed": 2, **(tallies[0] + tallies[1]).to_json()}
+    assert committed_counts([]) == {"shards_committed": 0, **Tally().to_json()}
+    # Each counter a stage adds to the tally has its place in the record's counts.
+    assert set(TALLY_FIELDS) <= set(Counts.__dataclass_fields__)
 
 
 def test_format_status_shows_state_counts_and_error():

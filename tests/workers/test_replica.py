@@ -62,13 +62,13 @@ def test_process_stages_one_row_per_id_and_sample(tmp_path, tiny_model, tokenize
     [shard], [result] = run_shards(spec)
 
     staged = tmp_path / "out" / "_staging" / "part-00000" / "attempt-0-test" / "data.parquet"
-    assert result.data_url == str(staged)
-    assert result.errors_url is None
-    assert (result.shard, result.attempt, result.samples_ok, result.samples_failed) == (0, "attempt-0-test", 14, 0)
+    assert result.staged["data"] == str(staged)
+    assert result.staged.get("errors") is None
+    assert (result.shard, result.attempt, result.tally.rows_done, result.tally.rows_failed) == (0, "attempt-0-test", 14, 0)
     # Staged only: nothing is committed by the replica.
     assert not (tmp_path / "out" / "data").exists()
 
-    table = read(result.data_url)
+    table = read(result.staged["data"])
     assert table.column_names == [
         "id", "sample_index", "text", "finish_reason", "prompt_tokens", "completion_tokens", "topic"
     ]
@@ -85,8 +85,8 @@ def test_process_stages_one_row_per_id_and_sample(tmp_path, tiny_model, tokenize
         assert r["finish_reason"] in ("stop", "length")
         # No stop strings here: a row ends at eos ("stop") or at the budget ("length").
         assert (r["finish_reason"] == "length") == (r["completion_tokens"] == MAX_NEW)
-    assert result.prompt_tokens == sum(r["prompt_tokens"] for r in rows)
-    assert result.completion_tokens == sum(r["completion_tokens"] for r in rows)
+    assert result.tally.prompt_tokens == sum(r["prompt_tokens"] for r in rows)
+    assert result.tally.completion_tokens == sum(r["completion_tokens"] for r in rows)
     # Two samples of one row are two draws, not one text twice.
     texts = {}
     for r in rows:
@@ -102,7 +102,7 @@ def test_greedy_output_is_what_the_engine_decodes(tmp_path, tiny_model, tokenize
     _, [result] = run_shards(spec)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     source = input_rows(tmp_path / "in" / "prompts.parquet")
-    for r in read(result.data_url).to_pylist():
+    for r in read(result.staged["data"]).to_pylist():
         ids = tokenizer(source[r["id"]]["prompt"]).input_ids
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=0)
@@ -118,7 +118,7 @@ def test_schema_metadata_carries_the_job_facts(tmp_path, tiny_model):
     spec = make_spec(tmp_path, tiny_model)
     facts = {"fingerprint": spec.fingerprint(), "generation": spec.generation.model_dump(mode="json")}
     _, [result] = run_shards(spec, job_facts=facts)
-    metadata = pq.read_schema(result.data_url).metadata
+    metadata = pq.read_schema(result.staged["data"]).metadata
     assert b"bulkgen" in metadata
     # The replica adds the engine that ran.
     import transformers
@@ -139,7 +139,7 @@ def test_include_prompt_adds_the_rendered_prompt(tmp_path, tiny_model):
         output={"include_prompt": True},
     )
     _, [result] = run_shards(spec)
-    table = read(result.data_url)
+    table = read(result.staged["data"])
     assert "prompt" in table.column_names and "topic" not in table.column_names
     source = input_rows(tmp_path / "in" / "prompts.parquet")
     for r in table.to_pylist():
@@ -157,8 +157,8 @@ def test_each_shard_reads_its_own_row_range_with_derived_ids(tmp_path, tiny_mode
     assert [(s.start, s.stop) for s in shards] == [(0, 4), (4, 8), (8, 10)]
     source = list(pq.read_table(tmp_path / "in" / "prompts.parquet").to_pylist())
     for shard, result in zip(shards, results):
-        assert result.data_url.endswith(f"/_staging/{shard.name}/attempt-0-test/data.parquet")
-        rows = read(result.data_url).to_pylist()
+        assert result.staged["data"].endswith(f"/_staging/{shard.name}/attempt-0-test/data.parquet")
+        rows = read(result.staged["data"]).to_pylist()
         assert sorted(r["id"] for r in rows) == sorted(f"prompts.parquet:{i}" for i in range(shard.start, shard.stop))
         for r in rows:
             i = int(r["id"].split(":")[1])
@@ -170,7 +170,7 @@ def test_derived_ids_use_the_path_relative_to_the_input_root(tmp_path, tiny_mode
     write_prompts(tmp_path / "in" / "day=1" / "a.parquet", 2)
     spec = make_spec(tmp_path, tiny_model, input={"id_column": None})
     _, [result] = run_shards(spec)
-    assert sorted(read(result.data_url).column("id").to_pylist()) == ["day=1/a.parquet:0", "day=1/a.parquet:1"]
+    assert sorted(read(result.staged["data"]).column("id").to_pylist()) == ["day=1/a.parquet:0", "day=1/a.parquet:1"]
 
 
 # -- dead letters ---------------------------------------------------------------------------------
@@ -192,11 +192,11 @@ def test_bad_rows_become_typed_dead_letters(tmp_path, tiny_model):
     )
     spec = make_spec(tmp_path, tiny_model, generation={"num_return_sequences": 2, "do_sample": True})
     _, [result] = run_shards(spec)
-    assert (result.samples_ok, result.samples_failed) == (4, 6)
-    assert result.errors_url.endswith("/_staging/part-00000/attempt-0-test/errors.parquet")
-    data = read(result.data_url).to_pylist()
+    assert (result.tally.rows_done, result.tally.rows_failed) == (4, 6)
+    assert result.staged["errors"].endswith("/_staging/part-00000/attempt-0-test/errors.parquet")
+    data = read(result.staged["data"]).to_pylist()
     assert sorted((r["id"], r["sample_index"]) for r in data) == [("ok-1", 0), ("ok-1", 1), ("ok-2", 0), ("ok-2", 1)]
-    errors = read(result.errors_url)
+    errors = read(result.staged["errors"])
     assert errors.column_names[:4] == ["id", "sample_index", "error_code", "error"]
     assert {"prompt", "topic"} <= set(errors.column_names)  # the input row, to inspect or retry
     by_key = {(r["id"], r["sample_index"]): r for r in errors.to_pylist()}
@@ -220,7 +220,7 @@ def test_prompt_near_the_context_gets_only_the_room_left(tmp_path, tiny_model, t
     pq.write_table(pa.table({"id": ["x"], "prompt": [prompt], "topic": ["t"]}), path)
     spec = make_spec(tmp_path, tiny_model, generation={"max_new_tokens": 16})
     _, [result] = run_shards(spec)
-    [row] = read(result.data_url).to_pylist()
+    [row] = read(result.staged["data"]).to_pylist()
     assert row["prompt_tokens"] == n
     assert row["completion_tokens"] <= 128 - n
 
@@ -229,7 +229,7 @@ def test_per_row_max_new_tokens_column(tmp_path, tiny_model):
     write_prompts(tmp_path / "in" / "p.parquet", 4, budget=pa.array([2, None, 5, 100], pa.int32()))
     spec = make_spec(tmp_path, tiny_model, input={"max_new_tokens_column": "budget"})
     _, [result] = run_shards(spec)
-    got = {r["id"]: r for r in read(result.data_url).to_pylist()}
+    got = {r["id"]: r for r in read(result.staged["data"]).to_pylist()}
     limits = {"row-00000": 2, "row-00001": MAX_NEW, "row-00002": 5, "row-00003": MAX_NEW}
     for key, limit in limits.items():
         assert got[key]["completion_tokens"] <= limit
@@ -251,9 +251,9 @@ def test_output_column_names_are_unique(tmp_path, tiny_model, id_column, pass_th
     except ValueError:
         return  # refusing the spec is a fix too
     _, [result] = run_shards(spec)
-    names = pq.read_schema(result.data_url).names
+    names = pq.read_schema(result.staged["data"]).names
     assert len(names) == len(set(names)), names
-    assert read(result.data_url).num_rows == 3
+    assert read(result.staged["data"]).num_rows == 3
 
 
 # -- seeds --------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def test_sampled_text_depends_on_the_row_not_on_its_shard_or_batch(tmp_path, tin
             shards={"rows_per_shard": rows_per_shard}, resources={"batch_size": batch_size},
         )
         _, results = run_shards(spec)
-        return {(r["id"], r["sample_index"]): r["text"] for res in results for r in read(res.data_url).to_pylist()}
+        return {(r["id"], r["sample_index"]): r["text"] for res in results for r in read(res.staged["data"]).to_pylist()}
 
     first = texts(tmp_path / "a", 9, 8)
     assert len(first) == 18
@@ -310,13 +310,13 @@ def test_two_shards_in_flight_at_once_give_the_same_files(tmp_path, tiny_model):
     )
     replica = Replica(spec, {})
     shards = plan(open_dataset(spec.input).files, 4)
-    one_by_one = [read(replica.run(ShardTask(s, "attempt-0-seq")).data_url) for s in shards]
+    one_by_one = [read(replica.run(ShardTask(s, "attempt-0-seq")).staged["data"]) for s in shards]
     # A threaded actor runs up to two shards at once; their sequences share the engine's batch.
     with ThreadPoolExecutor(max_workers=3) as pool:
         together = list(pool.map(lambda s: replica.run(ShardTask(s, "attempt-0-par")), shards))
     for shard, result, expected in zip(shards, together, one_by_one):
         assert result.shard == shard.index
-        assert read(result.data_url).equals(expected)
+        assert read(result.staged["data"]).equals(expected)
 
 
 # -- retrying a committed shard's dead letters ------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_retry_failed_regenerates_dead_letters_and_keeps_the_rest(tmp_path, tiny
     replica = Replica(spec, {})
     [shard] = plan(open_dataset(spec.input).files, 10)
     first = replica.run(ShardTask(shard, "attempt-0-a"))
-    data, errors = read(first.data_url), read(first.errors_url)
+    data, errors = read(first.staged["data"]), read(first.staged["errors"])
     assert sorted(data.column("id").to_pylist()) == ["a", "c", "d"]
     # Commit it as if row "c" had failed for a passing reason (say, out of memory at the time).
     out = tmp_path / "out"
@@ -348,12 +348,12 @@ def test_retry_failed_regenerates_dead_letters_and_keeps_the_rest(tmp_path, tiny
     pq.write_table(failed, out / "errors" / f"{shard.name}.parquet")
 
     again = replica.run(ShardTask(shard, "attempt-1-b", TaskKind.RETRY_FAILED))
-    regenerated = read(again.data_url)
+    regenerated = read(again.staged["data"])
     assert sorted(regenerated.column("id").to_pylist()) == ["a", "c", "d"]
     assert regenerated.sort_by("id").equals(data.sort_by("id"))  # the same text: same seed, same row
-    still = read(again.errors_url).to_pylist()
+    still = read(again.staged["errors"]).to_pylist()
     assert [(r["id"], r["sample_index"], r["error_code"]) for r in still] == [("b", 0, "empty_prompt")]
-    assert (again.samples_ok, again.samples_failed) == (3, 1)
+    assert (again.tally.rows_done, again.tally.rows_failed) == (3, 1)
 
 
 def test_dead_letters_keep_the_reference_and_retry_scores_them(tmp_path, tiny_model):
@@ -368,16 +368,16 @@ def test_dead_letters_keep_the_reference_and_retry_scores_them(tmp_path, tiny_mo
     replica = Replica(spec, {})
     [shard] = plan(open_dataset(spec.input).files, 10)
     first = replica.run(ShardTask(shard, "attempt-0-a"))
-    errors = read(first.errors_url)
+    errors = read(first.staged["errors"])
     assert errors.column("ref").to_pylist() == ["a note"]  # all a retry needs, the reference included
     out = tmp_path / "out"
     (out / "data").mkdir()
     (out / "errors").mkdir()
-    pq.write_table(read(first.data_url), out / "data" / f"{shard.name}.parquet")
+    pq.write_table(read(first.staged["data"]), out / "data" / f"{shard.name}.parquet")
     b_row = {**errors.to_pylist()[0], "prompt": "Write a note"}  # fixed at the source, say
     pq.write_table(pa.Table.from_pylist([b_row], schema=errors.schema), out / "errors" / f"{shard.name}.parquet")
 
-    again = read(replica.run(ShardTask(shard, "attempt-1-b", TaskKind.RETRY_FAILED)).data_url)
+    again = read(replica.run(ShardTask(shard, "attempt-1-b", TaskKind.RETRY_FAILED)).staged["data"])
     scored = {r["id"]: r for r in again.to_pylist()}
     assert sorted(scored) == ["a", "b"] and scored["b"]["ref"] == "a note"
     assert scored["b"]["bleu"] is not None
@@ -398,9 +398,9 @@ def test_a_string_not_utf8_is_one_bad_encoding_dead_letter(tmp_path, tiny_model)
     spec = make_spec(tmp_path, tiny_model)
     _, [result] = run_shards(spec)
 
-    assert (result.samples_ok, result.samples_failed) == (4, 2)
-    assert sorted(r["id"] for r in read(result.data_url).to_pylist()) == ["r0", "r1", "r3", "r5"]
-    errors = {r["id"]: r for r in read(result.errors_url).to_pylist()}
+    assert (result.tally.rows_done, result.tally.rows_failed) == (4, 2)
+    assert sorted(r["id"] for r in read(result.staged["data"]).to_pylist()) == ["r0", "r1", "r3", "r5"]
+    errors = {r["id"]: r for r in read(result.staged["errors"]).to_pylist()}
     assert sorted(errors) == ["r2", "r4"]
     assert {r["error_code"] for r in errors.values()} == {"bad_encoding"}
     assert "column 'prompt'" in errors["r2"]["error"] and "\\xff\\xfe" in errors["r2"]["error"]

@@ -38,7 +38,7 @@ def run_once(spec, attempt: str):
     [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
     result = replica.run(ShardTask(shard, attempt))
     replica.publish_cache(attempt)
-    return result, {r["id"]: r for r in pq.read_table(result.data_url).to_pylist()}
+    return result, {r["id"]: r for r in pq.read_table(result.staged["data"]).to_pylist()}
 
 
 BAD_ENTRIES = [
@@ -61,7 +61,7 @@ def test_an_entry_not_of_the_row_schema_is_a_counted_miss(tmp_path, tiny_model):
         path.write_text(bad)
 
     result, again = run_once(spec, "attempt-1")
-    assert result.samples_cached == ROWS - len(BAD_ENTRIES)
+    assert result.tally.rows_cached == ROWS - len(BAD_ENTRIES)
     assert result.replica["cache_entries_rejected"] == len(BAD_ENTRIES)
     fields = ("text", "finish_reason", "completion_tokens")
     assert {k: tuple(r[f] for f in fields) for k, r in again.items()} == {
@@ -69,7 +69,7 @@ def test_an_entry_not_of_the_row_schema_is_a_counted_miss(tmp_path, tiny_model):
     }
     # The regenerated rows were written back once committed: a third run takes every row.
     result, _ = run_once(spec, "attempt-2")
-    assert (result.samples_cached, result.replica["cache_entries_rejected"]) == (ROWS, 0)
+    assert (result.tally.rows_cached, result.replica["cache_entries_rejected"]) == (ROWS, 0)
 
 
 @pytest.mark.parametrize(
@@ -85,10 +85,10 @@ def test_a_changed_checkpoint_config_misses(tmp_path, tiny_model, name, change):
     spec = cached_spec(tmp_path, model)
     run_once(spec, "attempt-0")
     result, _ = run_once(spec, "attempt-1")
-    assert result.samples_cached == ROWS  # the control: nothing changed, every row hits
+    assert result.tally.rows_cached == ROWS  # the control: nothing changed, every row hits
 
     config = json.loads((model / name).read_text())
     change(config)
     (model / name).write_text(json.dumps(config))
     result, _ = run_once(spec, "attempt-2")
-    assert result.samples_cached == 0
+    assert result.tally.rows_cached == 0

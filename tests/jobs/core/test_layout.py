@@ -18,8 +18,8 @@ def test_paths_of_the_documented_layout():
     assert out.filtered(3) == "filtered/part-00003.parquet"
     assert out.commit(3) == "_commits/part-00003.json"
     assert out.staging(3) == "_staging/part-00003"
-    assert out.staged_data(3, "attempt-1-ab") == "_staging/part-00003/attempt-1-ab/data.parquet"
-    assert out.staged_errors(3, "attempt-1-ab") == "_staging/part-00003/attempt-1-ab/errors.parquet"
+    assert out.staged_file(layout.DATA, 3, "attempt-1-ab") == "_staging/part-00003/attempt-1-ab/data.parquet"
+    assert out.staged_file(layout.ERRORS, 3, "attempt-1-ab") == "_staging/part-00003/attempt-1-ab/errors.parquet"
     assert out.run_log(2) == "_logs/run-2.log"
     # --overwrite deletes what a job writes; the record goes last, since it claims the output.
     assert layout.JOB_ENTRIES[-1] == layout.RECORD

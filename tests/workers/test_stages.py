@@ -1,0 +1,222 @@
+"""The stages a replica chooses from its spec (workers/stages/), what each declares, and the
+tally they count into the ShardResult. In-process, on the tiny model (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.core.plan import plan
+from jobs.core.protocol import TALLY_FIELDS, ShardTask, TaskKind, Tally
+from jobs.core.rows import data_fields, error_fields, filtered_fields
+from jobs.core.spec import spec_from_dict
+from jobs.dataset import open_dataset
+from tests.conftest import job_dict, write_prompts
+from workers.engine import create_engine
+from workers.engine_loop import EngineLoop
+from workers.replica import Replica
+from workers.stages import build_stages
+from workers.stages.work import ShardWork
+
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
+
+ROWS = 6
+CACHE = {"uri": "memory://stages-cache"}
+FILTERS = {"min_completion_tokens": 4, "deduplicate": "exact"}  # exact: within a row, no Ray needed
+EVALUATION = {"reference_column": "reference"}
+
+
+def make_spec(tmp_path, model, **sections):
+    data = job_dict(str(tmp_path / "in"), str(tmp_path / "out"), model, **sections)
+    return spec_from_dict(data)
+
+
+def batch_spec(tmp_path, model, **sections):
+    data = job_dict(str(tmp_path / "in.jsonl"), str(tmp_path / "out"), model, **sections)
+    data["input"] = {"uri": str(tmp_path / "in.jsonl"), "format": "openai-batch"}
+    return spec_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def loop(tiny_model, tmp_path_factory):
+    """One engine for every stage list here: build_stages asks it only for its tokenizer and context."""
+    threads = torch.get_num_threads()
+    spec = make_spec(tmp_path_factory.mktemp("loop"), tiny_model)
+    yield EngineLoop(lambda: create_engine(spec))
+    torch.set_num_threads(threads)
+
+
+def stages_of(spec, loop, kind=TaskKind.PROCESS):
+    return build_stages(spec, loop, {}, loop.engine.describe()).for_task(kind)
+
+
+def names(spec, loop, kind=TaskKind.PROCESS) -> list[str]:
+    return [stage.name for stage in stages_of(spec, loop, kind)]
+
+
+# -- the list ---------------------------------------------------------------------------------------
+
+
+def test_a_plain_job_reads_renders_generates_and_writes(tmp_path, tiny_model, loop):
+    assert names(make_spec(tmp_path, tiny_model), loop) == ["read_parquet", "render", "generate", "write"]
+
+
+def test_the_row_cache_looks_up_before_generating_and_keeps_after_writing(tmp_path, tiny_model, loop):
+    spec = make_spec(tmp_path, tiny_model, cache=CACHE)
+    assert names(spec, loop) == ["read_parquet", "render", "cache_lookup", "generate", "write", "cache_keep"]
+
+
+def test_filters_and_evaluation_are_stages_only_when_asked_for(tmp_path, tiny_model, loop):
+    assert names(make_spec(tmp_path, tiny_model, filters=FILTERS), loop) == [
+        "read_parquet", "render", "generate", "filter", "write"
+    ]  # fmt: skip
+    assert names(make_spec(tmp_path, tiny_model, evaluation=EVALUATION), loop) == [
+        "read_parquet", "render", "generate", "evaluate", "write"
+    ]  # fmt: skip
+
+
+def test_every_feature_on_in_the_order_a_row_travels(tmp_path, tiny_model, loop):
+    spec = make_spec(tmp_path, tiny_model, cache=CACHE, filters=FILTERS, evaluation=EVALUATION)
+    assert names(spec, loop) == [
+        "read_parquet", "render", "cache_lookup", "generate", "filter", "evaluate", "write", "cache_keep"
+    ]  # fmt: skip
+
+
+def test_a_batch_input_has_the_batch_reader_and_its_render(tmp_path, tiny_model, loop):
+    assert names(batch_spec(tmp_path, tiny_model), loop) == ["read_batch", "render_batch", "generate", "write"]
+
+
+def test_retry_failed_reads_the_dead_letters_then_goes_the_same_way(tmp_path, tiny_model, loop):
+    for spec in (make_spec(tmp_path, tiny_model, cache=CACHE, filters=FILTERS), batch_spec(tmp_path, tiny_model)):
+        process, retry = names(spec, loop), names(spec, loop, TaskKind.RETRY_FAILED)
+        assert retry == ["read_dead_letters", *process[1:]]
+    # The same stage objects: the row cache's entries held by one are the ones published.
+    stages = build_stages(make_spec(tmp_path, tiny_model, cache=CACHE), loop, {}, loop.engine.describe())
+    assert stages.for_task(TaskKind.PROCESS)[1:] == stages.for_task(TaskKind.RETRY_FAILED)[1:]
+
+
+# -- what the stages declare -----------------------------------------------------------------------
+
+INPUT = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("topic", pa.string()), ("reference", pa.string())])
+
+
+def _fields(fields) -> list[tuple[str, str]]:
+    return sorted((f.name, str(f.type)) for f in fields)
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {},
+        {"output": {"include_prompt": True}},
+        {"cache": CACHE, "filters": FILTERS},
+        {"evaluation": EVALUATION},
+        {"evaluation": EVALUATION, "input": {"pass_through": ["topic", "reference"]}},
+        {"input": {"id_column": None}, "filters": FILTERS, "evaluation": EVALUATION},
+    ],
+    ids=["plain", "include-prompt", "cache-filters", "evaluation", "reference-passed-through", "derived-id-all"],
+)
+def test_the_declared_columns_are_the_files_schemas(tmp_path, tiny_model, loop, sections):
+    spec = make_spec(tmp_path, tiny_model, **sections)
+    schema = INPUT if spec.input.id_column else INPUT.remove(0)
+    declared = [stage.columns(schema) for stage in stages_of(spec, loop)]
+    data = [f for c in declared for f in c.data]
+    assert _fields(data) == _fields(data_fields(spec, schema))
+    filtered = [f for c in declared for f in c.filtered]
+    if spec.filters is not None:  # filtered/ is written only then
+        assert _fields(data + filtered) == _fields(filtered_fields(spec, schema))
+    else:
+        assert filtered == []
+    assert _fields(f for c in declared for f in c.errors) == _fields(error_fields(spec, schema))
+
+
+def test_the_declared_columns_of_a_batch_input_are_its_files_schemas(tmp_path, tiny_model, loop):
+    from jobs.core.rows import BATCH_FIELDS
+
+    spec, schema = batch_spec(tmp_path, tiny_model), pa.schema(BATCH_FIELDS)
+    declared = [stage.columns(schema) for stage in stages_of(spec, loop)]
+    assert _fields(f for c in declared for f in c.data) == _fields(data_fields(spec, schema))
+    assert _fields(f for c in declared for f in c.errors) == _fields(error_fields(spec, schema))
+
+
+def test_each_counter_is_a_tally_field_counted_by_one_stage(tmp_path, tiny_model, loop):
+    spec = make_spec(tmp_path, tiny_model, cache=CACHE, filters=FILTERS, evaluation=EVALUATION)
+    counters = [name for stage in stages_of(spec, loop) for name in stage.counters]
+    assert sorted(counters) == sorted(TALLY_FIELDS)
+
+
+SHORT = {"input": {"max_new_tokens_column": "budget"}}  # even rows get 2 new tokens: min_completion_tokens drops them
+
+
+def write_input(tmp_path, rows: int = ROWS) -> None:
+    """Prompts with a reference and a budget each, and one row that cannot be rendered (a dead letter)."""
+    budget = pa.array([2 if i % 2 == 0 else 8 for i in range(rows)], pa.int32())
+    references = [f"a note {i}" for i in range(rows)]
+    path = write_prompts(tmp_path / "in" / "p.parquet", rows, reference=references, budget=budget)
+    table = pq.read_table(path)
+    prompts = table.column("prompt").to_pylist()
+    prompts[1] = None
+    pq.write_table(table.set_column(table.schema.get_field_index("prompt"), "prompt", pa.array(prompts)), path)
+
+
+def test_each_stage_adds_only_the_columns_and_counters_it_declares(tmp_path, tiny_model, loop):
+    write_input(tmp_path)
+    spec = make_spec(tmp_path, tiny_model, filters=FILTERS, evaluation=EVALUATION, **SHORT)
+    [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
+    work = ShardWork(ShardTask(shard, "attempt-0-stages"))
+    for stage in stages_of(spec, loop):
+        before = work
+        work = stage.run(before)
+        changed = {name for name in TALLY_FIELDS if getattr(work.tally, name) != getattr(before.tally, name)}
+        assert changed <= set(stage.counters), stage.name
+        declared = {f.name for f in stage.columns(work.input_schema).data}
+        added = {name for g in work.generated.values() for name in g.columns} - {
+            name for g in before.generated.values() for name in g.columns
+        }
+        assert added <= declared, stage.name
+    assert work.tally.rows_filtered > 0 and set(work.staged) == {"data", "errors", "filtered"}
+
+
+# -- the tally in the ShardResult ------------------------------------------------------------------
+
+
+def test_the_tally_counts_what_the_staged_files_hold(tmp_path, tiny_model):
+    write_input(tmp_path)
+    spec = make_spec(
+        tmp_path, tiny_model, cache={"uri": str(tmp_path / "cache")}, filters=FILTERS, evaluation=EVALUATION,
+        generation={"do_sample": True, "num_return_sequences": 2}, **SHORT,
+    )  # fmt: skip
+    [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
+
+    def run(attempt: str):
+        replica = Replica(spec, {})
+        result = replica.run(ShardTask(shard, attempt))
+        files = {kind: pq.read_table(url) for kind, url in result.staged.items()}
+        return replica, result, files
+
+    replica, first, files = run("attempt-0-a")
+    data, errors = files["data"], files["errors"]
+    filtered = files.get("filtered", pa.table({"id": pa.array([], pa.string())}))
+    assert first.tally == Tally(
+        rows_done=data.num_rows,
+        rows_failed=errors.num_rows,
+        rows_filtered=filtered.num_rows,
+        prompt_tokens=sum(data.column("prompt_tokens").to_pylist()),
+        completion_tokens=sum(data.column("completion_tokens").to_pylist()),
+    )
+    assert errors.num_rows == 2  # the row without a prompt, both its samples
+    assert set(filtered.column("filter").to_pylist()) == {"min_completion_tokens"}
+    assert (data.num_rows, filtered.num_rows) == (4, 6)  # rows 3 and 5 (1 has no prompt), rows 0, 2 and 4
+    assert {"bleu", "chrf", "reference"} <= set(data.column_names)
+    # What was generated (filtered rows too) waits for the commit, then enters the cache.
+    assert replica.publish_cache("attempt-0-a") == 2 * (ROWS - 1)
+    assert replica.publish_cache("attempt-0-a") == 0  # published once
+
+    _, again, files = run("attempt-1-b")  # the same rows, now all in the cache
+    assert again.tally == first.tally + Tally(rows_cached=data.num_rows)
+    assert files["data"].equals(data)
+    assert json.loads(pq.read_schema(again.staged["data"]).metadata[b"bulkgen"])["engine"] == "transformers"
