@@ -16,6 +16,12 @@ from tests.tiny_model import save_tiny_model
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray runs its workers (our replicas among them) at nice 15 by default. On a machine shared with
+# busy processes at nice 0, each then gets about 3% of a core, and a test that generates a few
+# shards takes thirty times as long as on a quiet machine: every Ray the tests start (through
+# ray.init, `ray start` or `bulkgen run`, which inherit this) runs its workers at nice 0 instead,
+# so the suite shares the machine instead of waiting for it to be idle.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from jobs.core.rows import data_fields, error_fields, filtered_fields
 from jobs.core.spec import spec_from_dict
 from jobs.dataset import open_dataset
 from tests.conftest import job_dict, write_prompts
-from workers.engine import create_engine
+from workers.engine_factory import create_engine
 from workers.engine_loop import EngineLoop
 from workers.replica import Replica
 from workers.stages import build_stages
