@@ -4,9 +4,9 @@
 
 Each tree is a checkout of bulkgen (e.g. `git worktree add /tmp/before <commit>`);
 AFTER_TREE defaults to this one. Every measurement is a fresh process that runs
-that tree's own code: a bulkgen job (the transformers engine, the cpu preset's
-layout of 2 replicas x 1 thread, batch 32) on the cpu preset's workloads and
-model, through bench/bulkgen_run.py. The trees run in turn, round after round,
+that tree's own code: a bulkgen job on the transformers engine, configured as
+`python -m bench.run` configures it (bench/run.py's bulkgen_config, 2 replicas x
+1 thread), on the cpu preset's workloads and model, through bench/bulkgen_run.py. The trees run in turn, round after round,
 so a machine that slows down part-way slows both. Prints each tree's median
 steady-state and end-to-end tokens/s per workload, the after/before ratio, and
 the spread of the rounds: a ratio inside that spread is noise.
@@ -29,15 +29,15 @@ WORKLOADS = ("long-tail", "uniform")
 _MEASURE = """
 import json, sys
 from pathlib import Path
-from bench.bulkgen_run import BulkgenConfig, run_bulkgen
+from bench.bulkgen_run import run_bulkgen
 from bench.model import load_model
 from bench.presets import CPU
+from bench.run import bulkgen_config
 from bench.workloads import long_tail, uniform
 model_dir, work, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 _, tokenizer = load_model(model_dir)
 wl = long_tail(tokenizer, CPU.long_tail_rows) if name == "long-tail" else uniform(tokenizer, *CPU.uniform)
-cfg = BulkgenConfig(replicas=2, torch_threads=1, batch_size=32, max_batch_tokens=None, rows_per_shard=None)
-r = run_bulkgen(wl, model_dir, work, cfg)
+r = run_bulkgen(wl, model_dir, work, bulkgen_config(CPU, wl, replicas=2, threads=1, engine="transformers"))
 print("RESULT " + json.dumps({"steady": r.tokens_per_s, "end_to_end": r.completion_tokens / r.end_to_end_seconds}))
 """
 
