@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -154,7 +153,7 @@ def check_engine(spec: JobSpec) -> None:
         raise ModelError(f"model.engine_options.{owned[0]}: set {_SPEC_OWNS[owned[0]]} in the spec instead")
     if not m.engine_options:
         return
-    if importlib.util.find_spec("vllm") is None:
+    if not vllm_support.installed():
         log.warning("vLLM is not installed here: model.engine_options are checked by the replicas")
         return
     import dataclasses

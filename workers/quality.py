@@ -6,7 +6,7 @@ ROUGE-1/2/L F-measures) against the input's `evaluation.reference_column`; the
 report aggregates them. Filters send a sequence to filtered/ with the filter's
 name instead of data/: never silently away. They run in order: the per-sequence
 rules, then duplicates among a row's own samples, then duplicates across the job
-(jobs/core/dedupe.py's index, shared by the replicas).
+(jobs/dedupe_index.py, shared by the replicas).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class Filter(Stage):
 
 
 def _job_index(spec: JobSpec):
-    """The run's index of sequences for filters.deduplicate across the job (jobs/core/dedupe.py),
+    """The run's index of sequences for filters.deduplicate across the job (jobs/dedupe_index.py),
     which the driver starts; None outside Ray (a bare Replica: duplicates within a row only)."""
     import ray
 
