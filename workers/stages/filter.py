@@ -41,10 +41,13 @@ class Filter(Stage):
 
 def _job_index(spec: JobSpec):
     """The run's index of sequences for filters.deduplicate across the job (jobs/dedupe_index.py),
-    which the driver starts; None outside Ray (a bare Replica: duplicates within a row only)."""
+    which the driver starts before its replica actors; None outside a Ray actor (a bare Replica
+    in a script or a test, even where that process has joined Ray: duplicates within a row only)."""
     import ray
 
     if spec.filters.deduplicate == "none" or not ray.is_initialized():
+        return None
+    if ray.get_runtime_context().get_actor_id() is None:  # not the replica actor the driver started
         return None
     return _JobIndex(ray.get_actor(index_name(spec.fingerprint())))
 
