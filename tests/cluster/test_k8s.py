@@ -27,6 +27,7 @@ from jobs import k8s
 from jobs.cli import main
 from jobs.core.spec import spec_from_dict
 from tests.conftest import REPO, job_dict, write_job
+from tests.test_packaging import packaged
 
 K8S_VERSION = "1.30"  # the oldest Kubernetes that KubeRay 1.6 supports well; its schemas ship in kubernetes-validate
 
@@ -361,8 +362,8 @@ def test_dockerfile_pins_agree_with_pyproject():
 def test_dockerignore_keeps_what_the_install_needs():
     kept = {line[1:].rstrip("/") for line in (REPO / "cluster/Dockerfile.dockerignore").read_text().splitlines()
             if line.startswith("!")}
-    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert {package.split(".")[0] for package in setuptools["packages"]} | {"pyproject.toml", "README.md"} <= kept
+    packages = packaged(tomllib.loads((REPO / "pyproject.toml").read_text()))
+    assert {package.split(".")[0] for package in packages} | {"pyproject.toml", "README.md"} <= kept
 
 
 def launcher_config() -> dict:
