@@ -2,7 +2,7 @@
 
     claim the output            jobs/output.py open_output, jobs/claim.py
     validate input and model    jobs/validate.py check_input_and_model
-    plan (or re-read the plan)  jobs/core/plan.py via the pinned InputSnapshot
+    plan (or re-read the plan)  jobs/snapshot.py, jobs/core/plan.py
     join Ray, plan replicas     jobs/ray_connection.py, jobs/replica_plan.py
     dispatch shards             jobs/dispatch.py, jobs/scheduler.py
     commit each done shard      jobs/commit_listener.py
