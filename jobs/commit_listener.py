@@ -54,7 +54,7 @@ class CommitListener:
     # -- the dispatch loop's events ------------------------------------------------
 
     def tick(self) -> None:
-        self.record.counts.shards_retried = self.retried_before + self.scheduler.retried
+        self.count_retries()
         self.keeper.save(every=HEARTBEAT_S)
         driver_metrics.progress(self.spec, self.record, self.scheduler)
         self.run_log.copy(every=COPY_EVERY_S)
@@ -99,6 +99,10 @@ class CommitListener:
 
     def recount(self) -> None:
         count_committed(self.record, self.commits)
+        self.count_retries()
+
+    def count_retries(self) -> None:
+        """Shards retried over the job's runs: the earlier runs' and this one's so far."""
         self.record.counts.shards_retried = self.retried_before + self.scheduler.retried
 
     def keep_replica_counters(self, result: ShardResult) -> None:
