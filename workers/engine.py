@@ -16,6 +16,12 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from jobs.core.spec import GenerationSpec
+    from jobs.core.structured import Structured
+
+# Greedy decoding in float32: both engines' per-token logprobs agree within this (README,
+# "Log-probabilities"); in bf16/fp16 the kernels differ more and tokens may diverge.
+LOGPROB_TOLERANCE = 1e-3
+TopLogprobs = tuple[tuple[int, float], ...]  # one step's (token id, logprob), most likely first, finite only
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,9 @@ class Request:
     # This sequence's own sampling (a batch request's temperature, top_p, stop, ...);
     # None: the engine's job-wide parameters.
     params: SamplingParams | None = None
+    structured: Structured | None = None  # the completion must satisfy it (generation.structured)
+    logprobs: int | None = None  # None: none; 0: the chosen tokens' logprobs; K: and each step's top K
+    adapter: str | None = None  # one of the job's adapters (model.adapters); None: the base model
 
 
 @dataclass(frozen=True)
@@ -59,8 +68,10 @@ class Completion:
     key: object
     token_ids: tuple[int, ...]  # generated tokens, end-of-sequence token excluded
     text: str
-    finish_reason: str  # "stop" (eos or stop string) | "length" | "error"
+    finish_reason: str  # "stop" (eos, stop string or a complete grammar) | "length" | "error"
     error: str | None = None  # why this one sequence could not be generated
+    token_logprobs: tuple[float, ...] | None = None  # one per token_ids entry, when the request asked
+    top_logprobs: tuple[TopLogprobs, ...] | None = None  # one per token_ids entry, when it asked for K > 0
 
 
 def completion_text(tokenizer, token_ids, stop: tuple[str, ...]) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.engine import Request
+from workers.engine import Request, TopLogprobs
 
 
 @dataclass
@@ -25,6 +25,9 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # generated so far
     ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
     finish_reason: str | None = None
+    matcher: object | None = None  # the request's grammar state (an llguidance matcher), when it is constrained
+    token_logprobs: list[float] = field(default_factory=list)  # per generated token, when the request asked
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
 
     @property
     def final_width(self) -> int:

@@ -21,6 +21,18 @@ def _params(r: Request) -> dict | None:
     return dataclasses.asdict(params) if params is not None else None
 
 
+def _request_extra(r: Request) -> dict:
+    """What a request asks beyond its sampling parameters, for its key (empty: nothing)."""
+    return {}
+
+
+def _needs(r: Request) -> frozenset[str]:
+    """What an entry must hold for this request, beyond what the stages need."""
+    if r.logprobs is None:
+        return frozenset()
+    return frozenset({"token_logprobs", "top_logprobs"} if r.logprobs else {"token_logprobs"})
+
+
 HELD_ATTEMPTS = 64  # attempts whose commit may still come; older ones were never committed
 MODEL_IDENTITY = ("path", "revision", "weights_sha256")  # of the record's model facts
 
@@ -48,30 +60,37 @@ class ReplicaCache:
     def keys(self, requests: list[Request], stride: int) -> dict[object, str]:
         """Each request's cache key (request key = row * stride + sample index)."""
         return {
-            r.key: sequence_key(self.context, r.prompt_ids, r.seed, r.key % stride, r.max_new_tokens, _params(r))
+            r.key: sequence_key(
+                self.context, r.prompt_ids, r.seed, r.key % stride, r.max_new_tokens, _params(r), _request_extra(r)
+            )
             for r in requests
         }
 
-    def lookup(self, keys: dict[object, str], limits: dict[object, int]) -> dict[object, Entry]:
-        """The cached sequences among `keys` (request key -> cache key), by request key;
-        `limits`: each request's max_new_tokens. A cache that cannot be read is a miss, never
-        a failed shard; so is an entry that is not of the row schema (counted in `rejected`)."""
+    def lookup(self, keys: dict[object, str], requests: list[Request], needs: frozenset[str]) -> dict[object, Entry]:
+        """The cached sequences among `keys` (request key -> cache key), by request key; an entry
+        counts when it fits its request's max_new_tokens and holds what the stages `need` and the
+        request asks. A cache that cannot be read is a miss, never a failed shard; so is an entry
+        that is not of the row schema (counted in `rejected`)."""
         try:
             found = self.cache.read_many(keys.values())
         except Exception as e:
             log.warning("cannot read the row cache at %s (%s); generating every row", self.cache.uri, e)
             return {}
         entries, rejected = {}, {}
-        for request, key in keys.items():
+        for r in requests:
+            key = keys[r.key]
             if key not in found:
                 continue
             try:
                 entry = Entry.from_bytes(found[key])
-                if not entry.fits(limits[request]):
-                    raise ValueError(f"completion_tokens {entry.completion_tokens} > max_new_tokens {limits[request]}")
-                entries[request] = entry
             except ValueError as e:
                 rejected[key] = e
+                continue
+            if entry.completion_tokens > r.max_new_tokens:
+                rejected[key] = ValueError(f"completion_tokens {entry.completion_tokens} > max_new_tokens {r.max_new_tokens}")
+            elif entry.fits(r.max_new_tokens, needs | _needs(r)):
+                entries[r.key] = entry
+            # else: an entry of a job that kept less (token ids, logprobs): a plain miss, written again
         if rejected:
             self.rejected += len(rejected)
             key, why = next(iter(rejected.items()))

@@ -181,7 +181,7 @@ class TransformersEngine:
             sequences=len(chunk),
             prompts=lambda: "\n".join(self.tokenizer.decode(list(r.prompt_ids)) for r in chunk),
         )
-        rows = [Row(r, sampling.generator(r.seed, self.device)) for r in chunk]
+        rows = [Row(r, sampling.generator(r.seed, self.device), matcher=self._matcher(r)) for r in chunk]
         for row in rows:
             sampling.index_ngrams(row.ngrams, list(row.request.prompt_ids), self.params.no_repeat_ngram_size)
         # (B, T) left-padded so the last column is every row's newest token.
@@ -210,6 +210,7 @@ class TransformersEngine:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **self._forward_kwargs(rows),
         )
         self.counters["forward_tokens"] += int(mask.sum())
         self.counters["padded_tokens"] += mask.numel()
@@ -231,6 +232,7 @@ class TransformersEngine:
             position_ids=b.next_pos[:, None],
             past_key_values=b.cache,
             use_cache=True,
+            **self._forward_kwargs(b.rows),
         )
         self.counters["steps"] += 1
         self.counters["forward_tokens"] += len(b.rows)
@@ -239,11 +241,15 @@ class TransformersEngine:
         self.running = self._sample_and_retire(b, out.logits[:, -1, :].float(), finished)
 
     def _sample_and_retire(self, b: Batch, logits: torch.Tensor, finished: list[Completion]) -> Batch | None:
-        """Pick every row's next token; finished rows leave the batch (no more compute on them)."""
+        """Pick every row's next token; finished rows leave the batch (no more compute on them).
+        The order is fixed: the grammar masks the logits, logprobs are read from what it
+        allows (vLLM's raw_logprobs), then penalties and sampling choose."""
+        self._constrain(b.rows, logits)
+        scores = self._scores(b.rows, logits)  # (B, V) log-probabilities, or None
         tokens = sampling.next_tokens(self.params, logits, b.rows, b.seen)  # (B,)
         keep = []
         for i, (row, tok) in enumerate(zip(b.rows, tokens.tolist())):
-            self._append(row, tok)
+            self._append(row, tok, None if scores is None else scores[i])
             if row.finish_reason is None:
                 keep.append(i)
             else:
@@ -255,11 +261,12 @@ class TransformersEngine:
             b.keep(keep, trim=self.splice)
         return b
 
-    def _append(self, row: Row, token: int) -> None:
+    def _append(self, row: Row, token: int, scores: torch.Tensor | None) -> None:
         if token in self.eos_ids:
             row.finish_reason = "stop"
             return
         row.tokens.append(token)
+        self._note(row, token, scores)
         sampling.note_ngram(row, self.params.no_repeat_ngram_size)
         stop = (row.request.params or self.params).stop
         if stop:
@@ -270,11 +277,47 @@ class TransformersEngine:
                 return
         if len(row.tokens) >= row.request.max_new_tokens:
             row.finish_reason = "length"
+            return
+        # As vLLM: a grammar completed on the last allowed token still reports "length".
+        if self._grammar_done(row, token):
+            row.finish_reason = "stop"
+
+    # -- hooks of the optional features (off: they do nothing) ----------------------------
+
+    def _matcher(self, request: Request) -> object | None:
+        """The grammar state of a constrained request (structured output)."""
+        return None
+
+    def _forward_kwargs(self, rows: list[Row]) -> dict:
+        """Extra arguments of a forward over `rows` (the adapters' per-row names)."""
+        return {}
+
+    def _constrain(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Mask, in place, what each constrained row's grammar does not allow next."""
+
+    def _scores(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor | None:
+        """(B, V) log-probabilities, when any row asked for logprobs."""
+        return None
+
+    def _note(self, row: Row, token: int, scores: torch.Tensor | None) -> None:
+        """Keep the chosen token's logprob (and the step's top K) for a row that asked."""
+
+    def _grammar_done(self, row: Row, token: int) -> bool:
+        """Feed the chosen token to the row's grammar; whether the grammar is complete."""
+        return False
 
     def _completion(self, row: Row) -> Completion:
         self.counters["generated_tokens"] += len(row.tokens)
         text = completion_text(self.tokenizer, row.tokens, (row.request.params or self.params).stop)
-        return Completion(row.request.key, tuple(row.tokens), text, row.finish_reason or "length")
+        asked = row.request.logprobs
+        return Completion(
+            row.request.key,
+            tuple(row.tokens),
+            text,
+            row.finish_reason or "length",
+            token_logprobs=tuple(row.token_logprobs) if asked is not None else None,
+            top_logprobs=tuple(row.top_logprobs) if asked else None,
+        )
 
     # -- failures ----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@
     model         what both sides read of a model before its weights: tokenizer, config
     vllm_support  whether the vLLM engine can run a spec
     cache         the row cache's keys, layout and entry
+    structured    what a sequence's text must satisfy (a schema, a regex, choices)
     dedupe        a sequence's fingerprint and the name of the job's duplicate index
     metrics       the Prometheus series, defined once for the driver, replicas and dashboard
     faults        the named fault-injection points tests trip

@@ -12,7 +12,8 @@ holds as without a cache.
 Layout, content-addressed and append-only (delete any part of it at any time:
 a missing entry is only a miss):
 
-    <cache.uri>/v1/<key[:2]>/<key>.json   {"text", "finish_reason", "completion_tokens"}
+    <cache.uri>/v1/<key[:2]>/<key>.json   {"text", "finish_reason", "completion_tokens",
+                                           "token_ids", and where asked "token_logprobs", "top_logprobs"}
 
 The key is a SHA-256 over everything that decides a sequence's text:
 
@@ -20,6 +21,7 @@ The key is a SHA-256 over everything that decides a sequence's text:
 - its sampling seed (row_seed of the job seed, row id and sample index) and sample index;
 - the sampling parameters (do_sample, temperature, top_p, top_k, repetition_penalty,
   no_repeat_ngram_size, stop), the job's or a batch request's own;
+- what the request asks beyond them (its grammar, its logprobs, its adapter), where it asks;
 - the model: path, revision, the weights' SHA-256 (a local checkpoint) or the hub
   commit it resolved to, a hash of a local checkpoint's config.json,
   generation_config.json and code files (rope_theta, a default sampling
@@ -37,13 +39,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 VERSION = "v1"
 # Generation fields that are per sequence (in the key on their own) or decide no text.
-_NOT_CONTEXT = ("seed", "max_new_tokens", "num_return_sequences")
+# (structured, logprobs and top_logprobs go into each sequence's key, as its request's own; reasoning
+# changes no generated token.) So adding one of them keeps every existing job's keys.
+_NOT_CONTEXT = ("seed", "max_new_tokens", "num_return_sequences", "structured", "logprobs", "top_logprobs", "reasoning")
 _TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template", "spiece")
 # A checkpoint's files besides weights and tokenizer that decide its text: the architecture
 # (rope_theta, ...), its default generation settings, and code it ships (trust_remote_code).
@@ -57,9 +62,14 @@ class Entry:
     text: str
     finish_reason: str  # stop | length
     completion_tokens: int
+    # Written when known; an entry written without them (by an older bulkgen) is a miss for
+    # a stage that needs them (fits).
+    token_ids: tuple[int, ...] | None = None
+    token_logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Entry:
@@ -76,11 +86,36 @@ class Entry:
             raise ValueError(f"finish_reason is {reason!r}, not one of {FINISH_REASONS}")
         if type(tokens) is not int or tokens < 0:
             raise ValueError(f"completion_tokens is {tokens!r}, not an integer >= 0")
-        return cls(text, reason, tokens)
+        ids, logprobs, top = doc.get("token_ids"), doc.get("token_logprobs"), doc.get("top_logprobs")
+        if ids is not None:
+            ids = _per_token("token_ids", ids, tokens, lambda x: type(x) is int and x >= 0)
+        if logprobs is not None:
+            logprobs = _per_token("token_logprobs", logprobs, tokens, _is_logprob)
+        if top is not None:
+            top = _per_token("top_logprobs", top, tokens, _is_top_list)
+            top = tuple(tuple((t, float(p)) for t, p in step) for step in top)
+        return cls(text, reason, tokens, ids, tuple(map(float, logprobs)) if logprobs is not None else None, top)
 
-    def fits(self, max_new_tokens: int) -> bool:
-        """Whether the sequence this entry stands for could have been generated within its limit."""
-        return self.completion_tokens <= max_new_tokens
+    def fits(self, max_new_tokens: int, needs: frozenset[str] = frozenset()) -> bool:
+        """Whether the sequence this entry stands for could have been generated within its limit,
+        and the entry has every field in `needs`."""
+        return self.completion_tokens <= max_new_tokens and all(getattr(self, f) is not None for f in needs)
+
+
+def _per_token(name: str, values, tokens: int, valid) -> tuple:
+    if not isinstance(values, list) or len(values) != tokens or not all(valid(v) for v in values):
+        raise ValueError(f"{name} is not a list of {tokens} values of its kind (one per completion token)")
+    return tuple(values)
+
+
+def _is_logprob(x) -> bool:
+    return type(x) in (int, float) and x <= 0 and math.isfinite(x)
+
+
+def _is_top_list(step) -> bool:
+    return isinstance(step, list) and all(
+        isinstance(p, list) and len(p) == 2 and type(p[0]) is int and _is_logprob(p[1]) for p in step
+    )
 
 
 def context_digest(model: dict, tokenizer: dict, engine: dict, generation: dict) -> str:
@@ -96,12 +131,22 @@ def context_digest(model: dict, tokenizer: dict, engine: dict, generation: dict)
 
 
 def sequence_key(
-    context: str, prompt_ids, seed: int, sample_index: int, max_new_tokens: int, params: dict | None = None
+    context: str,
+    prompt_ids,
+    seed: int,
+    sample_index: int,
+    max_new_tokens: int,
+    params: dict | None = None,
+    request: dict | None = None,
 ) -> str:
-    """`params`: the sequence's own sampling parameters, where they differ from the job's (a batch request's)."""
+    """`params`: the sequence's own sampling parameters, where they differ from the job's (a batch request's);
+    `request`: what the request asks beyond them (grammar, logprobs, adapter). Neither is hashed when
+    absent, so a plain sequence's key is what it always was."""
     doc = [context, list(prompt_ids), seed, sample_index, max_new_tokens]
     if params is not None:
         doc.append(params)
+    if request:
+        doc.append({"request": request})  # a params dict never has this one key
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
 
 

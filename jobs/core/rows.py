@@ -48,6 +48,23 @@ ERROR_FIELDS = (
 # evaluation: sentence scores against the row's reference (sacreBLEU, rouge-score F-measures).
 EVALUATION_FIELDS = [pa.field(name, pa.float64()) for name in ("bleu", "chrf", "rouge1", "rouge2", "rougeL")]
 FILTER = pa.field("filter", pa.string())  # filtered/: the filter that dropped the row
+# generation.reasoning: the thinking (null when there was none) and, of completion_tokens, those up to the end tag.
+REASONING = pa.field("reasoning", pa.string())
+REASONING_TOKENS = pa.field("reasoning_tokens", pa.int32())
+# generation.structured: the constraint's kind (json_schema | json_object | regex | choice; null: none), and
+# for the JSON kinds whether text parses as JSON (null otherwise).
+STRUCTURED = pa.field("structured", pa.string())
+JSON_PARSED = pa.field("json_parsed", pa.bool_())
+# generation.logprobs: per generated token (end-of-sequence excluded) its id, its logprob and, with
+# top_logprobs K, the step's K most likely tokens, most likely first; and the sum over the sequence.
+TOP_LOGPROB = pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])
+TOKEN_IDS = pa.field("token_ids", pa.list_(pa.int32()))
+TOKEN_LOGPROBS = pa.field("token_logprobs", pa.list_(pa.float32()))
+TOP_LOGPROBS = pa.field("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB)))
+LOGPROB_SUM = pa.field("logprob_sum", pa.float64())
+ADAPTER = pa.field("adapter", pa.string())  # model.adapters: the row's adapter; null: the base model
+# Columns every job writes (the features' columns above are written only when on, and a clash
+# with one of them is refused with the rest, JobSpec._output_columns_unique).
 WRITTEN_COLUMNS = frozenset(f.name for f in (*GENERATED, PROMPT, *ERROR_FIELDS, *EVALUATION_FIELDS, FILTER))
 
 OPENAI_BATCH = "openai-batch"  # the value of input.format and output.format (jobs/core/spec.py)

@@ -19,15 +19,26 @@ from workers.stages.work import Generated, ShardWork
 class CacheLookup(Stage):
     name = "cache_lookup"
 
-    def __init__(self, cache: ReplicaCache):
+    def __init__(self, cache: ReplicaCache, needs: frozenset[str] = frozenset()):
         self.cache = cache
+        self.needs = needs  # what the stages after generation read of a sequence: an entry without it is a miss
 
     def run(self, work: ShardWork) -> ShardWork:
         keys = self.cache.keys(work.requests, work.stride)
-        found = self.cache.lookup(keys, {r.key: r.max_new_tokens for r in work.requests})
-        hits = {key: Generated(e.text, e.finish_reason, e.completion_tokens, cached=True) for key, e in found.items()}
-        misses = [r for r in work.requests if r.key not in found]
-        return replace(work, requests=misses, generated={**work.generated, **hits})
+        found = self.cache.lookup(keys, work.requests, self.needs)
+        hits = {
+            key: Generated(
+                e.text,
+                e.finish_reason,
+                e.completion_tokens,
+                cached=True,
+                token_ids=e.token_ids or (),
+                token_logprobs=e.token_logprobs,
+                top_logprobs=e.top_logprobs,
+            )
+            for key, e in found.items()
+        }
+        return replace(work, generated={**work.generated, **hits})
 
     def stats(self) -> dict:
         # Cache entries this replica found unusable and regenerated.
@@ -41,13 +52,23 @@ class CacheKeep(Stage):
         self.cache = cache
 
     def run(self, work: ShardWork) -> ShardWork:
-        # work.requests are the ones generated: the lookup removed the hits.
-        keys = self.cache.keys(work.requests, work.stride)
-        fresh = {keys[key]: Entry(g.text, g.finish_reason, g.completion_tokens)
-                 for key, g in work.generated.items() if key in keys}  # fmt: skip
+        generated = [r for r in work.requests if r.key in work.generated and not work.generated[r.key].cached]
+        keys = self.cache.keys(generated, work.stride)
+        fresh = {keys[key]: _entry(work.generated[key]) for key in keys}
         if fresh:
             self.cache.hold(work.task.attempt, fresh)
         return work
 
     def publish(self, attempt: str) -> int:
         return self.cache.publish(attempt)
+
+
+def _entry(g: Generated) -> Entry:
+    return Entry(
+        g.text,
+        g.finish_reason,
+        g.completion_tokens,
+        token_ids=g.token_ids,
+        token_logprobs=g.token_logprobs,
+        top_logprobs=g.top_logprobs,
+    )

@@ -29,11 +29,19 @@ class Generate(Stage):
 
     def run(self, work: ShardWork) -> ShardWork:
         generated, errors = dict(work.generated), dict(work.sequence_errors)
-        for c in self.loop.generate(work.requests):
+        to_generate = [r for r in work.requests if r.key not in work.generated]  # the row cache's hits are in
+        for c in self.loop.generate(to_generate):
             if c.error is not None:
                 errors[c.key] = RowError(GENERATION_ERROR, c.error)
             else:
-                generated[c.key] = Generated(c.text, c.finish_reason, len(c.token_ids))
+                generated[c.key] = Generated(
+                    c.text,
+                    c.finish_reason,
+                    len(c.token_ids),
+                    token_ids=c.token_ids,
+                    token_logprobs=c.token_logprobs,
+                    top_logprobs=c.top_logprobs,
+                )
         return replace(work, generated=generated, sequence_errors=errors)
 
     def stats(self) -> dict:

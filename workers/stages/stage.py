@@ -28,6 +28,9 @@ class Columns:
 class Stage:
     name: str  # in the stage list: what tests and logs call it
     counters: tuple[str, ...] = ()  # the Tally fields (jobs/core/protocol.py) it adds to
+    # What it reads of a sequence besides its text (Generated fields: token_ids): a row-cache
+    # entry without them is a miss.
+    needs: frozenset[str] = frozenset()
 
     def columns(self, input_schema: pa.Schema) -> Columns:
         """The output columns it adds, given the input columns' types."""

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from jobs.core.prompts import RowError
 from jobs.core.protocol import ShardTask, Tally
-from workers.engine import Request
+from workers.engine import Request, TopLogprobs
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ class Generated:
     cached: bool = False  # the row cache gave it
     columns: dict = field(default_factory=dict)  # values of the output columns later stages add (scores), by name
     dropped_by: str | None = None  # the filter that sends it to filtered/
+    token_ids: tuple[int, ...] = ()  # generated tokens, end-of-sequence excluded (a stage's `needs`)
+    token_logprobs: tuple[float, ...] | None = None  # per token, when its request asked
+    top_logprobs: tuple[TopLogprobs, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,14 @@ class ShardWork:
     ids: list = field(default_factory=list)
     samples: list = field(default_factory=list)  # per row: its sample indices (a range, or retry-failed's list)
     committed_data: pa.Table | None = None  # retry-failed: the shard's committed data rows, which stay
-    # Render: each row's prompt, and the requests for the sequences still to generate
-    # (the row cache removes those it has).
+    # Render: each row's prompt, and a request for every sequence to generate; the stages
+    # before generate add to them (an adapter, a grammar, logprobs), the row cache adds
+    # its hits to `generated`, and generate runs the requests not in `generated`.
     prompts: dict[int, Prompt] = field(default_factory=dict)  # by row index
     requests: list[Request] = field(default_factory=list)
     generated: dict[int, Generated] = field(default_factory=dict)  # by request key
+    row_columns: dict[int, dict] = field(default_factory=dict)  # by row index: output values set before
+    # generation (the row's adapter), which the write stage adds to each of the row's samples
     # Dead letters: a row's error stands for all its samples (read, render); a sequence's for itself (generate).
     row_errors: dict[int, RowError] = field(default_factory=dict)  # by row index
     sequence_errors: dict[int, RowError] = field(default_factory=dict)  # by request key
@@ -71,6 +77,14 @@ class ShardWork:
     def key(self, row: int, sample_index: int) -> int:
         """A sequence's request key."""
         return row * self.stride + sample_index
+
+    @cached_property
+    def _requests_by_key(self) -> dict[int, Request]:
+        return {r.key: r for r in self.requests}
+
+    def asked(self, key: int) -> Request:
+        """The request of the sequence `key`."""
+        return self._requests_by_key[key]
 
     def each_sample(self) -> Iterator[tuple[int, int, int]]:
         """(row index, sample index, request key) of every sequence of the shard, in output order."""

@@ -58,6 +58,7 @@ class Write(Stage):
                 completion_tokens=g.completion_tokens,
                 prompt=prompt.text,
                 **g.columns,
+                **work.row_columns.get(i, {}),
             )
             if g.dropped_by is None:
                 out.add(id=row_id, row=row, **values)
