@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from jobs.core import vllm_support
+from jobs.core import reasoning, vllm_support
 from jobs.core.errors import ModelError
 from jobs.core.model import context_length
 from jobs.core.spec import JobSpec
@@ -68,6 +68,18 @@ def check_tokenizer(spec: JobSpec, tokenizer) -> None:
         raise ModelError(
             f"input.messages_column is set but the tokenizer of {spec.model.path!r} has no chat template; "
             "use prompt_column or prompt_template, or a chat model"
+        )
+
+
+def check_reasoning(spec: JobSpec, tokenizer) -> None:
+    """`generation.reasoning: auto` needs tags the tokenizer shows; each replica resolves the same ones."""
+    if spec.generation.reasoning != "auto":
+        return
+    if reasoning.resolve(getattr(tokenizer, "chat_template", None), tokenizer.get_vocab()) is None:
+        raise ModelError(
+            f"generation.reasoning is auto, but the tokenizer of {spec.model.tokenizer or spec.model.path!r} shows no "
+            f"thinking tags (looked for {reasoning.describe_known()} in its chat template and vocabulary); "
+            "give them as {start, end} or set reasoning: off"
         )
 
 
