@@ -73,14 +73,8 @@ def check_tokenizer(spec: JobSpec, tokenizer) -> None:
 
 def check_reasoning(spec: JobSpec, tokenizer) -> None:
     """`generation.reasoning: auto` needs tags the tokenizer shows; each replica resolves the same ones."""
-    if spec.generation.reasoning != "auto":
-        return
-    if reasoning.resolve(getattr(tokenizer, "chat_template", None), tokenizer.get_vocab()) is None:
-        raise ModelError(
-            f"generation.reasoning is auto, but the tokenizer of {spec.model.tokenizer or spec.model.path!r} shows no "
-            f"thinking tags (looked for {reasoning.describe_known()} in its chat template and vocabulary); "
-            "give them as {start, end} or set reasoning: off"
-        )
+    if spec.generation.reasoning == "auto":
+        reasoning.job_tags("auto", spec.model, tokenizer)  # raises ModelError naming what it looked for
 
 
 def model_identity(spec: JobSpec) -> dict:

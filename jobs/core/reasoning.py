@@ -14,6 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from jobs.core.errors import ModelError
+
+if TYPE_CHECKING:
+    from jobs.core.spec import ModelSpec, ReasoningTags
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,20 @@ def resolve(chat_template: str | Mapping[str, str] | None, vocab: Mapping[str, i
     return None
 
 
-def describe_known() -> str:
-    """The known pairs as a message lists them: <think>…</think>, ..."""
-    return ", ".join(f"{t.start}…{t.end}" for t in KNOWN_TAGS)
+def job_tags(setting: ReasoningTags | str, model: ModelSpec, tokenizer) -> Tags:
+    """The tags of a job whose generation.reasoning is `setting` (not off): those it gives, or for
+    `auto` those the tokenizer shows. Validation and every replica ask, of the same tokenizer files."""
+    if setting != "auto":
+        return Tags(setting.start, setting.end)
+    tags = resolve(getattr(tokenizer, "chat_template", None), tokenizer.get_vocab())
+    if tags is None:
+        known = ", ".join(f"{t.start}…{t.end}" for t in KNOWN_TAGS)
+        raise ModelError(
+            f"generation.reasoning is auto, but the tokenizer of {model.tokenizer or model.path!r} shows no "
+            f"thinking tags (looked for {known} in its chat template and vocabulary); "
+            "give them as {start, end} or set reasoning: off"
+        )
+    return tags
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.core.reasoning import KNOWN_TAGS, Split, TagIds, Tags, resolve, split
+from jobs.core.errors import ModelError
+from jobs.core.reasoning import KNOWN_TAGS, Split, TagIds, Tags, job_tags, resolve, split
+from jobs.core.spec import ModelSpec, ReasoningTags
 from tests.tiny_model import CHAT_TEMPLATE, THINKING_TEMPLATE, build_tokenizer
 
 THINK = Tags("<think>", "</think>")
@@ -69,6 +71,14 @@ def test_auto_finds_nothing_in_a_plain_tokenizer():
     plain = build_tokenizer()
     assert resolve(plain.chat_template, plain.get_vocab()) is None
     assert resolve(None, {"</think>": 1}) is None  # half a pair is no pair
+
+
+def test_a_job_takes_the_tags_it_gives_or_those_auto_finds(tokenizer):
+    model = ModelSpec(path="/models/m")
+    assert job_tags(ReasoningTags(start="<a>", end="</a>"), model, tokenizer) == Tags("<a>", "</a>")
+    assert job_tags("auto", model, tokenizer) == THINK
+    with pytest.raises(ModelError, match=r"auto, but the tokenizer of '/models/m' shows no thinking tags \(looked for <think>…</think>, "):
+        job_tags("auto", model, build_tokenizer())
 
 
 def test_tag_ids_are_single_tokens_only(tokenizer):
