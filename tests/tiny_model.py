@@ -81,7 +81,8 @@ def save_thinking_model(path: Path) -> Path:
     eos = tokenizer.eos_token_id
     sequences = []
     for prompt, (thinking, answer) in THINKING_ANSWERS.items():
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        chat = [{"role": "user", "content": prompt}]
+        rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         # The prompt's ids as the job renders them (a chat prompt has no special tokens added), then the completion's.
         ids = tokenizer(rendered, add_special_tokens=False).input_ids
         ids += tokenizer(f"{thinking}</think>{answer}", add_special_tokens=False).input_ids + [eos]

@@ -99,7 +99,7 @@ def test_every_feature_on_in_the_order_a_row_travels(tmp_path, tiny_model, loop)
 
 def test_the_row_cache_misses_entries_without_what_the_parse_stages_read(tmp_path, tiny_model, loop):
     plain, thinking = (
-        stages_of(make_spec(tmp_path, tiny_model, cache=CACHE, **extra), loop) for extra in ({}, {"generation": REASONING})
+        stages_of(make_spec(tmp_path, tiny_model, cache=CACHE, **more), loop) for more in ({}, {"generation": REASONING})
     )
     lookup = {stage.name: stage for stage in thinking}["cache_lookup"]
     assert lookup.needs == {"token_ids"}
@@ -254,8 +254,10 @@ def test_the_reasoning_split_writes_the_answer_and_the_cache_keeps_the_generated
     messages = [[{"role": "user", "content": p}] for p in prompts]
     pq.write_table(pa.table({"id": ["poem", "count"], "messages": messages}), tmp_path / "chat.parquet")
     spec = make_spec(
-        tmp_path, thinking_model, cache={"uri": str(tmp_path / "cache")}, generation={"reasoning": "auto", "max_new_tokens": 24},
-        input={"uri": str(tmp_path / "chat.parquet"), "prompt_column": None, "messages_column": "messages", "pass_through": []},
+        tmp_path, thinking_model, cache={"uri": str(tmp_path / "cache")},
+        generation={"reasoning": "auto", "max_new_tokens": 24},
+        input={"uri": str(tmp_path / "chat.parquet"), "prompt_column": None, "messages_column": "messages",
+               "pass_through": []},
     )  # fmt: skip
     [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
     tokenizer = AutoTokenizer.from_pretrained(thinking_model)

@@ -40,7 +40,8 @@ def decoder(tokenizer, stop: tuple[str, ...] = ()):
     return lambda ids: completion_text(tokenizer, ids, stop)
 
 
-def split_text(tokenizer, tags: Tags, text: str, prompt: str = "", stop: tuple[str, ...] = ()) -> tuple[Split, list[int]]:
+def split_text(tokenizer, tags: Tags, text: str, prompt: str = "", stop: tuple[str, ...] = ()):
+    """The split of `text`'s tokens, and the tokens."""
     ids = ids_of(tokenizer, text)
     return split(ids, tags, TagIds.of(tags, tokenizer), decoder(tokenizer, stop), prompt), ids
 
@@ -77,12 +78,14 @@ def test_a_job_takes_the_tags_it_gives_or_those_auto_finds(tokenizer):
     model = ModelSpec(path="/models/m")
     assert job_tags(ReasoningTags(start="<a>", end="</a>"), model, tokenizer) == Tags("<a>", "</a>")
     assert job_tags("auto", model, tokenizer) == THINK
-    with pytest.raises(ModelError, match=r"auto, but the tokenizer of '/models/m' shows no thinking tags \(looked for <think>…</think>, "):
+    looked_for = r"auto, but the tokenizer of '/models/m' shows no thinking tags \(looked for <think>…</think>, "
+    with pytest.raises(ModelError, match=looked_for):
         job_tags("auto", model, build_tokenizer())
 
 
 def test_tag_ids_are_single_tokens_only(tokenizer):
-    assert TagIds.of(THINK, tokenizer) == TagIds(tokenizer.convert_tokens_to_ids("<think>"), tokenizer.convert_tokens_to_ids("</think>"))
+    start, end = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    assert TagIds.of(THINK, tokenizer) == TagIds(start, end)
     assert TagIds.of(MISTRAL, tokenizer) == TagIds(None, None)
 
     class WithUnknown:  # a tokenizer that maps what it lacks to its unknown token
@@ -99,7 +102,8 @@ def test_tag_ids_are_single_tokens_only(tokenizer):
 
 def test_thinking_opened_by_the_prompt_splits_at_the_end_token(tokenizer):
     s, ids = split_text(tokenizer, THINK, "the sea and the wind</think>A short poem.", prompt="assistant: <think>")
-    assert s == Split("the sea and the wind", "A short poem.", ids.index(tokenizer.convert_tokens_to_ids("</think>")) + 1)
+    end = ids.index(tokenizer.convert_tokens_to_ids("</think>"))
+    assert s == Split("the sea and the wind", "A short poem.", end + 1)
 
 
 def test_a_start_tag_in_the_output_opens_the_thinking(tokenizer):
