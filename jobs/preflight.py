@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from jobs.core import vllm_support
+from jobs.core import reasoning, vllm_support
 from jobs.core.errors import ModelError
 from jobs.core.model import context_length
 from jobs.core.spec import JobSpec
@@ -69,6 +69,12 @@ def check_tokenizer(spec: JobSpec, tokenizer) -> None:
             f"input.messages_column is set but the tokenizer of {spec.model.path!r} has no chat template; "
             "use prompt_column or prompt_template, or a chat model"
         )
+
+
+def check_reasoning(spec: JobSpec, tokenizer) -> None:
+    """`generation.reasoning: auto` needs tags the tokenizer shows; each replica resolves the same ones."""
+    if spec.generation.reasoning == "auto":
+        reasoning.job_tags("auto", spec.model, tokenizer)  # raises ModelError naming what it looked for
 
 
 def model_identity(spec: JobSpec) -> dict:

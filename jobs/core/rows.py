@@ -150,16 +150,23 @@ def id_field(spec: InputSpec, input_schema: pa.Schema) -> pa.Field:
 
 
 def data_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
-    """Columns of data/: id, generated columns, prompt (optional), scores (evaluation), pass-through."""
+    """Columns of data/: id, generated columns, prompt (optional), reasoning (optional), scores
+    (evaluation), pass-through."""
     fields = [id_field(spec.input, input_schema), *GENERATED]
     if spec.output.include_prompt:
         fields.append(PROMPT)
+    fields += reasoning_fields(spec)
     carried = list(carried_columns(spec.input))
     if spec.evaluation is not None:
         fields += EVALUATION_FIELDS
         if spec.evaluation.reference_column not in carried:  # the report's corpus scores need it
             carried.append(spec.evaluation.reference_column)
     return fields + [input_schema.field(c) for c in carried]
+
+
+def reasoning_fields(spec: JobSpec) -> list[pa.Field]:
+    """The thinking and its token count, when generation.reasoning keeps it apart."""
+    return [REASONING, REASONING_TOKENS] if spec.generation.reasoning != "off" else []
 
 
 def filtered_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:

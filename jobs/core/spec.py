@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import pyarrow as pa
 import yaml
@@ -150,6 +150,19 @@ class ModelSpec(_Section):
     )
 
 
+class ReasoningTags(_Section):
+    reference_kind: ClassVar[str] = "`{start, end}`"  # its type in the README's spec reference
+
+    start: str = Field(description="The tag that opens the thinking, e.g. <think>.")
+    end: str = Field(description="The tag that closes it, e.g. </think>.")
+
+    @model_validator(mode="after")
+    def _two_tags(self) -> ReasoningTags:
+        if not self.start or not self.end or self.start == self.end:
+            raise ValueError("start and end must be two different, non-empty tags")
+        return self
+
+
 class GenerationSpec(_Section):
     """Sampling parameters, with the names Hugging Face `generate` uses."""
 
@@ -163,6 +176,14 @@ class GenerationSpec(_Section):
     no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size; 0 disables.")
     stop: tuple[str, ...] = Field((), description="Strings that end a completion; not included in the text.")
     seed: int = Field(0, ge=0, description="With the row id and sample_index, fixes each row's sampled text.")
+    reasoning: Literal["off", "auto"] | ReasoningTags = Field(
+        "off",
+        description="Keep a thinking model's reasoning apart: `auto` finds its tags in the tokenizer's chat template "
+        "or vocabulary (<think>…</think> and the other pairs vLLM's reasoning parsers know); or give them as "
+        "{start, end}. The thinking goes to the reasoning column, its tokens (up to and including the end tag) "
+        "to reasoning_tokens; text is the answer after it, leading whitespace dropped. A completion with no "
+        "tags, whose prompt did not open the thinking, has no reasoning (null) and its text as it was.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -170,6 +191,24 @@ class GenerationSpec(_Section):
         if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
         return stop
+
+    @field_validator("reasoning", mode="before")
+    @classmethod
+    def _reasoning_form(cls, value: Any) -> Any:
+        # One message naming the mistake, instead of pydantic's one per member of the union.
+        if value is False:  # YAML reads an unquoted `off` as false
+            return "off"
+        if isinstance(value, dict):
+            try:
+                return ReasoningTags.model_validate(value)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{where}: {msg}" if where else msg) from None
+        if not (value in ("off", "auto") or isinstance(value, ReasoningTags)):
+            raise ValueError("give off, auto, or the tags as {start, end}")
+        return value
 
     @field_validator("num_return_sequences")
     @classmethod
@@ -489,6 +528,7 @@ def _column_sources(spec: JobSpec, name: str) -> list[str]:
         "evaluation.reference_column": [spec.evaluation.reference_column] if spec.evaluation is not None else [],
         "the columns bulkgen generates": [f.name for f in rows.GENERATED],
         "output.include_prompt": [rows.PROMPT.name] if spec.output.include_prompt else [],
+        "generation.reasoning": [f.name for f in rows.reasoning_fields(spec)],
         "the error columns of errors/": [f.name for f in rows.ERROR_FIELDS],
         "the evaluation's scores": [f.name for f in rows.EVALUATION_FIELDS] if spec.evaluation is not None else [],
         "the filter column of filtered/": [rows.FILTER.name],
@@ -655,7 +695,8 @@ def _reference_row(path: str, f) -> str:
     elif any(getattr(c, "__origin__", None) is Literal for c in choices):  # e.g. int or `auto`
         kind = " or ".join(
             " or ".join(f"`{v}`" for v in c.__args__) if getattr(c, "__origin__", None) is Literal
-            else (c.__origin__ if hasattr(c, "__metadata__") else c).__name__  # Annotated[int, ...]: int
+            else getattr(c, "reference_kind", None)  # a section written inline: `{start, end}`
+            or (c.__origin__ if hasattr(c, "__metadata__") else c).__name__  # Annotated[int, ...]: int
             for c in choices
         )  # fmt: skip
     else:

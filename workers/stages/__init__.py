@@ -5,6 +5,7 @@
     render          prompts, token ids and one request per sample (render.py; batch.py)
     cache_lookup    cache.uri: sequences the row cache already has (cache.py)
     generate        the rest, on the engine (generate.py)
+    reasoning       generation.reasoning: the thinking apart from the answer (reasoning.py)
     filter          filters: drop sequences to filtered/ (filter.py)
     evaluate        evaluation: scores against the row's reference (evaluate.py)
     write           assemble the rows and stage the attempt's files (write.py)
@@ -32,6 +33,7 @@ from workers.stages.evaluate import Evaluate
 from workers.stages.filter import Filter
 from workers.stages.generate import Generate
 from workers.stages.read import DeadLetterReader, ParquetReader
+from workers.stages.reasoning import SplitReasoning
 from workers.stages.render import Render
 from workers.stages.stage import Stage
 from workers.stages.write import Write, file_metadata
@@ -54,16 +56,26 @@ class Stages:
         return sum(stage.publish(attempt) for stage in self.steps)
 
 
+def needs(stages: list[Stage]) -> frozenset[str]:
+    """What the stages read of a sequence besides its text."""
+    return frozenset().union(*(stage.needs for stage in stages))
+
+
 def build_stages(spec: JobSpec, loop: EngineLoop, job_facts: dict, engine: dict) -> Stages:
     """A replica's stages for `spec`, running on `loop`'s engine (`engine`: its describe());
     `job_facts`: what the driver says of the job, for every file's metadata and the cache key."""
     batch = is_batch(spec.input)
     tokenizer, context = loop.engine.tokenizer, loop.engine.context_length
     cache = ReplicaCache(spec, job_facts.get("model", {}), engine) if spec.cache is not None else None
+    # The stages that read what was generated: a row-cache entry must hold what they need.
+    parse = [
+        *([SplitReasoning(spec, tokenizer)] if spec.generation.reasoning != "off" else []),
+    ]
     steps = [
         (RenderBatch if batch else Render)(spec, tokenizer, context),
-        *([CacheLookup(cache)] if cache is not None else []),
+        *([CacheLookup(cache, needs(parse))] if cache is not None else []),
         Generate(loop),
+        *parse,
         *([Filter(spec)] if spec.filters is not None else []),
         *([Evaluate(spec)] if spec.evaluation is not None else []),
         Write(spec, file_metadata(job_facts, engine)),
