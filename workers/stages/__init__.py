@@ -3,8 +3,10 @@
     read            the task's rows: a Parquet row range (read.py), an OpenAI batch
                     file's lines (batch.py), or retry-failed's dead letters (read.py)
     render          prompts, token ids and one request per sample (render.py; batch.py)
+    ask_logprobs    generation.logprobs: every request asks for its tokens' logprobs (logprobs.py)
     cache_lookup    cache.uri: sequences the row cache already has (cache.py)
     generate        the rest, on the engine (generate.py)
+    logprobs        generation.logprobs: the token_ids, token_logprobs, ... columns (logprobs.py)
     filter          filters: drop sequences to filtered/ (filter.py)
     evaluate        evaluation: scores against the row's reference (evaluate.py)
     write           assemble the rows and stage the attempt's files (write.py)
@@ -31,6 +33,7 @@ from workers.stages.cache import CacheKeep, CacheLookup
 from workers.stages.evaluate import Evaluate
 from workers.stages.filter import Filter
 from workers.stages.generate import Generate
+from workers.stages.logprobs import AskLogprobs, LogprobColumns
 from workers.stages.read import DeadLetterReader, ParquetReader
 from workers.stages.render import Render
 from workers.stages.stage import Stage
@@ -60,10 +63,16 @@ def build_stages(spec: JobSpec, loop: EngineLoop, job_facts: dict, engine: dict)
     batch = is_batch(spec.input)
     tokenizer, context = loop.engine.tokenizer, loop.engine.context_length
     cache = ReplicaCache(spec, job_facts.get("model", {}), engine) if spec.cache is not None else None
+    g = spec.generation
+    parse = [
+        *([LogprobColumns(spec)] if g.logprobs else []),
+    ]
     steps = [
         (RenderBatch if batch else Render)(spec, tokenizer, context),
-        *([CacheLookup(cache)] if cache is not None else []),
+        *([AskLogprobs(spec)] if g.logprobs else []),
+        *([CacheLookup(cache, frozenset().union(*(s.needs for s in parse)))] if cache is not None else []),
         Generate(loop),
+        *parse,
         *([Filter(spec)] if spec.filters is not None else []),
         *([Evaluate(spec)] if spec.evaluation is not None else []),
         Write(spec, file_metadata(job_facts, engine)),

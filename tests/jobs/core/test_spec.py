@@ -470,6 +470,8 @@ def test_urls_and_hub_ids_are_left_alone(tmp_path, monkeypatch):
         ({"evaluation": {"reference_column": "rougeL"}}, ["'rougeL' twice", "evaluation's scores"]),
         ({"input": {"prompt_column": "error_code"}}, ["errors/", "'error_code' twice", "input.prompt_column"]),
         ({"input": {"prompt_column": None, "prompt_template": "{sample_index}"}}, ["errors/", "input.prompt_template"]),
+        ({"input": {"pass_through": ["top_logprobs"]}, "generation": {"logprobs": True, "top_logprobs": 2}},
+         ["data/", "'top_logprobs' twice", "input.pass_through and generation.logprobs"]),
     ],
 )
 def test_a_column_written_twice_is_refused_naming_both_sources(sections, fragments):
