@@ -44,6 +44,8 @@ def test_vllm_refuses_what_it_cannot_honour():
 def test_options_may_not_contradict_the_spec():
     with pytest.raises(ModelError, match="model.engine_options.seed: set generation.seed in the spec instead"):
         check_engine(spec("vllm", {"seed": 3}))
+    with pytest.raises(ModelError, match="model.engine_options.logprobs_mode: set generation.logprobs in the spec"):
+        check_engine(spec("vllm", {"logprobs_mode": "processed_logprobs"}))
 
 
 @pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed")
