@@ -177,7 +177,8 @@ class GenerationSpec(_Section):
         0,
         ge=0,
         le=MAX_TOP_LOGPROBS,
-        description=f"Also the K most likely tokens at each step (top_logprobs column). OpenAI's limit, {MAX_TOP_LOGPROBS}.",
+        description=f"Also the K most likely tokens at each step (top_logprobs column). OpenAI's limit, "
+        f"{MAX_TOP_LOGPROBS}.",
     )
 
     @field_validator("stop")

@@ -39,7 +39,10 @@ def run(lm, logprobs=(K, K, K), **params):
     """The prompts in one batch of the engine, each request asking for its `logprobs`."""
     model, tokenizer = lm
     engine = TransformersEngine(model, tokenizer, SamplingParams(max_new_tokens=12, **params), 3, 100_000)
-    asks = [Request(i, tuple(tokenizer(p).input_ids), i, 12, logprobs=k) for i, (p, k) in enumerate(zip(PROMPTS, logprobs))]
+    asks = [
+        Request(i, tuple(tokenizer(p).input_ids), i, 12, logprobs=k)
+        for i, (p, k) in enumerate(zip(PROMPTS, logprobs))
+    ]
     return asks, generate(engine, asks)
 
 
@@ -142,20 +145,23 @@ def test_tokens_a_constraint_masked_stay_out_of_the_top_list():
 
 def test_a_sequence_that_asked_gets_every_column_and_an_exact_sum():
     logprobs = (-0.1, -1e-9, -2.5, -1e9)
-    g = Generated("abcd", "length", 4, token_ids=(1, 2, 3, 4), token_logprobs=logprobs,
-                  top_logprobs=(((1, -0.1), (9, -2.0)), ((2, -1e-9),), ((7, -1.0), (3, -2.5)), ((5, -0.5), (6, -0.6))))  # fmt: skip
+    top = (((1, -0.1), (9, -2.0)), ((2, -1e-9),), ((7, -1.0), (3, -2.5)), ((5, -0.5), (6, -0.6)))
+    g = Generated("abcd", "length", 4, token_ids=(1, 2, 3, 4), token_logprobs=logprobs, top_logprobs=top)
     values = logprob_values(g, top=True)
     assert values["token_ids"] == [1, 2, 3, 4] and values["token_logprobs"] == list(logprobs)
     assert values["logprob_sum"] == math.fsum(logprobs)
     assert values["top_logprobs"][0] == [{"token_id": 1, "logprob": -0.1}, {"token_id": 9, "logprob": -2.0}]
     # The values fit the columns' documented schema.
     table = pa.Table.from_pylist([values], schema=pa.schema(logprob_fields(top=True)))
-    assert table.column("top_logprobs").to_pylist()[0][1] == [{"token_id": 2, "logprob": pa.scalar(-1e-9, pa.float32()).as_py()}]
+    as_float32 = pa.scalar(-1e-9, pa.float32()).as_py()
+    assert table.column("top_logprobs").to_pylist()[0][1] == [{"token_id": 2, "logprob": as_float32}]
 
 
 def test_a_sequence_that_did_not_ask_has_nulls_and_k_0_has_no_top_list():
     plain = Generated("ab", "stop", 2, token_ids=(1, 2))
-    assert logprob_values(plain, top=True) == dict.fromkeys(("token_ids", "token_logprobs", "logprob_sum", "top_logprobs"))
+    columns = ["token_ids", "token_logprobs", "logprob_sum", "top_logprobs"]
+    assert logprob_values(plain, top=True) == dict.fromkeys(columns)
     chosen_only = Generated("ab", "stop", 2, token_ids=(1, 2), token_logprobs=(-1.0, -2.0))
-    assert logprob_values(chosen_only, top=False) == {"token_ids": [1, 2], "token_logprobs": [-1.0, -2.0], "logprob_sum": -3.0}
+    want = {"token_ids": [1, 2], "token_logprobs": [-1.0, -2.0], "logprob_sum": -3.0}
+    assert logprob_values(chosen_only, top=False) == want
     assert logprob_values(chosen_only, top=True)["top_logprobs"] is None

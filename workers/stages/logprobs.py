@@ -45,7 +45,9 @@ class LogprobColumns(Stage):
         return Columns(data=logprob_fields(self.top))
 
     def run(self, work: ShardWork) -> ShardWork:
-        filled = {key: replace(g, columns={**g.columns, **logprob_values(g, self.top)}) for key, g in work.generated.items()}
+        filled = {
+            key: replace(g, columns={**g.columns, **logprob_values(g, self.top)}) for key, g in work.generated.items()
+        }
         return replace(work, generated=filled)
 
 

@@ -28,7 +28,8 @@ def test_vllm_refuses_what_it_cannot_honour():
 def test_vllm_refuses_more_top_logprobs_than_its_max_logprobs():
     top = {"logprobs": True, "top_logprobs": 8}
     assert vllm_support.refuses(spec(engine_options={"max_logprobs": 5}, **top)) == (
-        "model.engine_options.max_logprobs 5 is below generation.top_logprobs 8; raise it (or drop it: vLLM's default is 20)"
+        "model.engine_options.max_logprobs 5 is below generation.top_logprobs 8; "
+        "raise it (or drop it: vLLM's default is 20)"
     )
     assert vllm_support.refuses(spec(engine_options={"max_logprobs": 8}, **top)) is None
     assert vllm_support.refuses(spec(engine_options={"max_logprobs": -1}, **top)) is None  # -1: no cap
