@@ -139,7 +139,8 @@ def _check_safetensors_headers(path: str, model) -> None:
 
 # Engine arguments the spec itself decides; an engine option must not contradict it.
 _SPEC_OWNS = {"model": "model.path", "tokenizer": "model.tokenizer", "revision": "model.revision",
-              "dtype": "model.dtype", "trust_remote_code": "model.trust_remote_code", "seed": "generation.seed"}
+              "dtype": "model.dtype", "trust_remote_code": "model.trust_remote_code", "seed": "generation.seed",
+              "logprobs_mode": "generation.logprobs"}  # raw_logprobs: what the transformers engine computes too
 
 
 def check_engine(spec: JobSpec) -> None:

@@ -23,7 +23,10 @@ def _params(r: Request) -> dict | None:
 
 def _request_extra(r: Request) -> dict:
     """What a request asks beyond its sampling parameters, for its key (empty: nothing)."""
-    return {}
+    extra = {}
+    if r.logprobs is not None:
+        extra["logprobs"] = r.logprobs
+    return extra
 
 
 def _needs(r: Request) -> frozenset[str]:

@@ -163,6 +163,10 @@ class ReasoningTags(_Section):
         return self
 
 
+# Most top logprobs a sequence may ask for: OpenAI's limit, and vLLM's default max_logprobs.
+MAX_TOP_LOGPROBS = 20
+
+
 class GenerationSpec(_Section):
     """Sampling parameters, with the names Hugging Face `generate` uses."""
 
@@ -183,6 +187,19 @@ class GenerationSpec(_Section):
         "{start, end}. The thinking goes to the reasoning column, its tokens (up to and including the end tag) "
         "to reasoning_tokens; text is the answer after it, leading whitespace dropped. A completion with no "
         "tags, whose prompt did not open the thinking, has no reasoning (null) and its text as it was.",
+    )
+    logprobs: bool = Field(
+        False,
+        description="Keep each generated token's logprob (token_ids, token_logprobs, logprob_sum columns): the "
+        "model's log-softmax after any structured constraint, before repetition penalty, temperature, top-k and "
+        "top-p (vLLM's raw_logprobs).",
+    )
+    top_logprobs: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description=f"Also the K most likely tokens at each step (top_logprobs column). OpenAI's limit, "
+        f"{MAX_TOP_LOGPROBS}.",
     )
 
     @field_validator("stop")
@@ -209,6 +226,13 @@ class GenerationSpec(_Section):
         if not (value in ("off", "auto") or isinstance(value, ReasoningTags)):
             raise ValueError("give off, auto, or the tags as {start, end}")
         return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, k: int, info: ValidationInfo) -> int:
+        if k > 0 and not info.data.get("logprobs"):
+            raise ValueError("needs generation.logprobs: true")
+        return k
 
     @field_validator("num_return_sequences")
     @classmethod
@@ -529,6 +553,8 @@ def _column_sources(spec: JobSpec, name: str) -> list[str]:
         "the columns bulkgen generates": [f.name for f in rows.GENERATED],
         "output.include_prompt": [rows.PROMPT.name] if spec.output.include_prompt else [],
         "generation.reasoning": [f.name for f in rows.reasoning_fields(spec)],
+        "generation.logprobs": [f.name for f in rows.logprob_fields(spec.generation.top_logprobs > 0)]
+        if spec.generation.logprobs else [],
         "the error columns of errors/": [f.name for f in rows.ERROR_FIELDS],
         "the evaluation's scores": [f.name for f in rows.EVALUATION_FIELDS] if spec.evaluation is not None else [],
         "the filter column of filtered/": [rows.FILTER.name],

@@ -29,6 +29,7 @@ CACHE = {"uri": "memory://stages-cache"}
 FILTERS = {"min_completion_tokens": 4, "deduplicate": "exact"}  # exact: within a row, no Ray needed
 EVALUATION = {"reference_column": "reference"}
 REASONING = {"reasoning": {"start": "<think>", "end": "</think>"}}  # tags any tokenizer takes (auto needs them in it)
+LOGPROBS = {"logprobs": True, "top_logprobs": 3}
 
 
 def make_spec(tmp_path, model, **sections):
@@ -106,6 +107,15 @@ def test_the_row_cache_misses_entries_without_what_the_parse_stages_read(tmp_pat
     assert {stage.name: stage for stage in plain}["cache_lookup"].needs == frozenset()
 
 
+def test_logprobs_are_asked_before_the_row_cache_and_written_after_generating(tmp_path, tiny_model, loop):
+    spec = make_spec(tmp_path, tiny_model, cache=CACHE, filters=FILTERS, generation=LOGPROBS)
+    assert names(spec, loop) == [
+        "read_parquet", "render", "ask_logprobs", "cache_lookup", "generate", "logprobs", "filter", "write", "cache_keep"
+    ]  # fmt: skip
+    # The cache's lookup misses an entry without token ids, which the logprobs stage reads.
+    assert stages_of(spec, loop)[3].needs == {"token_ids"}
+
+
 def test_a_batch_input_has_the_batch_reader_and_its_render(tmp_path, tiny_model, loop):
     assert names(batch_spec(tmp_path, tiny_model), loop) == ["read_batch", "render_batch", "generate", "write"]
 
@@ -138,8 +148,12 @@ def _fields(fields) -> list[tuple[str, str]]:
         {"evaluation": EVALUATION, "input": {"pass_through": ["topic", "reference"]}},
         {"input": {"id_column": None}, "filters": FILTERS, "evaluation": EVALUATION},
         {"generation": REASONING, "filters": FILTERS, "output": {"include_prompt": True}},
+        {"generation": {"logprobs": True}},
+        {"generation": LOGPROBS, "filters": FILTERS},
+        {"generation": {**REASONING, **LOGPROBS}},
     ],
-    ids=["plain", "include-prompt", "cache-filters", "evaluation", "reference-passed-through", "derived-id-all", "reasoning"],
+    ids=["plain", "include-prompt", "cache-filters", "evaluation", "reference-passed-through", "derived-id-all",
+         "reasoning", "logprobs", "top-logprobs-filters", "reasoning-logprobs"],  # fmt: skip
 )
 def test_the_declared_columns_are_the_files_schemas(tmp_path, tiny_model, loop, sections):
     spec = make_spec(tmp_path, tiny_model, **sections)
@@ -184,9 +198,10 @@ def write_input(tmp_path, rows: int = ROWS) -> None:
     pq.write_table(table.set_column(table.schema.get_field_index("prompt"), "prompt", pa.array(prompts)), path)
 
 
-def test_each_stage_adds_only_the_columns_and_counters_it_declares(tmp_path, tiny_model, loop):
+@pytest.mark.parametrize("generation", [{}, LOGPROBS], ids=["plain", "logprobs"])
+def test_each_stage_adds_only_the_columns_and_counters_it_declares(tmp_path, tiny_model, loop, generation):
     write_input(tmp_path)
-    spec = make_spec(tmp_path, tiny_model, filters=FILTERS, evaluation=EVALUATION, **SHORT)
+    spec = make_spec(tmp_path, tiny_model, filters=FILTERS, evaluation=EVALUATION, generation=generation, **SHORT)
     [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
     work = ShardWork(ShardTask(shard, "attempt-0-stages"))
     for stage in stages_of(spec, loop):
@@ -200,6 +215,10 @@ def test_each_stage_adds_only_the_columns_and_counters_it_declares(tmp_path, tin
         }
         assert added <= declared, stage.name
     assert work.tally.rows_filtered > 0 and set(work.staged) == {"data", "errors", "filtered"}
+    if generation:  # every written sequence has a logprob and a top 3 per token
+        for r in pq.read_table(work.staged["data"]).to_pylist() + pq.read_table(work.staged["filtered"]).to_pylist():
+            assert len(r["token_ids"]) == len(r["token_logprobs"]) == len(r["top_logprobs"]) == r["completion_tokens"]
+            assert all(len(top) == 3 for top in r["top_logprobs"])
 
 
 # -- the tally in the ShardResult ------------------------------------------------------------------

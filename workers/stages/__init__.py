@@ -3,9 +3,11 @@
     read            the task's rows: a Parquet row range (read.py), an OpenAI batch
                     file's lines (batch.py), or retry-failed's dead letters (read.py)
     render          prompts, token ids and one request per sample (render.py; batch.py)
+    ask_logprobs    generation.logprobs: every request asks for its tokens' logprobs (logprobs.py)
     cache_lookup    cache.uri: sequences the row cache already has (cache.py)
     generate        the rest, on the engine (generate.py)
     reasoning       generation.reasoning: the thinking apart from the answer (reasoning.py)
+    logprobs        generation.logprobs: the token_ids, token_logprobs, ... columns (logprobs.py)
     filter          filters: drop sequences to filtered/ (filter.py)
     evaluate        evaluation: scores against the row's reference (evaluate.py)
     write           assemble the rows and stage the attempt's files (write.py)
@@ -32,6 +34,7 @@ from workers.stages.cache import CacheKeep, CacheLookup
 from workers.stages.evaluate import Evaluate
 from workers.stages.filter import Filter
 from workers.stages.generate import Generate
+from workers.stages.logprobs import AskLogprobs, LogprobColumns
 from workers.stages.read import DeadLetterReader, ParquetReader
 from workers.stages.reasoning import SplitReasoning
 from workers.stages.render import Render
@@ -67,12 +70,15 @@ def build_stages(spec: JobSpec, loop: EngineLoop, job_facts: dict, engine: dict)
     batch = is_batch(spec.input)
     tokenizer, context = loop.engine.tokenizer, loop.engine.context_length
     cache = ReplicaCache(spec, job_facts.get("model", {}), engine) if spec.cache is not None else None
+    g = spec.generation
     # The stages that read what was generated: a row-cache entry must hold what they need.
     parse = [
-        *([SplitReasoning(spec, tokenizer)] if spec.generation.reasoning != "off" else []),
+        *([SplitReasoning(spec, tokenizer)] if g.reasoning != "off" else []),
+        *([LogprobColumns(spec)] if g.logprobs else []),
     ]
     steps = [
         (RenderBatch if batch else Render)(spec, tokenizer, context),
+        *([AskLogprobs(spec)] if g.logprobs else []),
         *([CacheLookup(cache, needs(parse))] if cache is not None else []),
         Generate(loop),
         *parse,

@@ -126,6 +126,8 @@ def test_the_defaults_of_decisive_fields_are_pinned():
         "generation.stop": (),
         "generation.seed": 0,
         "generation.reasoning": "off",
+        "generation.logprobs": False,
+        "generation.top_logprobs": 0,
         "output.include_prompt": False,
         "output.format": "parquet",
         "evaluation.reference_column": "required",
