@@ -150,6 +150,10 @@ class ModelSpec(_Section):
     )
 
 
+# Most top logprobs a sequence may ask for: OpenAI's limit, and vLLM's default max_logprobs.
+MAX_TOP_LOGPROBS = 20
+
+
 class GenerationSpec(_Section):
     """Sampling parameters, with the names Hugging Face `generate` uses."""
 
@@ -163,6 +167,18 @@ class GenerationSpec(_Section):
     no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size; 0 disables.")
     stop: tuple[str, ...] = Field((), description="Strings that end a completion; not included in the text.")
     seed: int = Field(0, ge=0, description="With the row id and sample_index, fixes each row's sampled text.")
+    logprobs: bool = Field(
+        False,
+        description="Keep each generated token's logprob (token_ids, token_logprobs, logprob_sum columns): the "
+        "model's log-softmax after any structured constraint, before repetition penalty, temperature, top-k and "
+        "top-p (vLLM's raw_logprobs).",
+    )
+    top_logprobs: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description=f"Also the K most likely tokens at each step (top_logprobs column). OpenAI's limit, {MAX_TOP_LOGPROBS}.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -170,6 +186,13 @@ class GenerationSpec(_Section):
         if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
         return stop
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, k: int, info: ValidationInfo) -> int:
+        if k > 0 and not info.data.get("logprobs"):
+            raise ValueError("needs generation.logprobs: true")
+        return k
 
     @field_validator("num_return_sequences")
     @classmethod

@@ -36,6 +36,9 @@ def test_vllm_refuses_what_it_cannot_honour():
     with pytest.raises(ModelError, match="model.engine is vllm, but vLLM has no no_repeat_ngram_size"):
         check_engine(spec("vllm", no_repeat_ngram_size=3))
     check_engine(spec("auto", no_repeat_ngram_size=3))  # auto takes transformers for it instead
+    with pytest.raises(ModelError, match="model.engine is vllm, but model.engine_options.max_logprobs 2 is below "
+                                         "generation.top_logprobs 3"):  # fmt: skip
+        check_engine(spec("vllm", {"max_logprobs": 2}, logprobs=True, top_logprobs=3))
 
 
 def test_options_may_not_contradict_the_spec():

@@ -124,6 +124,8 @@ def test_the_defaults_of_decisive_fields_are_pinned():
         "generation.no_repeat_ngram_size": 0,
         "generation.stop": (),
         "generation.seed": 0,
+        "generation.logprobs": False,
+        "generation.top_logprobs": 0,
         "output.include_prompt": False,
         "output.format": "parquet",
         "evaluation.reference_column": "required",

@@ -192,6 +192,14 @@ def test_empty_stop_string_says_why():
     assert "stop strings must not be empty" in spec_error(minimal(generation={"stop": [""]}))
 
 
+def test_top_logprobs_need_logprobs():
+    message = spec_error(minimal(generation={"top_logprobs": 5}))
+    assert "generation.top_logprobs: needs generation.logprobs: true (got 5)" in message
+    assert "less than or equal to 20" in spec_error(minimal(generation={"logprobs": True, "top_logprobs": 21}))
+    spec = spec_from_dict(minimal(generation={"logprobs": True, "top_logprobs": 20}))
+    assert (spec.generation.logprobs, spec.generation.top_logprobs) == (True, 20)
+
+
 def test_num_return_sequences_needs_sampling():
     message = spec_error(minimal(generation={"num_return_sequences": 3}))
     assert "num_return_sequences" in message
