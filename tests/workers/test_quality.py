@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from jobs.core.dedupe import Print
 from jobs.core.plan import Shard
 from jobs.core.protocol import ShardTask, Tally
