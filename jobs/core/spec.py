@@ -378,6 +378,12 @@ class FiltersSpec(_Section):
 
     min_completion_tokens: int | None = Field(None, ge=0, description="Drop shorter completions.")
     max_completion_tokens: int | None = Field(None, ge=0, description="Drop longer completions.")
+    min_mean_logprob: float | None = Field(
+        None,
+        le=0,
+        description="Drop completions whose mean token logprob (logprob_sum / completion_tokens) is below this; "
+        "needs generation.logprobs.",
+    )
     must_match: str | None = Field(None, description="A regular expression a completion must contain.")
     must_not_match: str | None = Field(None, description="A regular expression a completion must not contain.")
     drop_empty: bool = Field(True, description="Drop completions that are empty or only whitespace.")
@@ -486,6 +492,16 @@ class JobSpec(_Section):
             raise ValueError(
                 f"filters.min_completion_tokens {low} > generation.max_new_tokens {limit}: no completion could be "
                 "long enough, so every row would be filtered out; lower the one or raise the other"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _logprob_filter_has_logprobs(self) -> JobSpec:
+        wanted = self.filters.min_mean_logprob if self.filters is not None else None
+        if wanted is not None and not self.generation.logprobs:
+            raise ValueError(
+                f"filters.min_mean_logprob {wanted} needs generation.logprobs: true "
+                "(it reads each completion's logprobs)"
             )
         return self
 

@@ -133,6 +133,7 @@ def test_the_defaults_of_decisive_fields_are_pinned():
         "evaluation.reference_column": "required",
         "filters.min_completion_tokens": None,
         "filters.max_completion_tokens": None,
+        "filters.min_mean_logprob": None,
         "filters.must_match": None,
         "filters.must_not_match": None,
         "filters.drop_empty": True,

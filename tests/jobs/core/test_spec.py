@@ -560,6 +560,14 @@ def test_template_with_an_unknown_conversion_is_refused():
         assert spec_from_dict(minimal(input={"prompt_column": None, "prompt_template": f"About {{topic!{conversion}}}"}))
 
 
+def test_min_mean_logprob_needs_logprobs_and_a_bound_a_mean_can_pass():
+    message = spec_error(minimal(filters={"min_mean_logprob": -2}))
+    assert "filters.min_mean_logprob -2.0 needs generation.logprobs: true" in message
+    above_zero = minimal(generation={"logprobs": True}, filters={"min_mean_logprob": 0.5})
+    assert "less than or equal to 0" in spec_error(above_zero)  # a mean logprob never is: every row would go
+    spec = spec_from_dict(minimal(generation={"logprobs": True}, filters={"min_mean_logprob": -2}))
+    assert spec.filters.min_mean_logprob == -2.0
+
 def test_min_completion_tokens_over_max_new_tokens_is_refused_for_spec_inputs_only():
     message = spec_error(minimal(filters={"min_completion_tokens": 100}, generation={"max_new_tokens": 8}))
     assert "filters.min_completion_tokens 100 > generation.max_new_tokens 8" in message
