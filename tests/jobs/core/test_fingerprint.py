@@ -106,6 +106,7 @@ def test_the_defaults_of_decisive_fields_are_pinned():
         "input.id_column": None,
         "input.pass_through": (),
         "input.max_new_tokens_column": None,
+        "input.adapter_column": None,
         "model.path": "required",
         "model.revision": None,
         "model.tokenizer": None,
@@ -114,6 +115,10 @@ def test_the_defaults_of_decisive_fields_are_pinned():
         "model.use_safetensors": True,
         "model.attn_implementation": None,
         "model.engine": "auto",
+        "model.adapter.path": "required",
+        "model.adapter.sha256": None,
+        "model.adapters.path": "required",  # of each adapter
+        "model.adapters.sha256": None,
         "generation.max_new_tokens": 128,
         "generation.do_sample": False,
         "generation.temperature": 1.0,
