@@ -151,10 +151,13 @@ def id_field(spec: InputSpec, input_schema: pa.Schema) -> pa.Field:
 
 
 def data_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
-    """Columns of data/: id, generated columns, prompt (optional), scores (evaluation), pass-through."""
+    """Columns of data/: id, generated columns, prompt (optional), the adapter (adapters), scores
+    (evaluation), pass-through."""
     fields = [id_field(spec.input, input_schema), *GENERATED]
     if spec.output.include_prompt:
         fields.append(PROMPT)
+    if spec.model.adapter_set():
+        fields.append(ADAPTER)
     carried = list(carried_columns(spec.input))
     if spec.evaluation is not None:
         fields += EVALUATION_FIELDS

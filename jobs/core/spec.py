@@ -564,6 +564,7 @@ def _column_sources(spec: JobSpec, name: str) -> list[str]:
         "evaluation.reference_column": [spec.evaluation.reference_column] if spec.evaluation is not None else [],
         "the columns bulkgen generates": [f.name for f in rows.GENERATED],
         "output.include_prompt": [rows.PROMPT.name] if spec.output.include_prompt else [],
+        "the adapter column of model.adapters": [rows.ADAPTER.name] if spec.model.adapter_set() else [],
         "the error columns of errors/": [f.name for f in rows.ERROR_FIELDS],
         "the evaluation's scores": [f.name for f in rows.EVALUATION_FIELDS] if spec.evaluation is not None else [],
         "the filter column of filtered/": [rows.FILTER.name],

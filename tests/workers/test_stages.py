@@ -30,8 +30,9 @@ FILTERS = {"min_completion_tokens": 4, "deduplicate": "exact"}  # exact: within 
 EVALUATION = {"reference_column": "reference"}
 
 
-def make_spec(tmp_path, model, **sections):
+def make_spec(tmp_path, model, model_fields: dict | None = None, **sections):
     data = job_dict(str(tmp_path / "in"), str(tmp_path / "out"), model, **sections)
+    data["model"].update(model_fields or {})
     return spec_from_dict(data)
 
 
@@ -86,6 +87,16 @@ def test_every_feature_on_in_the_order_a_row_travels(tmp_path, tiny_model, loop)
     ]  # fmt: skip
 
 
+ADAPTERS = {"model_fields": {"adapters": {"poem": "/adapters/poem"}}, "input": {"adapter_column": "topic"}}
+
+
+def test_adapters_are_chosen_after_render_and_before_the_cache(tmp_path, tiny_model, loop):
+    # The row cache's keys hold each request's adapter, so it is chosen first.
+    assert names(make_spec(tmp_path, tiny_model, cache=CACHE, **ADAPTERS), loop) == [
+        "read_parquet", "render", "adapter", "cache_lookup", "generate", "write", "cache_keep"
+    ]  # fmt: skip
+
+
 def test_a_batch_input_has_the_batch_reader_and_its_render(tmp_path, tiny_model, loop):
     assert names(batch_spec(tmp_path, tiny_model), loop) == ["read_batch", "render_batch", "generate", "write"]
 
@@ -117,8 +128,9 @@ def _fields(fields) -> list[tuple[str, str]]:
         {"evaluation": EVALUATION},
         {"evaluation": EVALUATION, "input": {"pass_through": ["topic", "reference"]}},
         {"input": {"id_column": None}, "filters": FILTERS, "evaluation": EVALUATION},
+        {**ADAPTERS, "filters": FILTERS},
     ],
-    ids=["plain", "include-prompt", "cache-filters", "evaluation", "reference-passed-through", "derived-id-all"],
+    ids=["plain", "include-prompt", "cache-filters", "evaluation", "reference-passed-through", "derived-id-all", "adapters"],
 )
 def test_the_declared_columns_are_the_files_schemas(tmp_path, tiny_model, loop, sections):
     spec = make_spec(tmp_path, tiny_model, **sections)
