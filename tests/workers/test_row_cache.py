@@ -92,3 +92,29 @@ def test_a_changed_checkpoint_config_misses(tmp_path, tiny_model, name, change):
     (model / name).write_text(json.dumps(config))
     result, _ = run_once(spec, "attempt-2")
     assert result.tally.rows_cached == 0
+
+
+def test_an_adapters_hash_is_in_its_rows_keys(tmp_path, tiny_model):
+    from workers.engine import Request
+    from workers.row_cache import ReplicaCache
+
+    def keys(adapters: dict | None) -> dict:
+        data = job_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model)
+        data["cache"] = {"uri": str(tmp_path / "cache")}
+        if adapters is not None:
+            data["model"]["adapters"] = {name: str(path) for name, path in adapters.items()}
+            data["input"]["adapter_column"] = "adapter"
+        cache = ReplicaCache(spec_from_dict(data), {}, {"engine": "transformers"})
+        names = [None, *sorted(adapters or {})]
+        return cache.keys([Request(i, (1, 2, 3), 0, MAX_NEW, adapter=name) for i, name in enumerate(names)], 100)
+
+    for name in ("poem", "code"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "name": name}))
+    adapters = {"poem": tmp_path / "poem", "code": tmp_path / "code"}
+    plain, before = keys(None), keys(adapters)
+    assert len(set(before.values())) == 3  # base, code, poem: each its own
+    assert before[0] != plain[0]  # an adapter job's base rows share no entry with a plain job's
+    (tmp_path / "code" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "name": "retrained"}))
+    after = keys(adapters)
+    assert (after[0], after[2]) == (before[0], before[2]) and after[1] != before[1]  # only code's rows miss
