@@ -77,12 +77,13 @@ def vllm_max_lora_rank(ranks) -> int:
 
 
 def vllm_refusal(config: dict) -> str | None:
-    """What of this LoRA vLLM 0.32 does not load (vllm/lora/peft_helper.py validate_legal), or None."""
+    """What of this LoRA vLLM 0.32 does not load (vllm/lora/peft_helper.py validate_legal), or None.
+    DoRA, which vLLM refuses too, is left out: PEFT's mixed-adapter batches do not run it either,
+    so jobs/preflight.check_adapters refuses it for both engines."""
     modules = [m for m in config.get("modules_to_save") or () if m not in ("classifier", "score")]
     init = config.get("init_lora_weights", True)
     features = {
         f"modules_to_save {modules}": bool(modules),
-        "DoRA (use_dora)": bool(config.get("use_dora")),
         "a LoRA bias (lora_bias)": bool(config.get("lora_bias")),
         f"bias {config.get('bias')!r}": config.get("bias", "none") != "none",
         f"init_lora_weights {init!r}": isinstance(init, str) and init.lower() not in _VLLM_INITS,

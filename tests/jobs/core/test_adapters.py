@@ -80,7 +80,6 @@ def test_vllm_max_lora_rank_is_the_smallest_that_holds_them(ranks, chosen):
     "fields, named",
     [
         ({"modules_to_save": ["lm_head"]}, "modules_to_save ['lm_head']"),
-        ({"use_dora": True}, "DoRA"),
         ({"lora_bias": True}, "lora_bias"),
         ({"bias": "all"}, "bias 'all'"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights 'pissa'"),
@@ -97,8 +96,9 @@ def test_what_vllm_does_not_load(fields, named):
 
 @pytest.mark.parametrize(
     "fields",
+    # DoRA is refused for either engine, by jobs/preflight.check_adapters.
     [{}, {"modules_to_save": ["score"]}, {"init_lora_weights": "gaussian"}, {"init_lora_weights": False},
-     {"use_rslora": True}, {"rank_pattern": {"q_proj": 64}}],  # fmt: skip
+     {"use_rslora": True}, {"rank_pattern": {"q_proj": 64}}, {"use_dora": True}],  # fmt: skip
 )
 def test_what_vllm_loads(fields):
     assert adapters.vllm_refusal({**LORA, **fields}) is None

@@ -59,7 +59,7 @@ def test_vllm_takes_plain_lora_adapters(tmp_path):
     "config, named",
     [
         ({"modules_to_save": ["lm_head"]}, "model.adapters.odd uses modules_to_save ['lm_head'], which vLLM 0.32 does not load"),
-        ({"use_dora": True}, "model.adapters.odd uses DoRA (use_dora)"),
+        ({"lora_bias": True}, "model.adapters.odd uses a LoRA bias (lora_bias)"),
         ({"bias": "lora_only"}, "bias 'lora_only'"),
         ({"init_lora_weights": "olora"}, "init_lora_weights 'olora'"),
         ({"rank_pattern": {"q_proj": 1024}}, "rank 1024"),
