@@ -153,7 +153,9 @@ def check_adapters(spec: JobSpec) -> None:
             )
         digest = adapters.files_sha256(path)
         if adapter.sha256 is not None and digest != adapter.sha256:
-            raise ModelError(f"{field}: {path}'s files' sha256 is {digest}, the spec pins {adapter.sha256}: the adapter changed")
+            raise ModelError(
+                f"{field}: {path}'s files' sha256 is {digest}, the spec pins {adapter.sha256}: the adapter changed"
+            )
         if weights.name == adapters.SAFETENSORS:
             shapes = adapters.lora_shapes(weights)
             if problem := adapters.misfit(shapes, {n: _inputs_outputs(modules[n]) for n in shapes if n in modules}):

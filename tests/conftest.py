@@ -47,7 +47,9 @@ def lora_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
     its own text of ADAPTER_TEXTS: either changes the model's greedy text. Tests that change an
     adapter train their own."""
     root = tmp_path_factory.mktemp("adapters")
-    return {name: train_lora(tiny_model, root / name, text, seed=i) for i, (name, text) in enumerate(ADAPTER_TEXTS.items())}
+    return {
+        name: train_lora(tiny_model, root / name, text, seed=i) for i, (name, text) in enumerate(ADAPTER_TEXTS.items())
+    }
 
 
 def write_prompts(path: Path | str, n: int, start: int = 0, row_group_size: int | None = None, **extra) -> str:

@@ -135,8 +135,12 @@ class InputSpec(_Section):
 class AdapterSpec(_Section):
     """A PEFT LoRA adapter; in YAML its path alone, or {path, sha256}."""
 
-    path: str = Field(description="A PEFT LoRA adapter directory (save_pretrained: adapter_config.json, adapter_model.safetensors).")
-    sha256: str | None = Field(None, description="Its files' SHA-256; filled in when the spec is loaded, checked when given.")
+    path: str = Field(
+        description="A PEFT LoRA adapter directory (save_pretrained: adapter_config.json, adapter_model.safetensors)."
+    )
+    sha256: str | None = Field(
+        None, description="Its files' SHA-256; filled in when the spec is loaded, checked when given."
+    )
 
     @model_validator(mode="before")
     @classmethod

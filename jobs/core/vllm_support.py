@@ -32,7 +32,8 @@ def refuses(spec: JobSpec) -> str | None:
         except (OSError, ValueError):
             continue  # no adapter at all, which jobs/preflight.check_adapters refuses for either engine
         if reason := adapters.vllm_refusal(config):
-            return f"{spec.model.adapter_field(name)} {reason}, which vLLM 0.32 does not load; use model.engine: transformers"
+            field = spec.model.adapter_field(name)
+            return f"{field} {reason}, which vLLM 0.32 does not load; use model.engine: transformers"
     return None
 
 

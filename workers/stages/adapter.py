@@ -43,9 +43,13 @@ class ChooseAdapter(Stage):
             if name is None or name in self.names:
                 chosen[i] = name
             else:
-                errors[i] = RowError(UNKNOWN_ADAPTER, f"adapter {name!r} is not one of model.adapters {sorted(self.names)}")
-        # A request's row is its key // stride (key = row * stride + sample index).
-        requests = [replace(r, adapter=chosen[r.key // work.stride]) for r in work.requests if r.key // work.stride in chosen]
+                known = sorted(self.names)
+                errors[i] = RowError(UNKNOWN_ADAPTER, f"adapter {name!r} is not one of model.adapters {known}")
+        requests = []
+        for r in work.requests:
+            row = r.key // work.stride  # key = row * stride + sample index
+            if row in chosen:  # the rest are dead letters
+                requests.append(replace(r, adapter=chosen[row]))
         columns = {**work.row_columns, **{i: {**work.row_columns.get(i, {}), ADAPTER.name: n} for i, n in chosen.items()}}
         return replace(work, requests=requests, row_errors=errors, row_columns=columns)
 
