@@ -173,6 +173,7 @@ def check_schema(spec: InputSpec, schema: pa.Schema, where: str) -> None:
         ("input.id_column", [spec.id_column] if spec.id_column else []),
         ("input.pass_through", list(spec.pass_through)),
         ("input.max_new_tokens_column", [spec.max_new_tokens_column] if spec.max_new_tokens_column else []),
+        ("input.adapter_column", [spec.adapter_column] if spec.adapter_column else []),
     ]
     for field, columns in fields:
         missing = [c for c in columns if c not in names]
@@ -199,6 +200,8 @@ def _check_type(spec: InputSpec, schema: pa.Schema, where: str) -> None:
         refuse("input.id_column", spec.id_column, "scalar ids (strings or integers), not lists, structs or maps")
     if spec.max_new_tokens_column and not pa.types.is_integer(schema.field(spec.max_new_tokens_column).type):
         refuse("input.max_new_tokens_column", spec.max_new_tokens_column, "integers")
+    if spec.adapter_column and not is_text(schema.field(spec.adapter_column).type):
+        refuse("input.adapter_column", spec.adapter_column, "text (adapter names)")
 
 
 def is_text(kind: pa.DataType) -> bool:
@@ -288,27 +291,34 @@ def _repeated(hashes: np.ndarray) -> set[int]:
 
 
 def _iter_ids(spec: InputSpec, dataset: Dataset):
+    return iter_column(spec, dataset, "id_column")
+
+
+def iter_column(spec: InputSpec, dataset: Dataset, field: str):
+    """(values, file, offset of the row group in the file) of the column input.<field> names,
+    one row group at a time."""
     for file in dataset.files:
         with fsspec.open(file.url, "rb", **spec.storage_options) as f:
             pf = pq.ParquetFile(f)
-            offset = 0  # of the row group in the file
+            offset = 0
             for group in range(pf.num_row_groups):
-                ids = _read_ids(spec, pf, group, file)
-                yield ids, file, offset
-                offset += len(ids)
+                values = _read_column(spec, field, pf, group, file)
+                yield values, file, offset
+                offset += len(values)
 
 
-def _read_ids(spec: InputSpec, pf: pq.ParquetFile, group: int, file: InputFile) -> pa.Array:
-    """One row group's ids; InputError naming the file where its pages cannot be read
-    (pyarrow raises a bare OSError for a corrupt page)."""
+def _read_column(spec: InputSpec, field: str, pf: pq.ParquetFile, group: int, file: InputFile) -> pa.Array:
+    """One row group's values of input.<field>'s column; InputError naming the file where its pages
+    cannot be read (pyarrow raises a bare OSError for a corrupt page)."""
+    column = getattr(spec, field)
     try:
         return storage.with_retries(
-            lambda: pf.read_row_group(group, columns=[spec.id_column]).column(0).combine_chunks(),
-            f"reading input.id_column of row group {group} of {file.url}",
+            lambda: pf.read_row_group(group, columns=[column]).column(0).combine_chunks(),
+            f"reading input.{field} of row group {group} of {file.url}",
         )
     except OSError as e:
         raise InputError(
-            f"input file {file.url} is not readable Parquet: input.id_column {spec.id_column!r} of its "
+            f"input file {file.url} is not readable Parquet: input.{field} {column!r} of its "
             f"row group {group} cannot be read ({one_line(e)}); write the file again, or remove it from input.uri"
         ) from e
 

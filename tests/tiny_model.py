@@ -26,8 +26,9 @@ def build_tokenizer(vocab_size: int = 300):
     return as_transformers(train_bpe(_CORPUS, vocab_size), CHAT_TEMPLATE, model_max_length=128)
 
 
-def save_tiny_model(path: Path, arch: str = "llama", max_positions: int = 128, seed: int = 0) -> Path:
-    """Write a tiny random-weight checkpoint (safetensors) plus tokenizer to `path`."""
+def save_tiny_model(path: Path, arch: str = "llama", max_positions: int = 128, seed: int = 0, hidden: int = 64) -> Path:
+    """Write a tiny random-weight checkpoint (safetensors) plus tokenizer to `path`
+    (`hidden`: the Llama's hidden size, for a checkpoint another's adapters do not fit)."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -36,8 +37,8 @@ def save_tiny_model(path: Path, arch: str = "llama", max_positions: int = 128, s
     common = dict(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     if arch == "llama":
         config = LlamaConfig(
-            hidden_size=64,  # head_dim 32: the smallest vLLM's CPU attention kernels take
-            intermediate_size=128,
+            hidden_size=hidden,  # 64: head_dim 32, the smallest vLLM's CPU attention kernels take
+            intermediate_size=2 * hidden,
             num_hidden_layers=2,
             num_attention_heads=2,
             num_key_value_heads=1,
@@ -104,3 +105,24 @@ def save_thinking_model(path: Path) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def train_lora(base: Path, out: Path, text: str, seed: int, steps: int = 20, target_modules=("q_proj", "v_proj")) -> Path:
+    """Train a LoRA adapter on `base` to continue `text` (a few steps: its greedy text changes)
+    and save it with PEFT's save_pretrained (adapter_config.json, adapter_model.safetensors) to `out`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(target_modules), lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    ids = torch.tensor([AutoTokenizer.from_pretrained(base)(text).input_ids])
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    peft_model.save_pretrained(out)
+    return out

@@ -21,11 +21,14 @@ def _params(r: Request) -> dict | None:
     return dataclasses.asdict(params) if params is not None else None
 
 
-def _request_extra(r: Request) -> dict:
-    """What a request asks beyond its sampling parameters, for its key (empty: nothing)."""
+def _request_extra(r: Request, adapter_sha256: dict[str, str]) -> dict:
+    """What a request asks beyond its sampling parameters, for its key (empty: nothing).
+    `adapter_sha256`: the job's adapters' hashes, by name."""
     extra = {}
     if r.logprobs is not None:
         extra["logprobs"] = r.logprobs
+    if r.adapter is not None:
+        extra["adapter"] = adapter_sha256[r.adapter]  # its files, not its name: a retrained adapter misses
     return extra
 
 
@@ -54,9 +57,15 @@ class ReplicaCache:
                 "dtype": engine.get("dtype"),
             },
             tokenizer=tokenizer_identity(m.tokenizer or m.path, m.revision),
-            engine={k: engine.get(k) for k in ("engine", "engine_version", "device")},
+            engine={
+                **{k: engine.get(k) for k in ("engine", "engine_version", "device")},
+                # Base rows of a job with adapters run through the LoRA layers too (a base row's
+                # float sums may differ in the last bit): they share no entries with plain jobs.
+                **({"adapters": True} if m.adapter_set() else {}),
+            },
             generation=spec.generation.model_dump(mode="json"),
         )
+        self.adapter_sha256 = {name: a.sha256 for name, a in m.adapter_set().items()}
         self._held: OrderedDict[str, dict[str, Entry]] = OrderedDict()
         self.rejected = 0  # entries found but not of the row schema (over this replica's life)
 
@@ -64,7 +73,13 @@ class ReplicaCache:
         """Each request's cache key (request key = row * stride + sample index)."""
         return {
             r.key: sequence_key(
-                self.context, r.prompt_ids, r.seed, r.key % stride, r.max_new_tokens, _params(r), _request_extra(r)
+                self.context,
+                r.prompt_ids,
+                r.seed,
+                r.key % stride,
+                r.max_new_tokens,
+                _params(r),
+                _request_extra(r, self.adapter_sha256),
             )
             for r in requests
         }

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 import torch
 
 from jobs.core import faults
+from jobs.core.adapters import BASE
 from jobs.core.model import context_length, load_tokenizer
 from workers import sampling
 from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, TopLogprobs, completion_text
@@ -47,8 +48,12 @@ class TransformersEngine:
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, params: SamplingParams, batch_size: int, max_batch_tokens: int):
+    def __init__(
+        self, model, tokenizer, params: SamplingParams, batch_size: int, max_batch_tokens: int, adapters=frozenset()
+    ):
+        """`adapters`: the names of the LoRA adapters `model` (then a PeftModel) holds."""
         self.model = model
+        self.adapters = frozenset(adapters)
         self.tokenizer = tokenizer
         self.params = params
         self.batch_size = batch_size  # current limit; lowered after running out of memory
@@ -87,9 +92,12 @@ class TransformersEngine:
         if m.attn_implementation:
             kwargs["attn_implementation"] = m.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(m.path, **kwargs).to(device).eval()
+        named = m.adapter_set()
+        if named:
+            model = _with_adapters(model, named)
         context = context_length(model.config)
         budget = res.max_batch_tokens or res.batch_size * (context or 2048)
-        return cls(model, tokenizer, SamplingParams.from_spec(spec.generation), res.batch_size, budget)
+        return cls(model, tokenizer, SamplingParams.from_spec(spec.generation), res.batch_size, budget, frozenset(named))
 
     # -- public API -----------------------------------------------------------------
 
@@ -120,6 +128,7 @@ class TransformersEngine:
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "commit_hash": getattr(self.model.config, "_commit_hash", None),
             "context_length": self.context_length,
+            **({"adapters": sorted(self.adapters)} if self.adapters else {}),
         }
 
     @torch.inference_mode()
@@ -290,8 +299,11 @@ class TransformersEngine:
         return None
 
     def _forward_kwargs(self, rows: list[Row]) -> dict:
-        """Extra arguments of a forward over `rows` (the adapters' per-row names)."""
-        return {}
+        """Extra arguments of a forward over `rows`: with adapters, each row's (PEFT's mixed-adapter
+        batch: every LoRA layer adds each adapter's product to its rows only). A plain model takes none."""
+        if not self.adapters:
+            return {}
+        return {"adapter_names": [row.request.adapter or BASE for row in rows]}
 
     def _constrain(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Mask, in place, what each constrained row's grammar does not allow next."""
@@ -372,6 +384,16 @@ def _top(scores: torch.Tensor, chosen: int, logprob: float, k: int) -> TopLogpro
     if len(top) == k and logprob >= top[-1][1] and chosen not in (t for t, _ in top):
         top[-1] = (chosen, logprob)
     return tuple(top)
+def _with_adapters(model, named: dict):
+    """`model` as a PeftModel holding every adapter under its name, in inference mode
+    (PEFT refuses adapter_names in training mode)."""
+    from peft import PeftModel
+
+    first, *rest = sorted(named)
+    peft_model = PeftModel.from_pretrained(model, named[first].path, adapter_name=first)
+    for name in rest:
+        peft_model.load_adapter(named[name].path, adapter_name=name)
+    return peft_model.eval()
 
 
 def _stop_window(stop: tuple[str, ...]) -> int:

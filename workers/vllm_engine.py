@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Iterable
 
-from jobs.core import faults, vllm_support
+from jobs.core import adapters, faults, vllm_support
 from jobs.core.errors import ModelError
 from jobs.core.model import checkpoint_dtype, context_length, load_tokenizer, text_config
 from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, TopLogprobs, completion_text
@@ -28,8 +28,10 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, llm, tokenizer, params: SamplingParams):
+    def __init__(self, llm, tokenizer, params: SamplingParams, loras: dict | None = None):
+        """`loras`: vLLM's LoRARequest of each of the job's adapters, by name."""
         self.llm = llm
+        self.loras = loras or {}
         self.tokenizer = tokenizer
         self.params = params
         self.context_length = llm.model_config.max_model_len
@@ -51,7 +53,8 @@ class VllmEngine:
         from vllm import EngineArgs, LLMEngine
 
         args = EngineArgs(**engine_args(spec))
-        engine = cls(LLMEngine.from_engine_args(args), load_tokenizer(spec.model), SamplingParams.from_spec(spec.generation))
+        llm = LLMEngine.from_engine_args(args)
+        engine = cls(llm, load_tokenizer(spec.model), SamplingParams.from_spec(spec.generation), _lora_requests(spec))
         engine.probe()
         return engine
 
@@ -70,7 +73,8 @@ class VllmEngine:
             request_id = str(next(self._ids))
             self._pending[request_id] = r
             prompt = TokensPrompt(prompt_token_ids=list(r.prompt_ids))
-            self.llm.add_request(request_id, prompt, self._params(r), priority=self._priority(r))
+            lora = self.loras[r.adapter] if r.adapter is not None else None
+            self.llm.add_request(request_id, prompt, self._params(r), lora_request=lora, priority=self._priority(r))
             self.counters["prompt_tokens"] += len(r.prompt_ids)
 
     def has_work(self) -> bool:
@@ -98,9 +102,11 @@ class VllmEngine:
 
     def probe(self) -> None:
         """Generate one token, so a model this vLLM build cannot run here (an attention
-        head size its CPU kernels lack, say) fails now rather than on the first shard."""
+        head size its CPU kernels lack, say) fails now rather than on the first shard;
+        and one through each adapter, which vLLM loads on first use."""
         eos = self.tokenizer.eos_token_id or 0
-        self.submit([Request("probe", (eos,), seed=0, max_new_tokens=1)])
+        names = [None, *sorted(self.loras)]
+        self.submit([Request(("probe", name), (eos,), seed=0, max_new_tokens=1, adapter=name) for name in names])
         while self.has_work():
             self.step()
 
@@ -118,6 +124,7 @@ class VllmEngine:
             "dtype": str(config.dtype).removeprefix("torch."),
             "commit_hash": getattr(config.hf_config, "_commit_hash", None),
             "context_length": self.context_length,
+            **({"adapters": sorted(self.loras)} if self.loras else {}),
         }
 
     # -- requests and completions --------------------------------------------------------
@@ -219,7 +226,22 @@ def engine_args(spec) -> dict:
         # Compiling the model at start-up took vLLM's CPU backend longer than the
         # benchmark's workloads ran (bench/presets.py): eager unless asked.
         args["enforce_eager"] = True
+    if named := m.adapter_set():
+        # Every adapter in one batch. On CPU one slot more, left empty: vLLM 0.32's torch LoRA
+        # ops (vllm/lora/ops/torch_ops) index the stacked weights with a base row's -1, which
+        # is the last slot; were it an adapter's, base rows would run through that adapter.
+        loras = len(named) + (1 if res.num_gpus == 0 else 0)
+        ranks = [adapters.rank(adapters.read_config(a.path)) for a in named.values()]
+        args.update(enable_lora=True, max_loras=loras, max_cpu_loras=loras, max_lora_rank=adapters.vllm_max_lora_rank(ranks))
     return {**args, **m.engine_options}
+
+
+def _lora_requests(spec) -> dict:
+    """vLLM's LoRARequest for each adapter, by name (ids from 1, in name order)."""
+    from vllm.lora.request import LoRARequest
+
+    named = spec.model.adapter_set()
+    return {name: LoRARequest(name, i + 1, named[name].path) for i, name in enumerate(sorted(named))}
 
 
 def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, dtype: str, tokens: int, context: int) -> int:

@@ -13,6 +13,7 @@
     row_prompt    a row's prompt, whichever the input format
     model         what both sides read of a model before its weights: tokenizer, config
     vllm_support  whether the vLLM engine can run a spec
+    adapters      LoRA adapters: names, files' hash, what their config and weights' header say
     cache         the row cache's keys, layout and entry
     structured    what a sequence's text must satisfy (a schema, a regex, choices)
     dedupe        a sequence's fingerprint and the name of the job's duplicate index

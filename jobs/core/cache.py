@@ -28,7 +28,8 @@ The key is a SHA-256 over everything that decides a sequence's text:
   setting or remote code change the text as much as the weights do), and the
   dtype it ran in;
 - the tokenizer: its path and revision, and a hash of its files (a local one);
-- the engine and its version.
+- the engine and its version, and whether the job runs adapters (its base rows then run
+  through LoRA layers too).
 
 Two jobs may share a cache at once: an entry is one whole object, and two
 writers of one key write the same sequence. An entry is used only if it parses

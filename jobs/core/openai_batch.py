@@ -41,7 +41,8 @@ MAX_N = 128  # OpenAI's own limit on n: one line must not ask for unbounded work
 _CHAT_SOURCE = InputSpec(uri="-", messages_column="messages")
 _COMPLETION_SOURCE = InputSpec(uri="-", prompt_column="prompt")
 
-# Body fields that change nothing bulkgen writes (who asked, where to store, which model: the spec's runs).
+# Body fields that change nothing bulkgen writes (who asked, where to store, which model: the spec's runs,
+# unless body.model names one of its adapters).
 _INFORMATIONAL = frozenset({"model", "user", "metadata", "store", "service_tier", "stream_options"})
 # Fields bulkgen does not implement, accepted only at the value that turns them off.
 _OFF_ONLY = {"stream": False, "logprobs": False, "top_logprobs": 0, "echo": False, "best_of": 1,
@@ -63,6 +64,7 @@ class BatchRequest:
     # Overrides of the engine's sampling parameters, by their names there
     # (do_sample, temperature, top_p, top_k, stop); empty: the job's own.
     sampling: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None  # body.model: one of model.adapters picks that adapter (workers/stages/adapter.py)
 
 
 def parse_request(text: str, line: int) -> BatchRequest:
@@ -105,7 +107,8 @@ def parse_request(text: str, line: int) -> BatchRequest:
         settings = _generation(body)
     except ValueError as e:
         raise bad(str(e)) from None
-    return BatchRequest(custom_id, url, messages, prompt, **settings)
+    model = body.get("model")
+    return BatchRequest(custom_id, url, messages, prompt, **settings, model=model if isinstance(model, str) else None)
 
 
 def _not_json_constant(name: str):

@@ -28,6 +28,7 @@ TEMPLATE_ERROR = "template_error"
 CHAT_TEMPLATE_ERROR = "chat_template_error"
 PROMPT_TOO_LONG = "prompt_too_long"
 GENERATION_ERROR = "generation_error"
+UNKNOWN_ADAPTER = "unknown_adapter"  # a row names no adapter of model.adapters
 BAD_ENCODING = "bad_encoding"
 BAD_SCHEMA = "bad_schema"  # the row's own schema (input.schema_column) is no usable JSON schema
 STRUCTURED_INCOMPLETE = "structured_incomplete"  # max_new_tokens came before the constraint was satisfied

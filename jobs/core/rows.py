@@ -99,12 +99,13 @@ def row_ids(spec: InputSpec, shard: Shard, table: pa.Table) -> list:
 
 
 def input_columns(spec: InputSpec) -> list[str]:
-    """The input columns a job reads: id, prompt sources, pass-through, per-row limits."""
+    """The input columns a job reads: id, prompt sources, pass-through, per-row limits, adapters."""
     if is_batch(spec):
         return [f.name for f in BATCH_FIELDS]
     columns = [spec.id_column] if spec.id_column else []
     columns += [*spec.source_columns(), *spec.pass_through]
     columns += [spec.max_new_tokens_column] if spec.max_new_tokens_column else []
+    columns += [spec.adapter_column] if spec.adapter_column else []
     return list(dict.fromkeys(columns))  # unique, in order
 
 
@@ -151,13 +152,15 @@ def id_field(spec: InputSpec, input_schema: pa.Schema) -> pa.Field:
 
 def data_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
     """Columns of data/: id, generated columns, prompt (optional), then each feature's that is on
-    (reasoning, logprobs), scores (evaluation), pass-through."""
+    (reasoning, logprobs, the adapter), scores (evaluation), pass-through."""
     fields = [id_field(spec.input, input_schema), *GENERATED]
     if spec.output.include_prompt:
         fields.append(PROMPT)
     fields += reasoning_fields(spec)
     if spec.generation.logprobs:
         fields += logprob_fields(spec.generation.top_logprobs > 0)
+    if spec.model.adapter_set():
+        fields.append(ADAPTER)
     carried = list(carried_columns(spec.input))
     if spec.evaluation is not None:
         fields += EVALUATION_FIELDS

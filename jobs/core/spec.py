@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import core_schema
 
-from jobs.core import rows
+from jobs.core import adapters, rows
 from jobs.core.errors import SpecError
 from jobs.core.layout import DATA, ERRORS, FILTERED
 from jobs.core.rows import DERIVED_ID, WRITTEN_COLUMNS
@@ -66,6 +66,9 @@ class InputSpec(_Section):
     max_new_tokens_column: str | None = Field(
         None, description="Integer column with a per-row limit on new tokens (capped by generation.max_new_tokens)."
     )
+    adapter_column: str | None = Field(
+        None, description="Column naming each row's adapter (a key of model.adapters); null: the base model."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -86,7 +89,8 @@ class InputSpec(_Section):
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSpec:
         if self.format == "openai-batch":
-            given = [n for n in ("prompt_column", "prompt_template", "messages_column", "max_new_tokens_column")
+            given = [n for n in ("prompt_column", "prompt_template", "messages_column", "max_new_tokens_column",
+                                 "adapter_column")
                      if getattr(self, n) is not None] + (["pass_through"] if self.pass_through else [])  # fmt: skip
             if given:
                 raise ValueError(f"an openai-batch input takes prompts and settings from each line's body; drop {given}")
@@ -100,7 +104,7 @@ class InputSpec(_Section):
             )
         return self
 
-    @field_validator("prompt_column", "messages_column", "id_column", "max_new_tokens_column")
+    @field_validator("prompt_column", "messages_column", "id_column", "max_new_tokens_column", "adapter_column")
     @classmethod
     def _column_not_empty(cls, name: str | None) -> str | None:
         return _column_name_given(name)
@@ -128,6 +132,29 @@ class InputSpec(_Section):
         return template_fields(self.prompt_template or "")
 
 
+class AdapterSpec(_Section):
+    """A PEFT LoRA adapter; in YAML its path alone, or {path, sha256}."""
+
+    path: str = Field(
+        description="A PEFT LoRA adapter directory (save_pretrained: adapter_config.json, adapter_model.safetensors)."
+    )
+    sha256: str | None = Field(
+        None, description="Its files' SHA-256; filled in when the spec is loaded, checked when given."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_alone(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, str) else data
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, digest: str | None) -> str | None:
+        if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise ValueError("must be 64 hexadecimal digits")
+        return digest.lower() if digest is not None else None
+
+
 class ModelSpec(_Section):
     path: str = Field(description="Local directory or Hugging Face hub id, loaded with AutoModelForCausalLM.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
@@ -148,6 +175,44 @@ class ModelSpec(_Section):
         default_factory=dict,
         description="Passed to the engine as it is, e.g. vLLM's gpu_memory_utilization, max_model_len, enforce_eager.",
     )
+    adapter: AdapterSpec | None = Field(
+        None,
+        description='A LoRA adapter for every row: a PEFT adapter directory (named "default" in the adapter column).',
+        json_schema_extra={"reference_kind": "path"},
+    )
+    adapters: dict[str, AdapterSpec] = Field(
+        default_factory=dict,
+        description="LoRA adapters by name, each a PEFT adapter directory; input.adapter_column (a batch line: "
+        "body.model) chooses one per row, all served by one replica. See the README's adapters.",
+        json_schema_extra={"reference_kind": "mapping of name to path"},
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, given: dict[str, AdapterSpec]) -> dict[str, AdapterSpec]:
+        for name in given:
+            if not adapters.is_name(name):
+                raise ValueError(
+                    f"{name!r} is no adapter name; use letters, digits, '_', '-' and '.' (and not {adapters.BASE!r})"
+                )
+        return given
+
+    @model_validator(mode="after")
+    def _one_way_to_adapt(self) -> ModelSpec:
+        if self.adapter is not None and self.adapters:
+            raise ValueError(
+                "give model.adapter (one adapter for every row) or model.adapters (chosen per row by "
+                "input.adapter_column), not both"
+            )
+        return self
+
+    def adapter_set(self) -> dict[str, AdapterSpec]:
+        """The job's adapters by name (model.adapter's is "default"); empty: the base model only."""
+        return dict(self.adapters) or ({adapters.DEFAULT: self.adapter} if self.adapter is not None else {})
+
+    def adapter_field(self, name: str) -> str:
+        """Where the spec gives the adapter `name`, for messages."""
+        return "model.adapter" if self.adapter is not None else f"model.adapters.{name}"
 
 
 class ReasoningTags(_Section):
@@ -469,6 +534,19 @@ class JobSpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _adapters_are_chosen(self) -> JobSpec:
+        # A batch line chooses its adapter by its body's model, as vLLM's server does.
+        column, named = self.input.adapter_column, self.model.adapters
+        if named and column is None and self.input.format != rows.OPENAI_BATCH:
+            raise ValueError(
+                "model.adapters needs input.adapter_column, the column naming each row's adapter "
+                "(or give one model.adapter for every row)"
+            )
+        if column is not None and not named:
+            raise ValueError("input.adapter_column chooses among model.adapters, which is empty")
+        return self
+
+    @model_validator(mode="after")
     def _output_columns_unique(self) -> JobSpec:
         # A Parquet file with a column twice is one no reader opens; the checks above
         # cover the common clashes, this one every column of every file a job writes.
@@ -564,6 +642,7 @@ def _column_sources(spec: JobSpec, name: str) -> list[str]:
         "input.prompt_template": list(template_fields(i.prompt_template)) if i.prompt_template else [],
         "input.messages_column": [i.messages_column],
         "input.max_new_tokens_column": [i.max_new_tokens_column],
+        "input.adapter_column": [i.adapter_column],
         "input.pass_through": list(i.pass_through),
         "evaluation.reference_column": [spec.evaluation.reference_column] if spec.evaluation is not None else [],
         "the columns bulkgen generates": [f.name for f in rows.GENERATED],
@@ -571,6 +650,7 @@ def _column_sources(spec: JobSpec, name: str) -> list[str]:
         "generation.reasoning": [f.name for f in rows.reasoning_fields(spec)],
         "generation.logprobs": [f.name for f in rows.logprob_fields(spec.generation.top_logprobs > 0)]
         if spec.generation.logprobs else [],
+        "the adapter column of model.adapters": [rows.ADAPTER.name] if spec.model.adapter_set() else [],
         "the error columns of errors/": [f.name for f in rows.ERROR_FIELDS],
         "the evaluation's scores": [f.name for f in rows.EVALUATION_FIELDS] if spec.evaluation is not None else [],
         "the filter column of filtered/": [rows.FILTER.name],
@@ -685,13 +765,29 @@ def spec_from_dict(data: dict[str, Any], source: str = "job spec") -> JobSpec:
     model_path = spec.model.path
     if os.path.exists(os.path.expanduser(model_path)):
         model_path = os.path.abspath(os.path.expanduser(model_path))
+    model = {"path": model_path}
+    if spec.model.adapter is not None:
+        model["adapter"] = _identified(spec.model.adapter)
+    if spec.model.adapters:
+        model["adapters"] = {name: _identified(a) for name, a in spec.model.adapters.items()}
     return spec.model_copy(
         update={
             "input": spec.input.model_copy(update={"uri": _absolute_local(spec.input.uri)}),
             "output": spec.output.model_copy(update={"uri": _absolute_local(spec.output.uri)}),
-            "model": spec.model.model_copy(update={"path": model_path}),
+            "model": spec.model.model_copy(update=model),
         }
     )
+
+
+def _identified(adapter: AdapterSpec) -> AdapterSpec:
+    """The adapter at an absolute path, with its files' SHA-256 where the spec gave none (a recorded
+    spec keeps its own: a resume then sees a changed adapter). A directory that is not there keeps
+    no hash; the driver's checks refuse it (jobs/preflight.check_adapters)."""
+    path = _absolute_local(adapter.path)
+    digest = adapter.sha256
+    if digest is None and os.path.isdir(path):
+        digest = adapters.files_sha256(path)
+    return adapter.model_copy(update={"path": path, "sha256": digest})
 
 
 def load_spec(path: str | os.PathLike, overrides: list[str] = ()) -> JobSpec:
@@ -728,7 +824,9 @@ def _is_section(annotation) -> bool:
 
 def _reference_row(path: str, f) -> str:
     choices = getattr(f.annotation, "__args__", ())
-    if getattr(f.annotation, "__origin__", None) is Literal:
+    if isinstance(f.json_schema_extra, dict) and "reference_kind" in f.json_schema_extra:
+        kind = f.json_schema_extra["reference_kind"]
+    elif getattr(f.annotation, "__origin__", None) is Literal:
         kind = " or ".join(f"`{c}`" for c in choices)
     elif getattr(f.annotation, "__origin__", None) is tuple:
         kind = "list of str"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
+from jobs.core import adapters
 from jobs.core.model import checkpoint_dtype
 from jobs.core.spec import JobSpec
 
@@ -31,6 +32,14 @@ def refuses(spec: JobSpec) -> str | None:
     gpus = spec.resources.num_gpus
     if gpus > 1 and gpus != int(gpus):
         return f"resources.num_gpus {gpus} above 1 means tensor parallelism over whole GPUs; give an integer"
+    for name, adapter in sorted(spec.model.adapter_set().items()):
+        try:
+            config = adapters.read_config(adapter.path)
+        except (OSError, ValueError):
+            continue  # no adapter at all, which jobs/preflight.check_adapters refuses for either engine
+        if reason := adapters.vllm_refusal(config):
+            field = spec.model.adapter_field(name)
+            return f"{field} {reason}, which vLLM 0.32 does not load; use model.engine: transformers"
     return None
 
 

@@ -71,3 +71,27 @@ def test_vllm_on_cpu_runs_eager_unless_asked(tiny_model):
 
     assert on_cpu()["enforce_eager"] is True  # no compile before the first token
     assert on_cpu({"enforce_eager": False})["enforce_eager"] is False
+
+
+def test_vllm_serves_every_adapter_in_one_batch_with_a_spare_slot_on_cpu(tiny_model, lora_adapters):
+    from workers.vllm_engine import engine_args
+
+    def args(num_gpus: float, adapters: dict) -> dict:
+        data = spec("vllm").model_dump()
+        data["model"].update(path=str(tiny_model), adapters={name: str(path) for name, path in adapters.items()})
+        data["input"]["adapter_column"] = "adapter" if adapters else None
+        data["resources"] = {"num_gpus": num_gpus}
+        return engine_args(spec_from_dict(data))
+
+    # On CPU a base row's slot index -1 picks the last slot (vllm/lora/ops/torch_ops): one more, left empty.
+    assert {k: args(0, lora_adapters)[k] for k in ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank")} == {
+        "enable_lora": True, "max_loras": 3, "max_cpu_loras": 3, "max_lora_rank": 8
+    }  # fmt: skip
+    assert args(1, lora_adapters)["max_loras"] == 2
+    assert "enable_lora" not in args(0, {})
+
+
+def test_options_may_not_turn_lora_on_or_size_it():
+    for option in ("enable_lora", "max_loras"):
+        with pytest.raises(ModelError, match=f"model.engine_options.{option}: set model.adapters in the spec instead"):
+            check_engine(spec("vllm", {option: 2}))

@@ -3,6 +3,8 @@ refused by `bulkgen validate` and by `bulkgen run` before Ray starts, exit 2, na
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +16,7 @@ from jobs.core.spec import load_spec, spec_from_dict
 from jobs.preflight import check_attn_implementation
 from jobs.validate import validate
 from tests.conftest import job_dict, write_job, write_prompts
+from tests.tiny_model import save_tiny_model, train_lora
 from tests.jobs.test_bad_input import cli_refuses, files_under, nothing_heavy_starts, prompts  # noqa: F401 (fixtures)
 
 
@@ -213,3 +216,98 @@ def test_set_with_a_value_yaml_cannot_read_exits_2(tmp_path, tiny_model, prompts
     assert main(["validate", str(path), "--set", "generation.max_new_tokens=a: b: c"]) == 2
     err = capsys.readouterr().err
     assert "--set 'generation.max_new_tokens=a: b: c'" in err and "Traceback" not in err
+
+
+# -- adapters (model.adapter, model.adapters) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def foreign_adapters(tiny_gpt2, tmp_path_factory) -> dict[str, Path]:
+    """Adapters of other base models: a Llama half as wide, and GPT-2 (other module names)."""
+    root = tmp_path_factory.mktemp("foreign")
+    narrow = save_tiny_model(root / "narrow-llama", hidden=32)
+    return {
+        "narrow": train_lora(narrow, root / "narrow", "Write a poem.", seed=0, steps=1),
+        "gpt2": train_lora(tiny_gpt2, root / "gpt2", "Write a poem.", seed=0, steps=1, target_modules=("c_attn",)),
+    }
+
+
+def adapter_job(tmp_path: Path, model: Path, adapters: dict, names=("poem", None, "code", "poem"), **model_fields) -> Path:
+    """A job over rows naming `names` in their `adapter` column, choosing among `adapters` ({name: path or spec})."""
+    write_prompts(tmp_path / "in" / "a.parquet", len(names), adapter=list(names))
+    data = job_dict(str(tmp_path / "in"), str(tmp_path / "out"), model)
+    data["model"].update(adapters={k: v if isinstance(v, dict) else str(v) for k, v in adapters.items()}, **model_fields)
+    data["input"]["adapter_column"] = "adapter"
+    return write_job(tmp_path / "job.yaml", data)
+
+
+def test_adapters_that_fit_pass(tmp_path, tiny_model, lora_adapters, nothing_heavy_starts):
+    checked = validate(load_spec(adapter_job(tmp_path, tiny_model, lora_adapters)))
+    assert {name: a["r"] for name, a in checked.model["adapters"].items()} == {"code": 8, "poem": 8}
+
+
+@pytest.mark.parametrize(
+    "foreign, fragments",
+    [
+        ("narrow", ["model.adapters.code does not fit model.path", "model.layers.0.self_attn.q_proj takes 64 inputs, "
+                    "the adapter's lora_A expects 32"]),
+        ("gpt2", ["model.adapters.code does not fit model.path", "adapts transformer.h.0.attn.c_attn, which the base "
+                  "model does not have (trained on another base model?)"]),
+    ],
+)  # fmt: skip
+def test_an_adapter_of_another_base_model_is_refused(tmp_path, tiny_model, lora_adapters, foreign_adapters, capsys,
+                                                     nothing_heavy_starts, foreign, fragments):  # fmt: skip
+    path = adapter_job(tmp_path, tiny_model, {"poem": lora_adapters["poem"], "code": foreign_adapters[foreign]})
+    cli_refuses(path, capsys, *fragments)
+
+
+def edited_adapter(source: Path, target: Path, **config) -> Path:
+    shutil.copytree(source, target)
+    doc = json.loads((target / "adapter_config.json").read_text())
+    (target / "adapter_config.json").write_text(json.dumps({**doc, **config}))
+    return target
+
+
+def test_an_adapter_that_is_not_lora_or_uses_dora_is_refused(tmp_path, tiny_model, lora_adapters, capsys, nothing_heavy_starts):
+    prefix = edited_adapter(lora_adapters["code"], tmp_path / "prefix", peft_type="PREFIX_TUNING")
+    cli_refuses(adapter_job(tmp_path, tiny_model, {"poem": lora_adapters["poem"], "code": prefix}), capsys,
+                f"model.adapters.code: {prefix} is a PREFIX_TUNING adapter; only LoRA adapters are supported")  # fmt: skip
+    dora = edited_adapter(lora_adapters["code"], tmp_path / "dora", use_dora=True)
+    (tmp_path / "job.yaml").write_text((tmp_path / "job.yaml").read_text().replace(str(prefix), str(dora)))
+    cli_refuses(tmp_path / "job.yaml", capsys, "model.adapters.code", "uses DoRA, which neither vLLM 0.32 nor PEFT's mixed-adapter batches run")
+
+
+def test_a_missing_or_pickled_adapter_is_refused(tmp_path, tiny_model, lora_adapters, capsys, nothing_heavy_starts):
+    path = adapter_job(tmp_path, tiny_model, {"poem": tmp_path / "nowhere"}, names=("poem",))
+    cli_refuses(path, capsys, f"model.adapters.poem: {tmp_path / 'nowhere'} is no PEFT adapter directory (no adapter_config.json)")
+    pickled = shutil.copytree(lora_adapters["poem"], tmp_path / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    (tmp_path / "job.yaml").write_text((tmp_path / "job.yaml").read_text().replace(str(tmp_path / "nowhere"), str(pickled)))
+    cli_refuses(tmp_path / "job.yaml", capsys, "model.adapters.poem", "only pickle weights (adapter_model.bin)", "model.use_safetensors: false")
+
+
+def test_an_adapter_changed_since_the_spec_pinned_it_is_refused(tmp_path, tiny_model, lora_adapters, capsys, nothing_heavy_starts):
+    pinned = {"path": str(lora_adapters["poem"]), "sha256": "0" * 64}
+    path = adapter_job(tmp_path, tiny_model, {"poem": pinned}, names=("poem",))
+    cli_refuses(path, capsys, "model.adapters.poem", "files' sha256 is", f"the spec pins {'0' * 64}: the adapter changed")
+
+
+def test_a_row_naming_no_adapter_of_the_job_is_refused(tmp_path, tiny_model, lora_adapters, capsys, nothing_heavy_starts):
+    path = adapter_job(tmp_path, tiny_model, lora_adapters, names=("poem", None, "peom", "code"))
+    cli_refuses(path, capsys, "input.adapter_column 'adapter': row 'row-00002' of a.parquet names adapter 'peom'; "
+                              "model.adapters has ['code', 'poem']")  # fmt: skip
+
+
+def test_an_adapter_column_that_is_no_text_is_refused(tmp_path, tiny_model, lora_adapters, capsys, nothing_heavy_starts):
+    write_prompts(tmp_path / "in" / "a.parquet", 2, adapter=pa.array([1, 2]))
+    data = job_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model)
+    data["model"]["adapters"] = {"poem": str(lora_adapters["poem"])}
+    data["input"]["adapter_column"] = "adapter"
+    cli_refuses(write_job(tmp_path / "job.yaml", data), capsys, "input.adapter_column 'adapter'", "has type int64; expected text")
+
+
+def test_vllm_refuses_an_adapter_it_cannot_load(tmp_path, tiny_model, lora_adapters, capsys, nothing_heavy_starts):
+    saved = edited_adapter(lora_adapters["poem"], tmp_path / "saved", modules_to_save=["lm_head"])
+    path = adapter_job(tmp_path, tiny_model, {"poem": saved}, names=("poem",), engine="vllm")
+    cli_refuses(path, capsys, "model.engine is vllm, but model.adapters.poem uses modules_to_save ['lm_head'], "
+                              "which vLLM 0.32 does not load; use model.engine: transformers")  # fmt: skip

@@ -106,3 +106,27 @@ def test_logprobs_come_from_the_cache_for_the_same_ask_only(tmp_path, tiny_model
     assert all(len(r["top_logprobs"]) == r["completion_tokens"] for r in again.values())
     result, _ = run_once(cached_spec(tmp_path, tiny_model, logprobs=True, top_logprobs=2), "attempt-3")
     assert result.tally.rows_cached == 0  # another K, another key
+def test_an_adapters_hash_is_in_its_rows_keys(tmp_path, tiny_model):
+    from workers.engine import Request
+    from workers.row_cache import ReplicaCache
+
+    def keys(adapters: dict | None) -> dict:
+        data = job_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model)
+        data["cache"] = {"uri": str(tmp_path / "cache")}
+        if adapters is not None:
+            data["model"]["adapters"] = {name: str(path) for name, path in adapters.items()}
+            data["input"]["adapter_column"] = "adapter"
+        cache = ReplicaCache(spec_from_dict(data), {}, {"engine": "transformers"})
+        names = [None, *sorted(adapters or {})]
+        return cache.keys([Request(i, (1, 2, 3), 0, MAX_NEW, adapter=name) for i, name in enumerate(names)], 100)
+
+    for name in ("poem", "code"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "name": name}))
+    adapters = {"poem": tmp_path / "poem", "code": tmp_path / "code"}
+    plain, before = keys(None), keys(adapters)
+    assert len(set(before.values())) == 3  # base, code, poem: each its own
+    assert before[0] != plain[0]  # an adapter job's base rows share no entry with a plain job's
+    (tmp_path / "code" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "name": "retrained"}))
+    after = keys(adapters)
+    assert (after[0], after[2]) == (before[0], before[2]) and after[1] != before[1]  # only code's rows miss

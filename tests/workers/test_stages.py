@@ -32,8 +32,9 @@ REASONING = {"reasoning": {"start": "<think>", "end": "</think>"}}  # tags any t
 LOGPROBS = {"logprobs": True, "top_logprobs": 3}
 
 
-def make_spec(tmp_path, model, **sections):
+def make_spec(tmp_path, model, model_fields: dict | None = None, **sections):
     data = job_dict(str(tmp_path / "in"), str(tmp_path / "out"), model, **sections)
+    data["model"].update(model_fields or {})
     return spec_from_dict(data)
 
 
@@ -116,6 +117,16 @@ def test_logprobs_are_asked_before_the_row_cache_and_written_after_generating(tm
     assert stages_of(spec, loop)[3].needs == {"token_ids"}
 
 
+ADAPTERS = {"model_fields": {"adapters": {"poem": "/adapters/poem"}}, "input": {"adapter_column": "topic"}}
+
+
+def test_adapters_are_chosen_after_render_and_before_the_cache(tmp_path, tiny_model, loop):
+    # The row cache's keys hold each request's adapter, so it is chosen first.
+    assert names(make_spec(tmp_path, tiny_model, cache=CACHE, **ADAPTERS), loop) == [
+        "read_parquet", "render", "adapter", "cache_lookup", "generate", "write", "cache_keep"
+    ]  # fmt: skip
+
+
 def test_a_batch_input_has_the_batch_reader_and_its_render(tmp_path, tiny_model, loop):
     assert names(batch_spec(tmp_path, tiny_model), loop) == ["read_batch", "render_batch", "generate", "write"]
 
@@ -151,9 +162,10 @@ def _fields(fields) -> list[tuple[str, str]]:
         {"generation": {"logprobs": True}},
         {"generation": LOGPROBS, "filters": FILTERS},
         {"generation": {**REASONING, **LOGPROBS}},
+        {**ADAPTERS, "filters": FILTERS},
     ],
     ids=["plain", "include-prompt", "cache-filters", "evaluation", "reference-passed-through", "derived-id-all",
-         "reasoning", "logprobs", "top-logprobs-filters", "reasoning-logprobs"],  # fmt: skip
+         "reasoning", "logprobs", "top-logprobs-filters", "reasoning-logprobs", "adapters"],  # fmt: skip
 )
 def test_the_declared_columns_are_the_files_schemas(tmp_path, tiny_model, loop, sections):
     spec = make_spec(tmp_path, tiny_model, **sections)

@@ -3,6 +3,7 @@
     read            the task's rows: a Parquet row range (read.py), an OpenAI batch
                     file's lines (batch.py), or retry-failed's dead letters (read.py)
     render          prompts, token ids and one request per sample (render.py; batch.py)
+    adapter         model.adapter(s): each row's LoRA adapter, on its requests (adapter.py)
     ask_logprobs    generation.logprobs: every request asks for its tokens' logprobs (logprobs.py)
     cache_lookup    cache.uri: sequences the row cache already has (cache.py)
     generate        the rest, on the engine (generate.py)
@@ -29,6 +30,7 @@ from jobs.core.rows import is_batch
 from jobs.core.spec import JobSpec
 from workers.engine_loop import EngineLoop
 from workers.row_cache import ReplicaCache
+from workers.stages.adapter import ChooseAdapter
 from workers.stages.batch import BatchReader, RenderBatch
 from workers.stages.cache import CacheKeep, CacheLookup
 from workers.stages.evaluate import Evaluate
@@ -78,6 +80,7 @@ def build_stages(spec: JobSpec, loop: EngineLoop, job_facts: dict, engine: dict)
     ]
     steps = [
         (RenderBatch if batch else Render)(spec, tokenizer, context),
+        *([ChooseAdapter(spec)] if spec.model.adapter_set() else []),
         *([AskLogprobs(spec)] if g.logprobs else []),
         *([CacheLookup(cache, needs(parse))] if cache is not None else []),
         Generate(loop),

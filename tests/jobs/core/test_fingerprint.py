@@ -86,8 +86,9 @@ def decisive_defaults(model: type[BaseModel], exclude: dict[str, Any], prefix: s
             continue
         section = next((a for a in (f.annotation, *getattr(f.annotation, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)  # fmt: skip
         default = "required" if f.is_required() else f.get_default(call_default_factory=True)
-        # A field that may hold a section but defaults to a plain value (reasoning: off) pins that value.
-        if section is not None and (default in ("required", None) or isinstance(default, BaseModel)):
+        # A field that may hold a section but defaults to a plain value (reasoning: off) pins that value;
+        # a mapping of sections (model.adapters) pins its sections' fields.
+        if section is not None and (default in ("required", None) or isinstance(default, (BaseModel, dict))):
             defaults |= decisive_defaults(section, dict.fromkeys(rule or (), True), f"{prefix}{name}.")
         else:
             defaults[f"{prefix}{name}"] = default
@@ -107,6 +108,7 @@ def test_the_defaults_of_decisive_fields_are_pinned():
         "input.id_column": None,
         "input.pass_through": (),
         "input.max_new_tokens_column": None,
+        "input.adapter_column": None,
         "model.path": "required",
         "model.revision": None,
         "model.tokenizer": None,
@@ -115,6 +117,10 @@ def test_the_defaults_of_decisive_fields_are_pinned():
         "model.use_safetensors": True,
         "model.attn_implementation": None,
         "model.engine": "auto",
+        "model.adapter.path": "required",
+        "model.adapter.sha256": None,
+        "model.adapters.path": "required",  # of each adapter
+        "model.adapters.sha256": None,
         "generation.max_new_tokens": 128,
         "generation.do_sample": False,
         "generation.temperature": 1.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pydantic
 import pytest
 import yaml
 
+from jobs.core import adapters
 from jobs.core.spec import (
     JobSpec,
     ReplicaCount,
@@ -506,6 +508,83 @@ def test_urls_and_hub_ids_are_left_alone(tmp_path, monkeypatch):
     assert spec.output.uri == "memory://out"
     assert spec.model.path == "org/model"
     assert not Path(spec.model.path).is_absolute()
+
+
+# -- adapters ------------------------------------------------------------------------------
+
+
+def adapter_dir(path: Path, weights: bytes = b"weights") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (path / "adapter_model.safetensors").write_bytes(weights)
+    return path
+
+
+def test_adapters_are_made_absolute_and_hashed_when_loaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    adapter_dir(tmp_path / "legal")
+    spec = spec_from_dict(minimal(model={"adapters": {"legal": "legal"}}, input={"adapter_column": "style"}))
+    legal = spec.model.adapters["legal"]
+    assert legal.path == str(tmp_path / "legal")
+    assert legal.sha256 == adapters.files_sha256(tmp_path / "legal")
+    assert spec.model.adapter_set() == {"legal": legal}
+    assert spec.model.adapter_field("legal") == "model.adapters.legal"
+
+
+def test_one_adapter_for_every_row_is_named_default(tmp_path):
+    spec = spec_from_dict(minimal(model={"adapter": str(adapter_dir(tmp_path / "a"))}))
+    assert list(spec.model.adapter_set()) == ["default"]
+    assert spec.model.adapter_field("default") == "model.adapter"
+    assert spec_from_dict(minimal()).model.adapter_set() == {}
+
+
+def test_a_recorded_hash_is_kept_so_a_changed_adapter_shows(tmp_path):
+    path = adapter_dir(tmp_path / "a")
+    first = spec_from_dict(minimal(model={"adapter": str(path)}))
+    adapter_dir(path, weights=b"trained again")
+    again = spec_from_dict(minimal(model={"adapter": str(path)}))
+    recorded = spec_from_dict(first.redacted())
+    assert recorded.model.adapter.sha256 == first.model.adapter.sha256 != again.model.adapter.sha256
+    assert recorded.fingerprint() == first.fingerprint() != again.fingerprint()
+
+
+def test_an_adapter_not_there_keeps_no_hash(tmp_path):
+    # Refused by the driver's checks (jobs/preflight.check_adapters), not at load.
+    assert spec_from_dict(minimal(model={"adapter": str(tmp_path / "missing")})).model.adapter.sha256 is None
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"model": {"adapter": "/a", "adapters": {"b": "/b"}}, "input": {"adapter_column": "c"}},
+         "model: give model.adapter (one adapter for every row) or model.adapters (chosen per row by "
+         "input.adapter_column), not both"),
+        ({"model": {"adapters": {"a b": "/b"}}, "input": {"adapter_column": "c"}},
+         "model.adapters: 'a b' is no adapter name; use letters, digits, '_', '-' and '.' (and not '__base__')"),
+        ({"model": {"adapters": {"__base__": "/b"}}, "input": {"adapter_column": "c"}}, "'__base__' is no adapter name"),
+        ({"model": {"adapters": {"a": "/b"}}},
+         "model.adapters needs input.adapter_column, the column naming each row's adapter (or give one "
+         "model.adapter for every row)"),
+        ({"input": {"adapter_column": "c"}}, "input.adapter_column chooses among model.adapters, which is empty"),
+        ({"model": {"adapters": {"legal": {"path": "/b", "sha256": "abc"}}}, "input": {"adapter_column": "c"}},
+         "model.adapters.legal.sha256: must be 64 hexadecimal digits (got 'abc')"),
+        ({"input": {"uri": "/r.jsonl", "prompt_column": None, "adapter_column": "c"}, "model": {"adapters": {"a": "/b"}}},
+         "drop ['adapter_column']"),
+        ({"model": {"adapter": {"sha256": "0" * 64}}}, "model.adapter.path: Field required"),
+    ],
+)  # fmt: skip
+def test_adapter_fields_are_refused_naming_the_field(sections, message):
+    assert message in spec_error(minimal(**sections))
+
+
+def test_a_batch_input_chooses_adapters_by_its_lines(tmp_path):
+    spec = spec_from_dict(minimal(input={"uri": "/r.jsonl", "prompt_column": None}, model={"adapters": {"a": "/b"}}))
+    assert list(spec.model.adapter_set()) == ["a"]
+
+
+def test_without_adapters_the_fingerprint_is_unchanged():
+    assert "adapter" not in json.dumps(spec_from_dict(minimal()).model_dump(exclude_defaults=True))
+    assert spec_from_dict(minimal(model={"adapters": {}})).fingerprint() == spec_from_dict(minimal()).fingerprint()
 
 
 # -- refusals at load (issue 16) ---------------------------------------------------------

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from jobs.core import vllm_support
 from jobs.core.spec import spec_from_dict
 
@@ -43,3 +47,43 @@ def test_auto_tries_vllm_on_cpu_in_float32_only(tiny_model):
     assert vllm_support.auto_passes_over(spec(dtype="float32")) is None
     assert vllm_support.auto_passes_over(spec(dtype="float16", num_gpus=1)) is None  # a GPU runs any
     assert vllm_support.auto_passes_over(spec(str(tiny_model))) is None  # auto: the checkpoint's own, float32
+
+
+def adapter_spec(tmp_path, **config):
+    """A spec with two adapters: `plain`, a LoRA vLLM loads, and `odd`, whose config adds `config`."""
+    lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "bias": "none"}
+    for name, fields in (("plain", {}), ("odd", config)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**lora, **fields}))
+    return spec_from_dict(
+        {
+            "input": {"uri": "/in", "prompt_column": "prompt", "adapter_column": "adapter"},
+            "model": {"path": "org/model", "adapters": {"plain": str(tmp_path / "plain"), "odd": str(tmp_path / "odd")}},
+            "output": {"uri": "/out"},
+        }
+    )
+
+
+def test_vllm_takes_plain_lora_adapters(tmp_path):
+    assert vllm_support.refuses(adapter_spec(tmp_path)) is None
+
+
+@pytest.mark.parametrize(
+    "config, named",
+    [
+        ({"modules_to_save": ["lm_head"]}, "model.adapters.odd uses modules_to_save ['lm_head'], which vLLM 0.32 does not load"),
+        ({"lora_bias": True}, "model.adapters.odd uses a LoRA bias (lora_bias)"),
+        ({"bias": "lora_only"}, "bias 'lora_only'"),
+        ({"init_lora_weights": "olora"}, "init_lora_weights 'olora'"),
+        ({"rank_pattern": {"q_proj": 1024}}, "rank 1024"),
+    ],
+)
+def test_vllm_refuses_adapters_it_cannot_load_so_auto_falls_back(tmp_path, config, named):
+    reason = vllm_support.refuses(adapter_spec(tmp_path, **config))
+    assert named in reason and reason.endswith("use model.engine: transformers")
+
+
+def test_an_adapter_that_is_not_there_is_left_to_the_driver_checks(tmp_path):
+    spec = adapter_spec(tmp_path)
+    (tmp_path / "odd" / "adapter_config.json").unlink()
+    assert vllm_support.refuses(spec) is None  # jobs/preflight.check_adapters refuses it for either engine
