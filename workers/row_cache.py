@@ -8,6 +8,7 @@ import dataclasses
 import logging
 from collections import OrderedDict
 
+from jobs.core import structured
 from jobs.core.cache import Entry, checkpoint_identity, context_digest, sequence_key, tokenizer_identity
 from jobs.core.spec import JobSpec
 from workers.engine import Request
@@ -21,9 +22,13 @@ def _params(r: Request) -> dict | None:
     return dataclasses.asdict(params) if params is not None else None
 
 
-def _request_extra(r: Request) -> dict:
-    """What a request asks beyond its sampling parameters, for its key (empty: nothing)."""
-    return {}
+def _request_extra(r: Request, whitespace: str) -> dict:
+    """What a request asks beyond its sampling parameters, for its key (empty: nothing);
+    `whitespace`: the job's JSON whitespace (generation.structured.whitespace), which shapes a grammar."""
+    extra = {}
+    if r.structured is not None:
+        extra["structured"] = [r.structured.kind, r.structured.value, whitespace]
+    return extra
 
 
 def _needs(r: Request) -> frozenset[str]:
@@ -54,6 +59,7 @@ class ReplicaCache:
             engine={k: engine.get(k) for k in ("engine", "engine_version", "device")},
             generation=spec.generation.model_dump(mode="json"),
         )
+        self.whitespace = "flexible" if structured.flexible(spec) else "compact"
         self._held: OrderedDict[str, dict[str, Entry]] = OrderedDict()
         self.rejected = 0  # entries found but not of the row schema (over this replica's life)
 
@@ -61,7 +67,13 @@ class ReplicaCache:
         """Each request's cache key (request key = row * stride + sample index)."""
         return {
             r.key: sequence_key(
-                self.context, r.prompt_ids, r.seed, r.key % stride, r.max_new_tokens, _params(r), _request_extra(r)
+                self.context,
+                r.prompt_ids,
+                r.seed,
+                r.key % stride,
+                r.max_new_tokens,
+                _params(r),
+                _request_extra(r, self.whitespace),
             )
             for r in requests
         }

@@ -14,9 +14,11 @@ import logging
 import os
 from collections.abc import Iterable
 
-from jobs.core import faults, vllm_support
+from jobs.core import faults, structured, vllm_support
 from jobs.core.errors import ModelError
 from jobs.core.model import checkpoint_dtype, context_length, load_tokenizer, text_config
+from jobs.core.rows import structured_possible
+from jobs.core.structured import Structured
 from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, completion_text
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,12 @@ class VllmEngine:
             _share_cpus_with_other_replicas(spec.resources)
         from vllm import EngineArgs, LLMEngine
 
-        args = EngineArgs(**engine_args(spec))
+        args = engine_args(spec)
+        if "structured_outputs_config" in args:  # a plain dict there, so engine_args reads without vLLM
+            from vllm.config import StructuredOutputsConfig
+
+            args["structured_outputs_config"] = StructuredOutputsConfig(**args["structured_outputs_config"])
+        args = EngineArgs(**args)
         engine = cls(LLMEngine.from_engine_args(args), load_tokenizer(spec.model), SamplingParams.from_spec(spec.generation))
         engine.probe()
         return engine
@@ -143,6 +150,7 @@ class VllmEngine:
             repetition_penalty=p.repetition_penalty,
             stop=list(p.stop) or None,
             seed=r.seed,
+            structured_outputs=_structured_outputs(r.structured),
             skip_special_tokens=True,
             # One output per request, when it finishes (as LLM.generate asks): the
             # default builds every running sequence's cumulative output on every step.
@@ -194,7 +202,27 @@ def engine_args(spec) -> dict:
         # Compiling the model at start-up took vLLM's CPU backend longer than the
         # benchmark's workloads ran (bench/presets.py): eager unless asked.
         args["enforce_eager"] = True
+    if structured_possible(spec):
+        # The guidance backend is llguidance, as for the transformers engine (workers/grammar.py):
+        # both engines then allow the same tokens at every step. (vLLM's auto may choose xgrammar.)
+        compact = not structured.flexible(spec)
+        args["structured_outputs_config"] = {"backend": "guidance", "disable_any_whitespace": compact}
     return {**args, **m.engine_options}
+
+
+def _structured_outputs(s: Structured | None):
+    """vLLM's form of a request's constraint (None: unconstrained)."""
+    if s is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if s.kind == "json_schema":
+        return StructuredOutputsParams(json=s.value)
+    if s.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if s.kind == "regex":
+        return StructuredOutputsParams(regex=s.value)
+    return StructuredOutputsParams(choice=list(s.value))
 
 
 def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, dtype: str, tokens: int, context: int) -> int:

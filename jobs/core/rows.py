@@ -91,6 +91,12 @@ def is_batch(spec: InputSpec) -> bool:
     return spec.format == OPENAI_BATCH
 
 
+def structured_possible(spec: JobSpec) -> bool:
+    """Whether any completion of the job may be constrained (structured output): by the job's
+    constraint or by its rows' own schemas."""
+    return spec.generation.structured is not None or spec.input.schema_column is not None
+
+
 def row_ids(spec: InputSpec, shard: Shard, table: pa.Table) -> list:
     """The ids of a shard's rows, in order."""
     if spec.id_column:
@@ -151,10 +157,13 @@ def id_field(spec: InputSpec, input_schema: pa.Schema) -> pa.Field:
 
 
 def data_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
-    """Columns of data/: id, generated columns, prompt (optional), scores (evaluation), pass-through."""
+    """Columns of data/: id, generated columns, prompt (optional), the constraint (structured output),
+    scores (evaluation), pass-through."""
     fields = [id_field(spec.input, input_schema), *GENERATED]
     if spec.output.include_prompt:
         fields.append(PROMPT)
+    if structured_possible(spec):
+        fields += [STRUCTURED, JSON_PARSED]
     carried = list(carried_columns(spec.input))
     if spec.evaluation is not None:
         fields += EVALUATION_FIELDS

@@ -586,6 +586,9 @@ def _column_sources(spec: JobSpec, name: str) -> list[str]:
         "evaluation.reference_column": [spec.evaluation.reference_column] if spec.evaluation is not None else [],
         "the columns bulkgen generates": [f.name for f in rows.GENERATED],
         "output.include_prompt": [rows.PROMPT.name] if spec.output.include_prompt else [],
+        "the columns of structured output": (
+            [rows.STRUCTURED.name, rows.JSON_PARSED.name] if rows.structured_possible(spec) else []
+        ),
         "the error columns of errors/": [f.name for f in rows.ERROR_FIELDS],
         "the evaluation's scores": [f.name for f in rows.EVALUATION_FIELDS] if spec.evaluation is not None else [],
         "the filter column of filtered/": [rows.FILTER.name],

@@ -1,14 +1,16 @@
 """A replica's work on a shard attempt, as a list of stages chosen once from the spec.
 
-    read            the task's rows: a Parquet row range (read.py), an OpenAI batch
-                    file's lines (batch.py), or retry-failed's dead letters (read.py)
-    render          prompts, token ids and one request per sample (render.py; batch.py)
-    cache_lookup    cache.uri: sequences the row cache already has (cache.py)
-    generate        the rest, on the engine (generate.py)
-    filter          filters: drop sequences to filtered/ (filter.py)
-    evaluate        evaluation: scores against the row's reference (evaluate.py)
-    write           assemble the rows and stage the attempt's files (write.py)
-    cache_keep      cache.uri: hold the generated sequences until the commit (cache.py)
+    read              the task's rows: a Parquet row range (read.py), an OpenAI batch
+                      file's lines (batch.py), or retry-failed's dead letters (read.py)
+    render            prompts, token ids and one request per sample (render.py; batch.py)
+    ask_structured    structured output: each request's constraint, the row's or the job's (structured.py)
+    cache_lookup      cache.uri: sequences the row cache already has (cache.py)
+    generate          the rest, on the engine (generate.py)
+    check_structured  structured output: a sequence that misses its constraint is a dead letter (structured.py)
+    filter            filters: drop sequences to filtered/ (filter.py)
+    evaluate          evaluation: scores against the row's reference (evaluate.py)
+    write             assemble the rows and stage the attempt's files (write.py)
+    cache_keep        cache.uri: hold the generated sequences until the commit (cache.py)
 
 build_stages is the one place they are chosen: a feature that is off is absent
 from the list, not a branch inside a stage. What flows between them is one
@@ -22,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobs.core.protocol import TaskKind
-from jobs.core.rows import is_batch
+from jobs.core.rows import is_batch, structured_possible
 from jobs.core.spec import JobSpec
 from workers.engine_loop import EngineLoop
 from workers.row_cache import ReplicaCache
@@ -34,6 +36,7 @@ from workers.stages.generate import Generate
 from workers.stages.read import DeadLetterReader, ParquetReader
 from workers.stages.render import Render
 from workers.stages.stage import Stage
+from workers.stages.structured import AskStructured, CheckStructured
 from workers.stages.write import Write, file_metadata
 
 
@@ -60,10 +63,16 @@ def build_stages(spec: JobSpec, loop: EngineLoop, job_facts: dict, engine: dict)
     batch = is_batch(spec.input)
     tokenizer, context = loop.engine.tokenizer, loop.engine.context_length
     cache = ReplicaCache(spec, job_facts.get("model", {}), engine) if spec.cache is not None else None
+    structured = structured_possible(spec)
+    parse = [  # stages that read what was generated, before it is filtered or scored
+        *([CheckStructured(spec, tokenizer)] if structured else []),
+    ]
     steps = [
         (RenderBatch if batch else Render)(spec, tokenizer, context),
-        *([CacheLookup(cache)] if cache is not None else []),
+        *([AskStructured(spec)] if structured else []),
+        *([CacheLookup(cache, frozenset().union(*(stage.needs for stage in parse)))] if cache is not None else []),
         Generate(loop),
+        *parse,
         *([Filter(spec)] if spec.filters is not None else []),
         *([Evaluate(spec)] if spec.evaluation is not None else []),
         Write(spec, file_metadata(job_facts, engine)),
