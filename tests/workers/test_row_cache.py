@@ -92,3 +92,24 @@ def test_a_changed_checkpoint_config_misses(tmp_path, tiny_model, name, change):
     (model / name).write_text(json.dumps(config))
     result, _ = run_once(spec, "attempt-2")
     assert result.tally.rows_cached == 0
+
+
+def test_a_constraint_keys_its_sequences_apart(tmp_path, tiny_model):
+    from dataclasses import replace
+
+    from jobs.core.structured import Structured
+    from workers.engine import Request
+    from workers.row_cache import ReplicaCache
+
+    def key(request, **generation):
+        data = job_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model, generation=generation,
+                        cache={"uri": str(tmp_path / "cache")})  # fmt: skip
+        return ReplicaCache(spec_from_dict(data), {}, {"engine": "transformers"}).keys([request], 1)[0]
+
+    plain = Request(0, (5, 6, 7), seed=3, max_new_tokens=8)
+    regex = replace(plain, structured=Structured("regex", "[a-z]+"))
+    compact = {"structured": {"regex": "[a-z]+"}}
+    # An unconstrained sequence is the same sequence in a job that may constrain others.
+    assert key(plain, **compact) == key(plain)
+    assert len({key(regex, **compact), key(plain), key(replace(regex, structured=Structured("regex", "[a-z]*")), **compact),
+                key(regex, structured={"regex": "[a-z]+", "whitespace": "flexible"})}) == 4  # fmt: skip
