@@ -58,7 +58,7 @@ class Grammars:
 
     def mask(self, logits: torch.Tensor, matchers: list) -> None:
         """Set to -inf, in place, every token a row's matcher does not allow next; (B, V) float
-        logits, one matcher (or None: unconstrained) per row."""
+        logits (V at most the `vocab` given), one matcher (or None: unconstrained) per row."""
         active = [i for i, m in enumerate(matchers) if m is not None]
         if not active:
             return
