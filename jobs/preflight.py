@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from jobs.core import vllm_support
+from jobs.core import reasoning, vllm_support
 from jobs.core.errors import ModelError
 from jobs.core.model import context_length
 from jobs.core.spec import JobSpec
@@ -79,6 +79,12 @@ def check_tokenizer(spec: JobSpec, tokenizer) -> None:
         )
 
 
+def check_reasoning(spec: JobSpec, tokenizer) -> None:
+    """`generation.reasoning: auto` needs tags the tokenizer shows; each replica resolves the same ones."""
+    if spec.generation.reasoning == "auto":
+        reasoning.job_tags("auto", spec.model, tokenizer)  # raises ModelError naming what it looked for
+
+
 def model_identity(spec: JobSpec) -> dict:
     """Model id plus revision, and for a local checkpoint a hash of its weight files."""
     identity = {"path": spec.model.path, "revision": spec.model.revision, "dtype": spec.model.dtype}
@@ -142,7 +148,8 @@ def _check_safetensors_headers(path: str, model) -> None:
 # Engine arguments the spec itself decides; an engine option must not contradict it.
 _SPEC_OWNS = {"model": "model.path", "tokenizer": "model.tokenizer", "revision": "model.revision",
               "dtype": "model.dtype", "trust_remote_code": "model.trust_remote_code", "seed": "generation.seed",
-              "structured_outputs_config": "generation.structured.whitespace"}
+              "structured_outputs_config": "generation.structured.whitespace",
+              "logprobs_mode": "generation.logprobs"}  # raw_logprobs: what the transformers engine computes too
 
 
 def check_engine(spec: JobSpec) -> None:

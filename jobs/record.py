@@ -83,6 +83,7 @@ class Counts:
     shards_retried: int = 0  # attempts that had to be redone
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0  # of completion_tokens, the thinking's (generation.reasoning)
 
 
 def committed_counts(commits: Iterable[CommitRecord]) -> dict[str, int]:
@@ -228,7 +229,8 @@ def format_status(record: JobRecord, uri: str) -> str:
         + f"  failed {c.rows_failed}"
         + (f"  filtered {c.rows_filtered}" if c.rows_filtered else ""),
         f"shards:   {c.shards_committed}/{c.shards_total} committed  ({c.shards_retried} retried)",
-        f"tokens:   {c.prompt_tokens} prompt, {c.completion_tokens} generated",
+        f"tokens:   {c.prompt_tokens} prompt, {c.completion_tokens} generated"
+        + (f" ({c.reasoning_tokens} of them reasoning)" if c.reasoning_tokens else ""),
         f"updated:  {record.updated_at}",
     ]
     if record.runs:

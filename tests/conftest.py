@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.tiny_model import save_tiny_model
+from tests.tiny_model import save_thinking_model, save_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded in tests
@@ -28,6 +28,12 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny Llama checkpoint (safetensors + tokenizer with a chat template)."""
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def thinking_model(tmp_path_factory) -> Path:
+    """A tiny Llama whose chat template opens <think> and that answers tests.tiny_model.THINKING_ANSWERS."""
+    return save_thinking_model(tmp_path_factory.mktemp("models") / "tiny-thinking")
 
 
 @pytest.fixture(scope="session")

@@ -55,3 +55,52 @@ def save_tiny_model(path: Path, arch: str = "llama", max_positions: int = 128, s
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+# A template that opens the thinking in the prompt, as DeepSeek-R1's does: the model writes
+# its thinking, then </think>, then the answer.
+THINKING_TEMPLATE = CHAT_TEMPLATE.replace("assistant:{% endif %}", "assistant: <think>{% endif %}")
+
+# What save_thinking_model's checkpoint answers to each prompt, greedily (its whole training set).
+THINKING_ANSWERS = {
+    "Write a short poem about the sea and the wind.": ("the sea and the wind", "A short poem."),
+    "Return the number of items in the list.": ("count the items", "Use len."),
+}
+
+
+def save_thinking_model(path: Path) -> Path:
+    """A tiny Llama that thinks: trained (seconds, on CPU) to answer each THINKING_ANSWERS prompt, as a
+    user message rendered by THINKING_TEMPLATE, with "<thinking></think><answer>" and its EOS. The tags
+    are added (not special) tokens, so they are single tokens and stay in the decoded text."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = THINKING_TEMPLATE
+    eos = tokenizer.eos_token_id
+    sequences = []
+    for prompt, (thinking, answer) in THINKING_ANSWERS.items():
+        chat = [{"role": "user", "content": prompt}]
+        rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        # The prompt's ids as the job renders them (a chat prompt has no special tokens added), then the completion's.
+        ids = tokenizer(rendered, add_special_tokens=False).input_ids
+        ids += tokenizer(f"{thinking}</think>{answer}", add_special_tokens=False).input_ids + [eos]
+        sequences.append(torch.tensor(ids))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(80):  # at 60 an answer still runs on past its EOS
+        loss = sum(model(input_ids=ids[None], labels=ids[None]).loss for ids in sequences)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

@@ -52,6 +52,7 @@ class Candidate:
     text: str
     prompt: str
     completion_tokens: int
+    mean_logprob: float | None = None  # logprob_sum / completion_tokens; None: no logprobs, or no tokens
     dropped_by: str | None = None
 
 
@@ -98,6 +99,8 @@ class Filters:
             return "min_completion_tokens"
         if s.max_completion_tokens is not None and c.completion_tokens > s.max_completion_tokens:
             return "max_completion_tokens"
+        if s.min_mean_logprob is not None and c.mean_logprob is not None and c.mean_logprob < s.min_mean_logprob:
+            return "min_mean_logprob"
         if self.must_match is not None and not self.must_match.search(c.text):
             return "must_match"
         if self.must_not_match is not None and self.must_not_match.search(c.text):

@@ -28,6 +28,8 @@ def _request_extra(r: Request, whitespace: str) -> dict:
     extra = {}
     if r.structured is not None:
         extra["structured"] = [r.structured.kind, r.structured.value, whitespace]
+    if r.logprobs is not None:
+        extra["logprobs"] = r.logprobs
     return extra
 
 

@@ -18,6 +18,7 @@ hand its state back and forth.)
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Iterable
 
@@ -27,7 +28,7 @@ from jobs.core import faults, structured
 from jobs.core.model import context_length, load_tokenizer
 from jobs.core.rows import structured_possible
 from workers import sampling
-from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, completion_text
+from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, TopLogprobs, completion_text
 from workers.grammar import Grammars
 from workers.kv_batch import Batch, Row, merge, spliceable
 
@@ -320,10 +321,21 @@ class TransformersEngine:
 
     def _scores(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor | None:
         """(B, V) log-probabilities, when any row asked for logprobs."""
-        return None
+        if all(row.request.logprobs is None for row in rows):
+            return None
+        # A new tensor: sampling may write -inf into the logits in place (no-repeat n-grams).
+        return torch.log_softmax(logits, dim=-1)
 
     def _note(self, row: Row, token: int, scores: torch.Tensor | None) -> None:
         """Keep the chosen token's logprob (and the step's top K) for a row that asked."""
+        k = row.request.logprobs
+        if k is None:
+            return
+        # Per row, (V,) scores: the chosen token is known only now, after sampling.
+        logprob = float(scores[token])
+        row.token_logprobs.append(logprob)
+        if k:
+            row.top_logprobs.append(_top(scores, token, logprob, k))
 
     def _grammar_done(self, row: Row, token: int) -> bool:
         """Feed the chosen token to the row's grammar; whether the grammar is complete."""
@@ -372,6 +384,17 @@ class TransformersEngine:
             self.batch_size,
         )
         self.waiting.extendleft(reversed(suspects))
+
+
+def _top(scores: torch.Tensor, chosen: int, logprob: float, k: int) -> TopLogprobs:
+    """The k most likely tokens of (V,) `scores`, most likely first; tokens a grammar masked
+    (-inf) are left out. When the chosen token ties the k-th, it is the one listed (as vLLM
+    does: its rank, one plus the tokens more likely, is k)."""
+    values, ids = torch.topk(scores, min(k, scores.shape[-1]))
+    top = [(t, p) for t, p in zip(ids.tolist(), values.tolist()) if math.isfinite(p)]
+    if len(top) == k and logprob >= top[-1][1] and chosen not in (t for t, _ in top):
+        top[-1] = (chosen, logprob)
+    return tuple(top)
 
 
 def _stop_window(stop: tuple[str, ...]) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 from collections.abc import Iterable
 
@@ -19,7 +20,7 @@ from jobs.core.errors import ModelError
 from jobs.core.model import checkpoint_dtype, context_length, load_tokenizer, text_config
 from jobs.core.rows import structured_possible
 from jobs.core.structured import Structured
-from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, completion_text
+from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, TopLogprobs, completion_text
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class VllmEngine:
             stop=list(p.stop) or None,
             seed=r.seed,
             structured_outputs=_structured_outputs(r.structured),
+            logprobs=r.logprobs,  # vLLM's default logprobs_mode, raw_logprobs, is what ours are
             skip_special_tokens=True,
             # One output per request, when it finishes (as LLM.generate asks): the
             # default builds every running sequence's cumulative output on every step.
@@ -168,9 +170,32 @@ class VllmEngine:
             tokens = tokens[:-1]
         if out.finish_reason not in ("stop", "length"):
             return Completion(key, (), "", "error", f"vLLM ended the sequence: {out.finish_reason}")
+        logprobs, top = None, None
+        if request.logprobs is not None:
+            logprobs, top = sample_logprobs(out.logprobs, tokens, request.logprobs)
         # Our own decoding, not vLLM's incremental text (which ends a cut character
         # with a replacement mark): the same tokens give the same text on either engine.
-        return Completion(key, tokens, completion_text(self.tokenizer, tokens, stop), out.finish_reason)
+        text = completion_text(self.tokenizer, tokens, stop)
+        return Completion(key, tokens, text, out.finish_reason, token_logprobs=logprobs, top_logprobs=top)
+
+
+def sample_logprobs(steps, tokens: tuple[int, ...], k: int) -> tuple[tuple[float, ...], tuple[TopLogprobs, ...] | None]:
+    """Our logprobs from vLLM's `CompletionOutput.logprobs`: the chosen tokens' and, when k > 0, each
+    step's top k. `steps` holds one {token id: Logprob(logprob, rank)} per token vLLM generated,
+    the end-of-sequence token we drop included (a FlatLogprobs indexes the same way)."""
+    steps = [steps[j] for j in range(len(tokens))]
+    chosen = tuple(step[t].logprob for step, t in zip(steps, tokens))
+    if not k:
+        return chosen, None
+    return chosen, tuple(_top(step, t, k) for step, t in zip(steps, tokens))
+
+
+def _top(step: dict, chosen: int, k: int) -> TopLogprobs:
+    # A step holds ranks 1..k and the chosen token at its own rank (once, when it is among them).
+    # A tie at rank k gives the chosen token a rank <= k beside k others: it is kept, being the one
+    # sampled. Tokens a constraint masked have -inf and stay out.
+    ranked = sorted(step.items(), key=lambda item: (item[1].rank, item[0] != chosen))
+    return tuple((t, p.logprob) for t, p in ranked if p.rank <= k and math.isfinite(p.logprob))[:k]
 
 
 def engine_args(spec) -> dict:

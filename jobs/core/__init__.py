@@ -16,6 +16,7 @@
     cache         the row cache's keys, layout and entry
     structured    what a sequence's text must satisfy (a schema, a regex, choices)
     dedupe        a sequence's fingerprint and the name of the job's duplicate index
+    reasoning     a thinking model's tags, and its completion split into reasoning and answer
     metrics       the Prometheus series, defined once for the driver, replicas and dashboard
     faults        the named fault-injection points tests trip
 

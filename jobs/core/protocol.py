@@ -45,6 +45,7 @@ class Tally:
     rows_filtered: int = 0  # in filtered/: generated, then dropped by a quality filter
     prompt_tokens: int = 0  # of the rows in data/
     completion_tokens: int = 0  # of the rows in data/
+    reasoning_tokens: int = 0  # of completion_tokens, those up to and including the end tag (generation.reasoning)
 
     def __add__(self, other: Tally) -> Tally:
         return Tally(**{name: getattr(self, name) + getattr(other, name) for name in TALLY_FIELDS})
@@ -59,6 +60,9 @@ class Tally:
 
 
 TALLY_FIELDS = tuple(f.name for f in fields(Tally))
+# Counters of a feature a job may leave off: a commit record holds one only when it counted
+# something, so a job without the feature writes the records it always wrote (read back as 0).
+FEATURE_COUNTERS = frozenset({"reasoning_tokens"})
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,8 @@ class CommitRecord:
 
     def to_json(self) -> dict:
         doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tally"}
-        return {**doc, **self.tally.to_json()}
+        tally = {k: v for k, v in self.tally.to_json().items() if v or k not in FEATURE_COUNTERS}
+        return {**doc, **tally}
 
     @classmethod
     def from_json(cls, doc: dict) -> CommitRecord:

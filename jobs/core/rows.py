@@ -157,19 +157,30 @@ def id_field(spec: InputSpec, input_schema: pa.Schema) -> pa.Field:
 
 
 def data_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
-    """Columns of data/: id, generated columns, prompt (optional), the constraint (structured output),
-    scores (evaluation), pass-through."""
+    """Columns of data/: id, generated columns, prompt (optional), then each feature's that is on
+    (reasoning, structured output, logprobs), scores (evaluation), pass-through."""
     fields = [id_field(spec.input, input_schema), *GENERATED]
     if spec.output.include_prompt:
         fields.append(PROMPT)
+    fields += reasoning_fields(spec)
     if structured_possible(spec):
         fields += [STRUCTURED, JSON_PARSED]
+    if spec.generation.logprobs:
+        fields += logprob_fields(spec.generation.top_logprobs > 0)
     carried = list(carried_columns(spec.input))
     if spec.evaluation is not None:
         fields += EVALUATION_FIELDS
         if spec.evaluation.reference_column not in carried:  # the report's corpus scores need it
             carried.append(spec.evaluation.reference_column)
     return fields + [input_schema.field(c) for c in carried]
+
+
+def reasoning_fields(spec: JobSpec) -> list[pa.Field]:
+    """The thinking and its token count, when generation.reasoning keeps it apart."""
+    return [REASONING, REASONING_TOKENS] if spec.generation.reasoning != "off" else []
+def logprob_fields(top: bool) -> tuple[pa.Field, ...]:
+    """The columns of generation.logprobs, in data/'s order; top_logprobs only when `top` (K > 0)."""
+    return (TOKEN_IDS, TOKEN_LOGPROBS, *((TOP_LOGPROBS,) if top else ()), LOGPROB_SUM)
 
 
 def filtered_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import pyarrow as pa
 import yaml
@@ -221,6 +221,23 @@ def _refuse_problem(s: structured.Structured, refusal: str) -> None:
         raise ValueError(f"{refusal}: {why}")
 
 
+class ReasoningTags(_Section):
+    reference_kind: ClassVar[str] = "`{start, end}`"  # its type in the README's spec reference
+
+    start: str = Field(description="The tag that opens the thinking, e.g. <think>.")
+    end: str = Field(description="The tag that closes it, e.g. </think>.")
+
+    @model_validator(mode="after")
+    def _two_tags(self) -> ReasoningTags:
+        if not self.start or not self.end or self.start == self.end:
+            raise ValueError("start and end must be two different, non-empty tags")
+        return self
+
+
+# Most top logprobs a sequence may ask for: OpenAI's limit, and vLLM's default max_logprobs.
+MAX_TOP_LOGPROBS = 20
+
+
 class GenerationSpec(_Section):
     """Sampling parameters, with the names Hugging Face `generate` uses."""
 
@@ -234,10 +251,31 @@ class GenerationSpec(_Section):
     no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size; 0 disables.")
     stop: tuple[str, ...] = Field((), description="Strings that end a completion; not included in the text.")
     seed: int = Field(0, ge=0, description="With the row id and sample_index, fixes each row's sampled text.")
+    reasoning: Literal["off", "auto"] | ReasoningTags = Field(
+        "off",
+        description="Keep a thinking model's reasoning apart: `auto` finds its tags in the tokenizer's chat template "
+        "or vocabulary (<think>…</think> and the other pairs vLLM's reasoning parsers know); or give them as "
+        "{start, end}. The thinking goes to the reasoning column, its tokens (up to and including the end tag) "
+        "to reasoning_tokens; text is the answer after it, leading whitespace dropped. A completion with no "
+        "tags, whose prompt did not open the thinking, has no reasoning (null) and its text as it was.",
+    )
     structured: StructuredSpec | None = Field(
         None,
         description="Constrain every completion to a JSON schema, a regex or a list of choices (structured output); "
         "a completion that cannot finish within max_new_tokens is a dead letter, never an invalid row.",
+    )
+    logprobs: bool = Field(
+        False,
+        description="Keep each generated token's logprob (token_ids, token_logprobs, logprob_sum columns): the "
+        "model's log-softmax after any structured constraint, before repetition penalty, temperature, top-k and "
+        "top-p (vLLM's raw_logprobs).",
+    )
+    top_logprobs: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description=f"Also the K most likely tokens at each step (top_logprobs column). OpenAI's limit, "
+        f"{MAX_TOP_LOGPROBS}.",
     )
 
     @field_validator("stop")
@@ -246,6 +284,31 @@ class GenerationSpec(_Section):
         if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
         return stop
+
+    @field_validator("reasoning", mode="before")
+    @classmethod
+    def _reasoning_form(cls, value: Any) -> Any:
+        # One message naming the mistake, instead of pydantic's one per member of the union.
+        if value is False:  # YAML reads an unquoted `off` as false
+            return "off"
+        if isinstance(value, dict):
+            try:
+                return ReasoningTags.model_validate(value)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{where}: {msg}" if where else msg) from None
+        if not (value in ("off", "auto") or isinstance(value, ReasoningTags)):
+            raise ValueError("give off, auto, or the tags as {start, end}")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, k: int, info: ValidationInfo) -> int:
+        if k > 0 and not info.data.get("logprobs"):
+            raise ValueError("needs generation.logprobs: true")
+        return k
 
     @field_validator("num_return_sequences")
     @classmethod
@@ -391,6 +454,12 @@ class FiltersSpec(_Section):
 
     min_completion_tokens: int | None = Field(None, ge=0, description="Drop shorter completions.")
     max_completion_tokens: int | None = Field(None, ge=0, description="Drop longer completions.")
+    min_mean_logprob: float | None = Field(
+        None,
+        le=0,
+        description="Drop completions whose mean token logprob (logprob_sum / completion_tokens) is below this; "
+        "needs generation.logprobs.",
+    )
     must_match: str | None = Field(None, description="A regular expression a completion must contain.")
     must_not_match: str | None = Field(None, description="A regular expression a completion must not contain.")
     drop_empty: bool = Field(True, description="Drop completions that are empty or only whitespace.")
@@ -507,6 +576,9 @@ class JobSpec(_Section):
             raise ValueError(
                 f"generation.no_repeat_ngram_size could ban every token the constraint of {what} allows; drop one of them"
             )
+        if g.reasoning != "off":
+            raise ValueError(f"{what} with generation.reasoning is not supported yet: the constraint would apply to "
+                             "the thinking too")  # fmt: skip
         return self
 
     @model_validator(mode="after")
@@ -519,6 +591,16 @@ class JobSpec(_Section):
             raise ValueError(
                 f"filters.min_completion_tokens {low} > generation.max_new_tokens {limit}: no completion could be "
                 "long enough, so every row would be filtered out; lower the one or raise the other"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _logprob_filter_has_logprobs(self) -> JobSpec:
+        wanted = self.filters.min_mean_logprob if self.filters is not None else None
+        if wanted is not None and not self.generation.logprobs:
+            raise ValueError(
+                f"filters.min_mean_logprob {wanted} needs generation.logprobs: true "
+                "(it reads each completion's logprobs)"
             )
         return self
 
@@ -586,9 +668,12 @@ def _column_sources(spec: JobSpec, name: str) -> list[str]:
         "evaluation.reference_column": [spec.evaluation.reference_column] if spec.evaluation is not None else [],
         "the columns bulkgen generates": [f.name for f in rows.GENERATED],
         "output.include_prompt": [rows.PROMPT.name] if spec.output.include_prompt else [],
+        "generation.reasoning": [f.name for f in rows.reasoning_fields(spec)],
         "the columns of structured output": (
             [rows.STRUCTURED.name, rows.JSON_PARSED.name] if rows.structured_possible(spec) else []
         ),
+        "generation.logprobs": [f.name for f in rows.logprob_fields(spec.generation.top_logprobs > 0)]
+        if spec.generation.logprobs else [],
         "the error columns of errors/": [f.name for f in rows.ERROR_FIELDS],
         "the evaluation's scores": [f.name for f in rows.EVALUATION_FIELDS] if spec.evaluation is not None else [],
         "the filter column of filtered/": [rows.FILTER.name],
@@ -740,10 +825,12 @@ def reference_markdown() -> str:
 
 
 def _section_rows(path: str, model: type[BaseModel]) -> list[str]:
-    """A section's rows; a section inside it (generation.structured) has its own row, then its fields'."""
+    """A section's rows; an optional section inside it (generation.structured) has its own row, then
+    its fields'. (A section that is one form of a field, reasoning's {start, end}, is that field's type.)"""
     rows = []
     for name, f in model.model_fields.items():
-        inner = next((a for a in _alternatives(f.annotation) if _is_section(a)), None)
+        forms = [a for a in _alternatives(f.annotation) if a is not type(None)]
+        inner = forms[0] if len(forms) == 1 and _is_section(forms[0]) else None
         if inner is None:
             rows.append(_reference_row(f"{path}.{name}", f))
         else:
@@ -779,7 +866,8 @@ def _reference_kind(annotation) -> str:
     if any(getattr(c, "__origin__", None) is Literal for c in choices):  # e.g. int or `auto`
         return " or ".join(
             " or ".join(f"`{v}`" for v in c.__args__) if getattr(c, "__origin__", None) is Literal
-            else (c.__origin__ if hasattr(c, "__metadata__") else c).__name__  # Annotated[int, ...]: int
+            else getattr(c, "reference_kind", None)  # a section written inline: `{start, end}`
+            or (c.__origin__ if hasattr(c, "__metadata__") else c).__name__  # Annotated[int, ...]: int
             for c in choices
         )  # fmt: skip
     kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

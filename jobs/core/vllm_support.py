@@ -22,10 +22,22 @@ def refuses(spec: JobSpec) -> str | None:
     """Why the vLLM engine cannot honour this spec's contract, or None."""
     if spec.generation.no_repeat_ngram_size:
         return "vLLM has no no_repeat_ngram_size; use model.engine: transformers, or drop it"
+    cap, asked = spec.model.engine_options.get("max_logprobs"), top_logprobs_asked(spec)
+    if isinstance(cap, int) and cap != -1 and asked > cap:  # vLLM refuses every request asking for more
+        return (
+            f"model.engine_options.max_logprobs {cap} is below generation.top_logprobs {asked}; "
+            "raise it (or drop it: vLLM's default is 20)"
+        )
     gpus = spec.resources.num_gpus
     if gpus > 1 and gpus != int(gpus):
         return f"resources.num_gpus {gpus} above 1 means tensor parallelism over whole GPUs; give an integer"
     return None
+
+
+def top_logprobs_asked(spec: JobSpec) -> int:
+    """The most top logprobs a sequence of the job asks for: vLLM's max_logprobs must allow it."""
+    g = spec.generation
+    return g.top_logprobs if g.logprobs else 0
 
 
 def auto_passes_over(spec: JobSpec) -> str | None:

@@ -1,6 +1,7 @@
 """A job's report: OUTPUT_URI/_report/ with index.html, report.md and figures.
 
     data.py       reads the record, commit records and output files (sampling the texts)
+    features.py   counts the columns of generation features: logprobs, adapters, structured output, reasoning
     diversity.py  repeats, distinct-n and self-BLEU of the sampled texts
     figures.py    matplotlib figures as PNG
     content.py    what the report says, section by section

@@ -3,7 +3,12 @@
 The headline numbers come from the job record as it is (what `bulkgen
 status` shows), so the report and the record never disagree; the sections
 come from the committed files. A section whose data is absent (no errors, no
-filters, no evaluation columns) says so in a line or is left out.
+filters, no evaluation columns) says so in a line or is left out; so is the
+section of a generation feature whose columns data/ lacks (structured output,
+logprobs, adapters, reasoning).
+
+Over 300 lines because every section is here, so data.py only reads and
+render.py only lays out.
 """
 
 from __future__ import annotations
@@ -12,15 +17,24 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from jobs.core.prompts import BAD_SCHEMA, STRUCTURED_INCOMPLETE, STRUCTURED_INVALID
+from jobs.core.rows import ADAPTER, LOGPROB_SUM, REASONING_TOKENS, STRUCTURED
 from jobs.core.times import now, seconds_between
 from jobs.record import JobState
 from jobs.report import figures
 from jobs.report.data import EVALUATION_COLUMNS, OutputData
 from jobs.report.diversity import diversity, most_repeated
+from jobs.report.features import BASE_MODEL, LOGPROB_EDGES
 from jobs.report.render import Fact, Figure, Report, Section, Table
 
 TEXT_CHARS = 200  # of a text or an error message in a table
 REPEATED = 10  # most repeated outputs listed
+# The dead letters of structured output, and what each means.
+STRUCTURED_DEAD_LETTERS = {
+    STRUCTURED_INCOMPLETE: "max_new_tokens came before the constraint was satisfied",
+    STRUCTURED_INVALID: "the completion ended without satisfying its constraint",
+    BAD_SCHEMA: "the row's own schema (input.schema_column) is no usable JSON schema",
+}
 
 
 def build(d: OutputData) -> Report:
@@ -32,6 +46,10 @@ def build(d: OutputData) -> Report:
         _finish_reasons(d),
         _errors(d),
         *_filtered(d),
+        *_structured(d),
+        *_logprobs(d),
+        *_adapters(d),
+        *_reasoning(d),
         *_evaluation(d),
         _repeats_and_diversity(d),
     ]
@@ -228,6 +246,99 @@ def _filtered(d: OutputData) -> list[Section]:
         examples = sorted(d.filtered.examples.items())
         rows = [[name, _row_key(r), _clip(r.get("text") or "")] for name, dropped in examples for r in dropped]
         s.blocks.append(Table(["filter", "row (id, sample_index)", "text"], rows))
+    return [s]
+
+
+def _structured(d: OutputData) -> list[Section]:
+    f = d.features
+    failed = {code: d.errors.counts[code] for code in STRUCTURED_DEAD_LETTERS if d.errors.counts[code]}
+    if STRUCTURED.name not in f.present and not failed:
+        return []
+    s = Section("Structured output")
+    by_kind = f.structured + d.filtered.structured  # a row a filter dropped had satisfied its constraint too
+    valid = sum(by_kind.values())
+    asked = valid + sum(failed.values())
+    if not asked:
+        s.blocks.append("No row asked for structured output.")
+        return [s]
+    s.blocks.append(
+        f"{valid:,} of {asked:,} completions that asked for a constraint satisfied it: a valid rate of "
+        f"{valid / asked:.1%}. Valid ones are in data/ (or filtered/, when a filter dropped them); the others "
+        "are dead letters in errors/."
+    )
+    rows = [["valid", f"{valid:,}", f"{valid / asked:.1%}", "in data/ or filtered/"]]
+    rows += [[code, f"{n:,}", f"{n / asked:.1%}", STRUCTURED_DEAD_LETTERS[code]] for code, n in failed.items()]
+    s.blocks.append(Table(["outcome", "rows", "share", "meaning"], rows))
+    if by_kind:
+        s.blocks.append("Valid completions by the kind of their constraint (a dead letter keeps no kind):")
+        s.blocks.append(_count_table("kind", by_kind))
+    if f.json_parsed:
+        s.blocks.append(f"Of the JSON kinds' rows in data/, {f.json_parsed[True]:,} parse as JSON and "
+                        f"{f.json_parsed[False]:,} do not.")  # fmt: skip
+    return [s]
+
+
+def _logprobs(d: OutputData) -> list[Section]:
+    f = d.features
+    if LOGPROB_SUM.name not in f.present:
+        return []
+    s = Section("Log-probabilities")
+    rows = f.logprob_rows
+    if not rows:
+        s.blocks.append("No row in data/ has logprobs." if d.rows else "No generated rows yet.")
+        return [s]
+    mean = f.mean_logprob_total / rows
+    s.blocks.append(
+        f"Each row's mean token logprob (logprob_sum / completion_tokens, in nats), over the {rows:,} rows of "
+        "data/ with logprobs (rows a filter dropped are not among them); nearer 0 is text the model found likelier. "
+        f"Each quantile is the upper edge of its {LOGPROB_EDGES[1] - LOGPROB_EDGES[0]:.1f}-wide bin: at least that "
+        "share of rows lies at or below it."
+    )
+    quantiles = [f"{_bin_quantile(f.mean_logprobs, q):.1f}" for q in (0.1, 0.5, 0.9)]
+    s.blocks.append(Table(["rows", "mean", "p10", "p50", "p90"], [[f"{rows:,}", f"{mean:.3f}", *quantiles]]))
+    png = figures.mean_logprobs(LOGPROB_EDGES, f.mean_logprobs, mean)
+    s.blocks.append(Figure("mean_logprobs", "Rows by mean token logprob", png))
+    return [s]
+
+
+def _bin_quantile(counts: np.ndarray, q: float) -> float:
+    """The upper edge of the LOGPROB_EDGES bin where the cumulative count reaches the share q."""
+    cumulative = np.cumsum(counts)
+    return float(LOGPROB_EDGES[int(np.searchsorted(cumulative, q * cumulative[-1])) + 1])
+
+
+def _adapters(d: OutputData) -> list[Section]:
+    f = d.features
+    if ADAPTER.name not in f.present:
+        return []
+    s = Section("Adapters")
+    if not f.adapters:
+        s.blocks.append("No generated rows yet.")
+        return [s]
+    s.blocks.append(f"Rows in data/ by the adapter that generated them; {BASE_MODEL} is the base model, no adapter.")
+    s.blocks.append(Figure("adapters", "Rows per adapter", figures.categories(f.adapters, "adapter")))
+    s.blocks.append(_count_table("adapter", f.adapters))
+    return [s]
+
+
+def _reasoning(d: OutputData) -> list[Section]:
+    f = d.features
+    if REASONING_TOKENS.name not in f.present:
+        return []
+    s = Section("Reasoning")
+    if not f.reasoning_rows:
+        s.blocks.append("No generated rows yet.")
+        return [s]
+    rows, thinking_rows = f.reasoning_rows, int(f.reasoning_tokens.sum())
+    thinking, completion = f.thinking_tokens, f.reasoning_completion_tokens
+    s.blocks.append(
+        f"{thinking_rows:,} of {rows:,} rows thought before answering ({thinking_rows / rows:.1%}): "
+        "the thinking is in the reasoning column, the answer in text. The thinking took "
+        f"{thinking:,} of their {completion:,} completion tokens ({thinking / completion if completion else 0:.1%})."
+    )
+    if thinking_rows:
+        s.blocks.append(Table(["thinking tokens", "mean", "p50", "p90", "p99", "max"],
+                              [["per row with thinking", *_quantiles(f.reasoning_tokens)]]))  # fmt: skip
     return [s]
 
 

@@ -7,8 +7,10 @@ Cheap columns are read in full, so their numbers are exact: token counts
 finish reasons, error codes, filter names and evaluation scores. Texts are
 not: repeats and diversity look at a sample of at most `sample_rows` texts,
 read from row groups picked at random, so a report on a million rows reads a
-few thousand texts. Only committed shards count, so a running job's report
-is true of what it has finished so far.
+few thousand texts. The columns optional features add (logprobs, adapters,
+structured output, reasoning) are counted in full where present
+(jobs/report/features.py). Only committed shards count, so a running job's
+report is true of what it has finished so far.
 
 Over 300 lines because all reading of an output for the report is here, so the
 rendering modules never touch storage.
@@ -38,6 +40,8 @@ from jobs.core.storage import with_retries
 from jobs.output import OutputDir
 from jobs.record import JobState, committed_counts, driver_alive
 from jobs.record_file import read_record_doc
+from jobs.report import features
+from jobs.report.features import Features, add_histograms
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +89,11 @@ class Dropped:
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
+    structured: Counter = field(default_factory=Counter)  # filtered/: rows by the constraint kind they satisfied
 
     def merge(self, other: Dropped) -> None:
         self.counts += other.counts
+        self.structured += other.structured
         for key, rows in other.examples.items():
             self.examples[key].extend(rows[: EXAMPLES - len(self.examples[key])])
 
@@ -104,6 +110,7 @@ class DataFile:
     finish_reasons: Counter = field(default_factory=Counter)
     max_sample_index: int = 0
     scores: Scores = field(default_factory=Scores)
+    features: Features = field(default_factory=Features)
 
 
 @dataclass
@@ -120,6 +127,7 @@ class OutputData:
     finish_reasons: Counter = field(default_factory=Counter)
     max_sample_index: int = 0
     scores: Scores = field(default_factory=Scores)
+    features: Features = field(default_factory=Features)  # logprobs, adapters, structured output, reasoning
     errors: Dropped = field(default_factory=Dropped)
     filtered: Dropped = field(default_factory=Dropped)
     sample: list[str] = field(default_factory=list)  # texts for repeats and diversity
@@ -210,7 +218,7 @@ def _summarize(f: DataFile, storage_options: dict) -> DataFile:
         names = set(pf.schema_arrow.names)
         id_column = pf.schema_arrow.names[0]  # every data/ file starts with the row id (jobs/core/rows.py)
         metrics = [m for m in EVALUATION_COLUMNS if m in names]
-        wanted = ["sample_index", "prompt_tokens", "completion_tokens", "finish_reason", *metrics]
+        wanted = ["sample_index", "prompt_tokens", "completion_tokens", "finish_reason", *metrics, *features.COLUMNS]
         if metrics:
             wanted.append(id_column)  # the best of a row's samples
         table = pf.read(columns=[c for c in wanted if c in names])
@@ -224,6 +232,7 @@ def _summarize(f: DataFile, storage_options: dict) -> DataFile:
         f.max_sample_index = pc.max(table.column("sample_index")).as_py() or 0
     if metrics:
         f.scores = _scores(table, metrics, id_column)
+    f.features = features.summarize(table)
     return f
 
 
@@ -264,18 +273,12 @@ def _scores(table: pa.Table, metrics: list[str], id_column: str) -> Scores:
 
 def _merge(found: OutputData, f: DataFile) -> None:
     found.rows += f.rows
-    found.prompt_tokens = _add(found.prompt_tokens, f.prompt_tokens)
-    found.completion_tokens = _add(found.completion_tokens, f.completion_tokens)
+    found.prompt_tokens = add_histograms(found.prompt_tokens, f.prompt_tokens)
+    found.completion_tokens = add_histograms(found.completion_tokens, f.completion_tokens)
     found.finish_reasons += f.finish_reasons
     found.max_sample_index = max(found.max_sample_index, f.max_sample_index)
     found.scores.merge(f.scores)
-
-
-def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    out = np.zeros(max(len(a), len(b)), np.int64)
-    out[: len(a)] += a
-    out[: len(b)] += b
-    return out
+    found.features.merge(f.features)
 
 
 def _sample_texts(files: list[DataFile], storage_options: dict, n: int, rng: random.Random) -> list[str]:
@@ -330,6 +333,7 @@ def _read_dropped(url: str, key_column: str, storage_options: dict, found: Outpu
         _unreadable(found, url, e)
         return dropped
     dropped.counts = _value_counts(table.column(key_column))
+    dropped.structured = features.structured_kinds(table)
     keys = table.column(key_column).to_pylist()
     for key in dropped.counts:
         first = [i for i, k in enumerate(keys) if (k if k is not None else "(none)") == key][:EXAMPLES]

@@ -158,3 +158,20 @@ def scores_by_sample(means: dict[int, dict[str, float]], metrics: list[str]) -> 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small", frameon=False)
     return _png(fig)
+
+
+
+def mean_logprobs(edges: np.ndarray, counts: np.ndarray, mean: float) -> bytes | None:
+    """Histogram of each row's mean token logprob, from rows per bin between `edges`; `mean` is
+    their exact mean. The axis starts at the lowest bin with rows: most texts sit near 0."""
+    if not counts.sum():
+        return None
+    fig, (ax,) = _figure()
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=COLOR)
+    ax.axvline(mean, color="black", lw=1, ls="--", label=f"mean {mean:.2f}")
+    ax.legend(fontsize="small", frameon=False)
+    ax.set_xlim(edges[np.nonzero(counts)[0][0]] - 0.1, edges[-1] + 0.05)
+    ax.set(title="mean token logprob per row", xlabel=f"nats per token (below {edges[0]:g}: in the first bin)",
+           ylabel="rows")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return _png(fig)

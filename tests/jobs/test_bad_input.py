@@ -274,6 +274,14 @@ def test_cli_run_exits_2_with_the_message(tmp_path, tiny_model, prompts, capsys,
     assert "Traceback" not in err
 
 
+def test_reasoning_auto_with_a_tokenizer_that_shows_no_tags(tmp_path, tiny_model, prompts, capsys, nothing_heavy_starts):
+    data = job_dict(str(prompts), str(tmp_path / "out"), tiny_model, generation={"reasoning": "auto"})
+    cli_refuses(
+        write_job(tmp_path / "job.yaml", data), capsys,
+        "generation.reasoning is auto", str(tiny_model), "<think>…</think>", "{start, end}", "reasoning: off",
+    )  # fmt: skip
+
+
 def test_cli_validate_exits_2_on_unknown_field(tmp_path, tiny_model, prompts, capsys, nothing_heavy_starts):
     path = write_job(tmp_path / "job.yaml", job_dict(str(prompts), str(tmp_path / "out"), tiny_model, extra=1))
     assert main(["validate", str(path)]) == 2

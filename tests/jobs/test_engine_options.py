@@ -36,11 +36,16 @@ def test_vllm_refuses_what_it_cannot_honour():
     with pytest.raises(ModelError, match="model.engine is vllm, but vLLM has no no_repeat_ngram_size"):
         check_engine(spec("vllm", no_repeat_ngram_size=3))
     check_engine(spec("auto", no_repeat_ngram_size=3))  # auto takes transformers for it instead
+    with pytest.raises(ModelError, match="model.engine is vllm, but model.engine_options.max_logprobs 2 is below "
+                                         "generation.top_logprobs 3"):  # fmt: skip
+        check_engine(spec("vllm", {"max_logprobs": 2}, logprobs=True, top_logprobs=3))
 
 
 def test_options_may_not_contradict_the_spec():
     with pytest.raises(ModelError, match="model.engine_options.seed: set generation.seed in the spec instead"):
         check_engine(spec("vllm", {"seed": 3}))
+    with pytest.raises(ModelError, match="model.engine_options.logprobs_mode: set generation.logprobs in the spec"):
+        check_engine(spec("vllm", {"logprobs_mode": "processed_logprobs"}))
 
 
 @pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed")

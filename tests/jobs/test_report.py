@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.core import rows as columns
 from jobs.core.layout import RECORD, OutputLayout
 from jobs.core.storage import write_bytes
 from jobs.core.times import now
@@ -24,19 +25,24 @@ from jobs.record import Counts, JobRecord, JobState, Run
 from jobs.report import write_report
 from jobs.report.data import read_output
 from jobs.report.diversity import distinct_n, diversity, most_repeated, self_bleu
+from jobs.report.features import LOGPROB_EDGES, summarize
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SHARDS, ROWS, N = 3, 40, 2  # shards of ROWS input rows, N samples each
 ERRORS = {1: [("prompt_too_long", 0), ("prompt_too_long", 1), ("generation_failed", 2)]}  # shard -> (code, row)
 FILTERED = {2: [("min_length", 0), ("min_length", 1), ("min_length", 2), ("duplicate", 3)]}
+# Each column's type as a job writes it (jobs/core/rows.py), for the columns a test's rows have.
+TYPES = {f.name: f.type for f in (*columns.GENERATED, *columns.ERROR_FIELDS, columns.FILTER, columns.REASONING,
+                                  columns.REASONING_TOKENS, columns.STRUCTURED, columns.JSON_PARSED, columns.TOKEN_IDS,
+                                  columns.TOKEN_LOGPROBS, columns.TOP_LOGPROBS, columns.LOGPROB_SUM, columns.ADAPTER)}
 
 
 def _text(i: int, s: int) -> str:
     return "the same answer" if i % 5 == 0 else f"answer {i} number {s} has words"
 
 
-def _data_rows(shard: int, scores: bool, filtered: bool) -> list[dict]:
-    dropped = {r for _, r in ERRORS.get(shard, []) + (FILTERED.get(shard, []) if filtered else [])}
+def _data_rows(shard: int, scores: bool, filtered: bool, errors: dict, features) -> list[dict]:
+    dropped = {r for _, r in errors.get(shard, []) + (FILTERED.get(shard, []) if filtered else [])}
     rows = []
     for r in range(ROWS):
         i = shard * ROWS + r
@@ -53,41 +59,49 @@ def _data_rows(shard: int, scores: bool, filtered: bool) -> list[dict]:
             }
             if scores:
                 row.update(bleu=float(i % 10 + s), chrf=50.0 + s, rouge1=0.5, rouge2=0.25, rougeL=0.4 + 0.1 * s)
+            if features:
+                row.update(features(i, s, row["completion_tokens"]))
             rows.append(row)
     return rows
 
 
 def _write_parquet(fs, path: str, rows: list[dict], row_group_size: int = 16) -> None:
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    table = table.cast(pa.schema([pa.field(n, TYPES.get(n, t)) for n, t in zip(table.column_names, table.schema.types)]))
     with fs.open(path, "wb") as f:
-        pq.write_table(pa.Table.from_pylist(rows), f, row_group_size=row_group_size)
+        pq.write_table(table, f, row_group_size=row_group_size)
 
 
 def make_output(uri: str, state: JobState = JobState.SUCCEEDED, scores: bool = False, filtered: bool = False,
-                pid: int | None = None, storage_options: dict | None = None) -> dict:
+                pid: int | None = None, storage_options: dict | None = None, errors: dict = ERRORS,
+                features=None) -> dict:
     """A job's output as the driver leaves it: record, commit records, data/, errors/ (and filtered/).
+    `errors`: shard -> [(error code, row)]; `features(i, sample_index, completion_tokens) -> dict`: the
+    columns of generation features for a sequence of input row i, in data/ and filtered/.
     Returns {"record", "data", "errors", "filtered"}: what was written."""
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     layout = OutputLayout(uri)
     all_data, all_errors, all_filtered, commits = [], [], [], []
     for shard in range(SHARDS):
-        data = _data_rows(shard, scores, filtered)
-        errors = [{"id": f"row-{shard * ROWS + r:04d}", "sample_index": 0, "error_code": code,
-                   "error": f"{code} on row {r}"} for code, r in ERRORS.get(shard, [])]
-        dropped = [{"id": f"row-{shard * ROWS + r:04d}", "sample_index": 0, "text": f"short {r}", "filter": name}
+        data = _data_rows(shard, scores, filtered, errors, features)
+        failed = [{"id": f"row-{shard * ROWS + r:04d}", "sample_index": 0, "error_code": code,
+                   "error": f"{code} on row {r}"} for code, r in errors.get(shard, [])]
+        dropped = [{"id": f"row-{shard * ROWS + r:04d}", "sample_index": 0, "text": f"short {r}", "filter": name,
+                    **(features(shard * ROWS + r, 0, 3) if features else {})}
                    for name, r in (FILTERED.get(shard, []) if filtered else [])]
         _write_parquet(fs, posixpath.join(root, layout.data(shard)), data)
-        if errors:
-            _write_parquet(fs, posixpath.join(root, layout.errors(shard)), errors)
+        if failed:
+            _write_parquet(fs, posixpath.join(root, layout.errors(shard)), failed)
         if dropped:
             _write_parquet(fs, posixpath.join(root, layout.filtered(shard)), dropped)
         all_data += data
-        all_errors += errors
+        all_errors += failed
         all_filtered += dropped
         commits.append({
             "shard": shard, "name": f"part-{shard:05d}", "data": layout.data(shard),
-            "errors": layout.errors(shard) if errors else None,
-            "rows_done": len(data), "rows_failed": len(errors), "rows_cached": 7 if shard == 0 else 0,
+            "errors": layout.errors(shard) if failed else None,
+            "rows_done": len(data), "rows_failed": len(failed), "rows_cached": 7 if shard == 0 else 0,
             "rows_filtered": len(dropped),
             "prompt_tokens": sum(r["prompt_tokens"] for r in data),
             "completion_tokens": sum(r["completion_tokens"] for r in data),
@@ -261,6 +275,116 @@ def test_evaluation_and_filtered_sections_appear_with_their_data(tmp_path):
     md = _read(f"{uri}/_report/report.md").decode()
     assert f"| bleu | {sum(by_metric['bleu']) / len(data):.2f} | {sum(best.values()) / len(best):.2f} |" in md
     assert "| duplicate | row-0083, 0 | short 3 |" in md
+
+
+# -- the columns of generation features ------------------------------------------------------
+
+STRUCTURED_ERRORS = {0: [("structured_incomplete", 3), ("structured_invalid", 5)],
+                     1: [("bad_schema", 7), ("prompt_too_long", 8), ("structured_incomplete", 9)]}
+
+
+def _features(i: int, s: int, completion_tokens: int) -> dict:
+    """Logprobs, adapter, structured output and reasoning of a sequence, as their stages write them."""
+    mean = -12.05 if i % 37 == 1 else -((i * 7 + s) % 60) / 10 - 0.05  # mid-bin; one below -10
+    asked = i % 11 != 0  # a batch line that asked for no logprobs: nulls
+    thinking = 0 if i % 4 == 0 else min(i % 5 + 1, completion_tokens)
+    kind = ("json_schema", "regex", None)[i % 3]
+    return {
+        "token_ids": list(range(completion_tokens)) if asked else None,
+        "token_logprobs": [mean] * completion_tokens if asked else None,
+        "logprob_sum": mean * completion_tokens if asked else None,
+        "adapter": ("formal", "casual", None)[(i + s) % 3],
+        "structured": kind,
+        "json_parsed": (i % 13 != 0) if kind == "json_schema" else None,
+        "reasoning": f"thinking about {i}" if thinking else None,
+        "reasoning_tokens": thinking,
+    }
+
+
+def _upper_edge_quantile(values: list[float], q: float) -> float:
+    """The report's quantile, found another way: the lowest upper bin edge with a share q of
+    the values (clipped to the bins' range) below it."""
+    clipped = [max(v, LOGPROB_EDGES[0]) for v in values]
+    return next(e for e in LOGPROB_EDGES[1:] if sum(v < e for v in clipped) >= q * len(values))
+
+
+def test_the_columns_of_generation_features_are_counted_and_shown(tmp_path):
+    uri = str(tmp_path / "out")
+    made = make_output(uri, filtered=True, errors=STRUCTURED_ERRORS, features=_features)
+    data, dropped = made["data"], made["filtered"]
+    written = write_report(uri, {})
+    page = Page(_read(written.html).decode())
+    md = _read(written.markdown).decode()
+    assert page.titles == ["Throughput", "Prompt and completion lengths", "Finish reasons", "Errors", "Filtered rows",
+                           "Structured output", "Log-probabilities", "Adapters", "Reasoning", "Repeats and diversity"]
+
+    # Structured output: rows that kept their constraint (data/ and filtered/) against its dead letters.
+    kinds = Counter(r["structured"] for r in data + dropped if r["structured"] is not None)
+    valid, dead = sum(kinds.values()), {"structured_incomplete": 2, "structured_invalid": 1, "bad_schema": 1}
+    asked = valid + sum(dead.values())
+    assert f"{valid:,} of {asked:,} completions that asked for a constraint satisfied it: a valid rate of " \
+           f"{valid / asked:.1%}." in md
+    assert f"| valid | {valid:,} | {valid / asked:.1%} | in data/ or filtered/ |" in md
+    for code, n in dead.items():
+        assert f"| {code} | {n} | {n / asked:.1%} | " in md
+    assert "| prompt_too_long |" not in md.split("## Structured output")[1].split("##")[0]  # not structured's
+    for kind, n in kinds.items():
+        assert f"| {kind} | {n:,} | {n / valid:.1%} |" in md
+    parsed = Counter(r["json_parsed"] for r in data if r["json_parsed"] is not None)
+    assert f"{parsed[True]:,} parse as JSON and {parsed[False]:,} do not." in md
+
+    # Log-probabilities: each row's mean over data/'s rows that have them.
+    means = [r["logprob_sum"] / r["completion_tokens"] for r in data if r["logprob_sum"] is not None]
+    assert 0 < len(means) < len(data) and min(means) < LOGPROB_EDGES[0]
+    quantiles = " | ".join(f"{_upper_edge_quantile(means, q):.1f}" for q in (0.1, 0.5, 0.9))
+    assert f"| {len(means):,} | {sum(means) / len(means):.3f} | {quantiles} |" in md
+
+    # Adapters: rows in data/ per adapter, the base model's too.
+    adapters = Counter(r["adapter"] or "(base)" for r in data)
+    assert len(adapters) == 3
+    for name, n in adapters.items():
+        assert f"| {name} | {n:,} | {n / len(data):.1%} |" in md
+
+    # Reasoning: rows with thinking, and the thinking's share of the completion tokens.
+    thinking = [r["reasoning_tokens"] for r in data if r["reasoning_tokens"]]
+    completion = sum(r["completion_tokens"] for r in data)
+    assert f"{len(thinking):,} of {len(data):,} rows thought before answering ({len(thinking) / len(data):.1%})" in md
+    assert f"The thinking took {sum(thinking):,} of their {completion:,} completion tokens " \
+           f"({sum(thinking) / completion:.1%})." in md
+    assert f"| per row with thinking | {sum(thinking) / len(thinking):.1f} |" in md
+
+    figures = {i["data-figure"] for i in page.images}
+    assert {"mean_logprobs", "adapters"} <= figures
+    for name in ("mean_logprobs", "adapters"):
+        assert _read(f"{uri}/_report/figures/{name}.png").startswith(PNG)
+
+
+def test_feature_columns_count_only_rows_that_have_a_value():
+    table = pa.table({
+        "completion_tokens": pa.array([4, 0, 2, 5], pa.int32()),
+        "logprob_sum": pa.array([-2.0, 0.0, None, -100.0]),  # no tokens: no mean; null: not asked
+        "adapter": pa.array([None, "a", "a", None], pa.string()),
+        "structured": pa.array([None, "choice", None, "choice"], pa.string()),
+        "reasoning_tokens": pa.array([0, None, 2, 3], pa.int32()),
+    })
+    f = summarize(table)
+    assert f.present == {"logprob_sum", "adapter", "structured", "reasoning_tokens"}
+    assert f.logprob_rows == 2 and f.mean_logprob_total == pytest.approx(-0.5 - 20.0)
+    assert f.mean_logprobs[0] == 1  # -20 per token: the first bin
+    assert f.mean_logprobs[int((-0.5 - LOGPROB_EDGES[0]) / 0.1 + 1e-9)] == 1
+    assert f.adapters == Counter({"(base)": 2, "a": 2}) and f.structured == Counter({"choice": 2})
+    assert f.json_parsed == Counter()  # no column, nothing counted
+    assert f.reasoning_rows == 3 and f.reasoning_completion_tokens == 4 + 2 + 5
+    assert f.thinking_tokens == 5 and f.reasoning_tokens.sum() == 2  # two rows thought
+
+
+def test_a_feature_whose_column_has_no_value_says_so(tmp_path):
+    uri = str(tmp_path / "out")
+    make_output(uri, features=lambda i, s, n: {"logprob_sum": None, "structured": None})
+    md = _read(write_report(uri, {}).markdown).decode()
+    assert "## Log-probabilities\n\nNo row in data/ has logprobs." in md
+    assert "## Structured output\n\nNo row asked for structured output." in md
+    assert "## Adapters" not in md and "## Reasoning" not in md
 
 
 def test_a_running_job_is_reported_so_far(tmp_path):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from transformers import AutoTokenizer
 
 from jobs.driver import run_job
 from jobs.output import OutputConflict
@@ -182,6 +184,41 @@ def test_prompt_template_job(ray_cluster, tiny_model, tmp_path):
         src = source[row["id"]]
         assert row["prompt"] == f"Write a {src['style']} note about {src['topic']}"
         assert row["topic"] == src["topic"]
+
+
+def test_logprobs_job(ray_cluster, tiny_model, tmp_path):
+    write_prompts(tmp_path / "in.parquet", 12)
+    spec = spec_from_dict(
+        job_dict(
+            str(tmp_path / "in.parquet"),
+            str(tmp_path / "out"),
+            tiny_model,
+            generation={"max_new_tokens": 6, "do_sample": True, "num_return_sequences": 2, "logprobs": True,
+                        "top_logprobs": 3},
+            resources={"replicas": 1, "batch_size": 8, "num_cpus": 1},
+        )  # fmt: skip
+    )
+    run_job(spec, progress=False)
+    out = assert_exactly_once(str(tmp_path / "out"), {}, [f"row-{i:05d}" for i in range(12)], n=2)
+    schema = pq.read_schema(tmp_path / "out" / "data" / "part-00000.parquet")
+    documented = [  # README, "Log-probabilities"
+        ("token_ids", pa.list_(pa.int32())),
+        ("token_logprobs", pa.list_(pa.float32())),
+        ("top_logprobs", pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])))),
+        ("logprob_sum", pa.float64()),
+    ]
+    assert [(f.name, f.type) for f in schema][6:10] == documented
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for row in out.data:
+        tokens, chosen = row["token_ids"], row["token_logprobs"]
+        assert len(tokens) == len(chosen) == len(row["top_logprobs"]) == row["completion_tokens"]
+        assert tokenizer.decode(tokens, skip_special_tokens=True) == row["text"]
+        assert row["logprob_sum"] == math.fsum(chosen) and all(p <= 0 for p in chosen)
+        for token, logprob, top in zip(tokens, chosen, row["top_logprobs"]):
+            values = [entry["logprob"] for entry in top]
+            assert len(top) == 3 and values == sorted(values, reverse=True)
+            # Sampled, the chosen token is listed exactly when it is among the 3 most likely.
+            assert (token in {entry["token_id"] for entry in top}) == (logprob >= values[-1])
 
 
 def _write_chats(path, n: int) -> list[dict]:

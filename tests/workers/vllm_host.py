@@ -64,6 +64,17 @@ def vllm_grammars(constraints: list, flexible: bool) -> list[str]:
     return grammars
 
 
+def generate_logprobs(model: str, engine: str, prompts: list[str], max_new: list[int], k: int):
+    """(engine name, [(token ids, token logprobs, top logprobs)]): greedy, each request asking for `k`."""
+    from dataclasses import replace
+
+    from workers.engine import generate as run
+
+    e = _engine(model, engine, {})
+    asks = [replace(r, logprobs=k) for r in _requests(e, prompts, max_new, list(range(len(prompts))))]
+    return e.name, [(c.token_ids, c.token_logprobs, c.top_logprobs) for c in run(e, asks)]
+
+
 def abort_then_serve(model: str, prompts: list[str]) -> tuple[list, bool, list]:
     """Submit, step once, abort all: (aborted keys, has_work after, keys of a later generate)."""
     from workers.engine import generate as run

@@ -4,9 +4,12 @@
                       file's lines (batch.py), or retry-failed's dead letters (read.py)
     render            prompts, token ids and one request per sample (render.py; batch.py)
     ask_structured    structured output: each request's constraint, the row's or the job's (structured.py)
+    ask_logprobs      generation.logprobs: every request asks for its tokens' logprobs (logprobs.py)
     cache_lookup      cache.uri: sequences the row cache already has (cache.py)
     generate          the rest, on the engine (generate.py)
+    reasoning         generation.reasoning: the thinking apart from the answer (reasoning.py)
     check_structured  structured output: a sequence that misses its constraint is a dead letter (structured.py)
+    logprobs          generation.logprobs: the token_ids, token_logprobs, ... columns (logprobs.py)
     filter            filters: drop sequences to filtered/ (filter.py)
     evaluate          evaluation: scores against the row's reference (evaluate.py)
     write             assemble the rows and stage the attempt's files (write.py)
@@ -33,7 +36,9 @@ from workers.stages.cache import CacheKeep, CacheLookup
 from workers.stages.evaluate import Evaluate
 from workers.stages.filter import Filter
 from workers.stages.generate import Generate
+from workers.stages.logprobs import AskLogprobs, LogprobColumns
 from workers.stages.read import DeadLetterReader, ParquetReader
+from workers.stages.reasoning import SplitReasoning
 from workers.stages.render import Render
 from workers.stages.stage import Stage
 from workers.stages.structured import AskStructured, CheckStructured
@@ -57,20 +62,29 @@ class Stages:
         return sum(stage.publish(attempt) for stage in self.steps)
 
 
+def needs(stages: list[Stage]) -> frozenset[str]:
+    """What the stages read of a sequence besides its text."""
+    return frozenset().union(*(stage.needs for stage in stages))
+
+
 def build_stages(spec: JobSpec, loop: EngineLoop, job_facts: dict, engine: dict) -> Stages:
     """A replica's stages for `spec`, running on `loop`'s engine (`engine`: its describe());
     `job_facts`: what the driver says of the job, for every file's metadata and the cache key."""
     batch = is_batch(spec.input)
     tokenizer, context = loop.engine.tokenizer, loop.engine.context_length
     cache = ReplicaCache(spec, job_facts.get("model", {}), engine) if spec.cache is not None else None
-    structured = structured_possible(spec)
-    parse = [  # stages that read what was generated, before it is filtered or scored
+    g, structured = spec.generation, structured_possible(spec)
+    # The stages that read what was generated: a row-cache entry must hold what they need.
+    parse = [
+        *([SplitReasoning(spec, tokenizer)] if g.reasoning != "off" else []),
         *([CheckStructured(spec, tokenizer)] if structured else []),
+        *([LogprobColumns(spec)] if g.logprobs else []),
     ]
     steps = [
         (RenderBatch if batch else Render)(spec, tokenizer, context),
         *([AskStructured(spec)] if structured else []),
-        *([CacheLookup(cache, frozenset().union(*(stage.needs for stage in parse)))] if cache is not None else []),
+        *([AskLogprobs(spec)] if g.logprobs else []),
+        *([CacheLookup(cache, needs(parse))] if cache is not None else []),
         Generate(loop),
         *parse,
         *([Filter(spec)] if spec.filters is not None else []),

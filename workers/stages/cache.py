@@ -65,7 +65,7 @@ class CacheKeep(Stage):
 
 def _entry(g: Generated) -> Entry:
     return Entry(
-        g.text,
+        g.text if g.generated_text is None else g.generated_text,
         g.finish_reason,
         g.completion_tokens,
         token_ids=g.token_ids,

@@ -9,11 +9,11 @@ import pyarrow as pa
 
 from jobs.core.dedupe import index_name
 from jobs.core.protocol import Tally
-from jobs.core.rows import FILTER
+from jobs.core.rows import FILTER, LOGPROB_SUM
 from jobs.core.spec import JobSpec
 from workers.quality import Candidate, Filters
 from workers.stages.stage import Columns, Stage
-from workers.stages.work import ShardWork
+from workers.stages.work import Generated, ShardWork
 
 
 class Filter(Stage):
@@ -31,12 +31,19 @@ class Filter(Stage):
         keys, candidates = [], []
         for i, s, key, g in work.each_generated():
             keys.append(key)
-            candidates.append(Candidate(i, s, g.text, work.prompts[i].text, g.completion_tokens))
+            candidates.append(Candidate(i, s, g.text, work.prompts[i].text, g.completion_tokens, _mean_logprob(g)))
         self.filters.apply(candidates, [(work.ids[c.row_index], c.sample_index) for c in candidates])
         dropped = {key: c.dropped_by for key, c in zip(keys, candidates) if c.dropped_by is not None}
         marked = {key: replace(work.generated[key], dropped_by=name) for key, name in dropped.items()}
         tally = work.tally + Tally(rows_filtered=len(dropped))
         return replace(work, generated={**work.generated, **marked}, tally=tally)
+
+
+def _mean_logprob(g: Generated) -> float | None:
+    """The sequence's mean token logprob, from the logprobs stage's column (it runs before this one);
+    None where its request asked for no logprobs (a batch line) or it has no tokens."""
+    total = g.columns.get(LOGPROB_SUM.name)
+    return total / g.completion_tokens if total is not None and g.completion_tokens else None
 
 
 def _job_index(spec: JobSpec):

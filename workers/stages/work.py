@@ -39,6 +39,9 @@ class Generated:
     columns: dict = field(default_factory=dict)  # values of the output columns later stages add (scores), by name
     dropped_by: str | None = None  # the filter that sends it to filtered/
     token_ids: tuple[int, ...] = ()  # generated tokens, end-of-sequence excluded (a stage's `needs`)
+    # The text as generated, where a stage after generation replaced `text` (the reasoning split:
+    # the answer); the row cache keeps this one, since jobs that split nothing share its entries.
+    generated_text: str | None = None
     token_logprobs: tuple[float, ...] | None = None  # per token, when its request asked
     top_logprobs: tuple[TopLogprobs, ...] | None = None
 

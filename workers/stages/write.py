@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from jobs.core.layout import DATA, ERRORS, FILTERED
 from jobs.core.protocol import Tally
-from jobs.core.rows import ERROR_FIELDS, METADATA_KEY
+from jobs.core.rows import ERROR_FIELDS, METADATA_KEY, REASONING_TOKENS
 from jobs.core.spec import JobSpec
 from workers import shard_io
 from workers.stages.stage import Columns, Stage
@@ -32,10 +32,13 @@ def file_metadata(job_facts: dict, engine: dict) -> dict[bytes, bytes]:
 
 class Write(Stage):
     name = "write"
-    counters = ("rows_done", "rows_failed", "rows_cached", "prompt_tokens", "completion_tokens")
 
     def __init__(self, spec: JobSpec, metadata: dict[bytes, bytes]):
         self.spec, self.metadata = spec, metadata
+        # Token counts summed over data/'s rows: those every job has, and the thinking's when it is kept apart.
+        reasoning = (REASONING_TOKENS.name,) if spec.generation.reasoning != "off" else ()
+        self.summed = ("prompt_tokens", "completion_tokens", *reasoning)
+        self.counters = ("rows_done", "rows_failed", "rows_cached", *self.summed)
 
     def columns(self, input_schema: pa.Schema) -> Columns:
         return Columns(errors=ERROR_FIELDS)
@@ -80,7 +83,6 @@ class Write(Stage):
             rows_done=data.num_rows,
             rows_failed=err.count,
             rows_cached=cached,
-            prompt_tokens=sum(data.column("prompt_tokens").to_pylist()),
-            completion_tokens=sum(data.column("completion_tokens").to_pylist()),
+            **{name: sum(data.column(name).to_pylist()) for name in self.summed},
         )
         return replace(work, tally=work.tally + tally, staged=staged.urls, inline_files=staged.inline)

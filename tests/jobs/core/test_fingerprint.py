@@ -85,11 +85,12 @@ def decisive_defaults(model: type[BaseModel], exclude: dict[str, Any], prefix: s
         if rule is True:
             continue
         section = next((a for a in (f.annotation, *getattr(f.annotation, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)  # fmt: skip
-        if section is not None:
+        default = "required" if f.is_required() else f.get_default(call_default_factory=True)
+        # A field that may hold a section but defaults to a plain value (reasoning: off) pins that value.
+        if section is not None and (default in ("required", None) or isinstance(default, BaseModel)):
             defaults |= decisive_defaults(section, dict.fromkeys(rule or (), True), f"{prefix}{name}.")
         else:
-            default = f.get_default(call_default_factory=True)
-            defaults[f"{prefix}{name}"] = "required" if f.is_required() else default
+            defaults[f"{prefix}{name}"] = default
     return defaults
 
 
@@ -125,16 +126,20 @@ def test_the_defaults_of_decisive_fields_are_pinned():
         "generation.no_repeat_ngram_size": 0,
         "generation.stop": (),
         "generation.seed": 0,
+        "generation.reasoning": "off",
         "generation.structured.json_schema": None,
         "generation.structured.regex": None,
         "generation.structured.choices": None,
         "generation.structured.json_object": False,
         "generation.structured.whitespace": "compact",
+        "generation.logprobs": False,
+        "generation.top_logprobs": 0,
         "output.include_prompt": False,
         "output.format": "parquet",
         "evaluation.reference_column": "required",
         "filters.min_completion_tokens": None,
         "filters.max_completion_tokens": None,
+        "filters.min_mean_logprob": None,
         "filters.must_match": None,
         "filters.must_not_match": None,
         "filters.drop_empty": True,

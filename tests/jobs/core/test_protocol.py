@@ -60,6 +60,13 @@ def test_a_record_of_the_earlier_release_reads_with_defaults():
     }  # fmt: skip
 
 
+def test_a_feature_counter_is_written_only_when_it_counted():
+    thinking = CommitRecord.from_json({**WRITTEN, "reasoning_tokens": 120})
+    assert thinking.tally.reasoning_tokens == 120
+    assert thinking.to_json() == {**WRITTEN, "reasoning_tokens": 120}
+    assert "reasoning_tokens" not in CommitRecord.from_json(WRITTEN).to_json()
+
+
 def test_a_record_that_says_nothing_of_its_input_covers_no_rows():
     record = CommitRecord.from_json({"shard": 1, "data": "data/part-00001.parquet"})
     assert (record.name, record.input_rows, record.tally) == ("part-00001", 0, Tally())

@@ -192,6 +192,14 @@ def test_empty_stop_string_says_why():
     assert "stop strings must not be empty" in spec_error(minimal(generation={"stop": [""]}))
 
 
+def test_top_logprobs_need_logprobs():
+    message = spec_error(minimal(generation={"top_logprobs": 5}))
+    assert "generation.top_logprobs: needs generation.logprobs: true (got 5)" in message
+    assert "less than or equal to 20" in spec_error(minimal(generation={"logprobs": True, "top_logprobs": 21}))
+    spec = spec_from_dict(minimal(generation={"logprobs": True, "top_logprobs": 20}))
+    assert (spec.generation.logprobs, spec.generation.top_logprobs) == (True, 20)
+
+
 def test_num_return_sequences_needs_sampling():
     message = spec_error(minimal(generation={"num_return_sequences": 3}))
     assert "num_return_sequences" in message
@@ -310,6 +318,53 @@ def test_reference_spells_the_replica_forms():
     assert "| int, `auto` or `MIN..MAX` | `'auto'` |" in row
 
 
+# -- generation.reasoning ----------------------------------------------------------------
+
+
+def test_reasoning_is_off_auto_or_a_pair_of_tags(tmp_path):
+    assert spec_from_dict(minimal()).generation.reasoning == "off"
+    assert spec_from_dict(minimal(generation={"reasoning": "auto"})).generation.reasoning == "auto"
+    tags = spec_from_dict(minimal(generation={"reasoning": {"start": "<t>", "end": "</t>"}})).generation.reasoning
+    assert (tags.start, tags.end) == ("<t>", "</t>")
+    # YAML reads an unquoted `off` as false; it means off.
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(minimal()) + "generation:\n  reasoning: off\n")
+    assert load_spec(path).generation.reasoning == "off"
+    assert load_spec(path, ["generation.reasoning=auto"]).generation.reasoning == "auto"
+    set_tags = load_spec(path, ["generation.reasoning={start: '[THINK]', end: '[/THINK]'}"]).generation.reasoning
+    assert (set_tags.start, set_tags.end) == ("[THINK]", "[/THINK]")
+
+
+def test_reasoning_tags_are_recorded_as_written_and_load_again():
+    spec = spec_from_dict(minimal(generation={"reasoning": {"start": "<t>", "end": "</t>"}}))
+    recorded = spec.model_dump(mode="json")
+    assert recorded["generation"]["reasoning"] == {"start": "<t>", "end": "</t>"}
+    assert spec_from_dict(recorded) == spec
+
+
+@pytest.mark.parametrize(
+    "given, why",
+    [
+        ("on", "give off, auto, or the tags as {start, end} (got 'on')"),
+        (True, "give off, auto, or the tags as {start, end} (got True)"),  # YAML `reasoning: yes`
+        ({"start": "<t>", "end": "<t>"}, "start and end must be two different, non-empty tags"),
+        ({"start": "", "end": "</t>"}, "start and end must be two different, non-empty tags"),
+        ({"start": "<t>"}, "end: Field required"),
+        ({"start": "<t>", "end": "</t>", "parser": "qwen3"}, "parser: unknown field"),
+    ],
+)
+def test_bad_reasoning_is_one_line_naming_the_field(given, why):
+    message = spec_error(minimal(generation={"reasoning": given}))
+    assert message.splitlines()[1:] == [f"  generation.reasoning: {why}"]
+
+
+def test_reference_spells_the_reasoning_forms():
+    from jobs.core.spec import reference_markdown
+
+    row = next(r for r in reference_markdown().splitlines() if r.startswith("| `generation.reasoning`"))
+    assert "| `off` or `auto` or `{start, end}` | `'off'` |" in row
+
+
 # -- --set overrides -------------------------------------------------------------------
 
 
@@ -386,6 +441,8 @@ def test_fingerprint_ignores_resources_storage_options_and_name():
         {"generation": {"max_new_tokens": 9}},
         {"generation": {"seed": 1}},
         {"generation": {"stop": ["x"]}},
+        {"generation": {"reasoning": "auto"}},
+        {"generation": {"reasoning": {"start": "<think>", "end": "</think>"}}},
         {"model": {"path": "org/other"}},
         {"input": {"uri": "/data/other.parquet"}},
         {"input": {"pass_through": ["topic"]}},
@@ -462,6 +519,12 @@ def test_urls_and_hub_ids_are_left_alone(tmp_path, monkeypatch):
         ({"evaluation": {"reference_column": "rougeL"}}, ["'rougeL' twice", "evaluation's scores"]),
         ({"input": {"prompt_column": "error_code"}}, ["errors/", "'error_code' twice", "input.prompt_column"]),
         ({"input": {"prompt_column": None, "prompt_template": "{sample_index}"}}, ["errors/", "input.prompt_template"]),
+        (
+            {"generation": {"reasoning": "auto"}, "input": {"pass_through": ["reasoning"]}},
+            ["data/", "'reasoning' twice", "input.pass_through and generation.reasoning"],
+        ),
+        ({"input": {"pass_through": ["top_logprobs"]}, "generation": {"logprobs": True, "top_logprobs": 2}},
+         ["data/", "'top_logprobs' twice", "input.pass_through and generation.logprobs"]),
     ],
 )
 def test_a_column_written_twice_is_refused_naming_both_sources(sections, fragments):
@@ -496,6 +559,14 @@ def test_template_with_an_unknown_conversion_is_refused():
     for conversion in "rsa":
         assert spec_from_dict(minimal(input={"prompt_column": None, "prompt_template": f"About {{topic!{conversion}}}"}))
 
+
+def test_min_mean_logprob_needs_logprobs_and_a_bound_a_mean_can_pass():
+    message = spec_error(minimal(filters={"min_mean_logprob": -2}))
+    assert "filters.min_mean_logprob -2.0 needs generation.logprobs: true" in message
+    above_zero = minimal(generation={"logprobs": True}, filters={"min_mean_logprob": 0.5})
+    assert "less than or equal to 0" in spec_error(above_zero)  # a mean logprob never is: every row would go
+    spec = spec_from_dict(minimal(generation={"logprobs": True}, filters={"min_mean_logprob": -2}))
+    assert spec.filters.min_mean_logprob == -2.0
 
 def test_min_completion_tokens_over_max_new_tokens_is_refused_for_spec_inputs_only():
     message = spec_error(minimal(filters={"min_completion_tokens": 100}, generation={"max_new_tokens": 8}))

@@ -98,6 +98,8 @@ def test_structured_names_a_constraint_unless_rows_bring_their_own():
                           "generation.stop or {source}"),
         ({"no_repeat_ngram_size": 2}, "generation.no_repeat_ngram_size could ban every token the constraint of "
                                       "{source} allows; drop one of them"),
+        ({"reasoning": "auto"}, "{source} with generation.reasoning is not supported yet: the constraint would "
+                                "apply to the thinking too"),
     ],
 )  # fmt: skip
 def test_settings_that_could_break_a_constraint_are_refused(source, generation, message):
