@@ -174,6 +174,7 @@ def check_schema(spec: InputSpec, schema: pa.Schema, where: str) -> None:
         ("input.pass_through", list(spec.pass_through)),
         ("input.max_new_tokens_column", [spec.max_new_tokens_column] if spec.max_new_tokens_column else []),
         ("input.adapter_column", [spec.adapter_column] if spec.adapter_column else []),
+        ("input.schema_column", [spec.schema_column] if spec.schema_column else []),
     ]
     for field, columns in fields:
         missing = [c for c in columns if c not in names]
@@ -202,6 +203,8 @@ def _check_type(spec: InputSpec, schema: pa.Schema, where: str) -> None:
         refuse("input.max_new_tokens_column", spec.max_new_tokens_column, "integers")
     if spec.adapter_column and not is_text(schema.field(spec.adapter_column).type):
         refuse("input.adapter_column", spec.adapter_column, "text (adapter names)")
+    if spec.schema_column and not is_text(schema.field(spec.schema_column).type):
+        refuse("input.schema_column", spec.schema_column, "text (a JSON schema as a JSON string)")
 
 
 def is_text(kind: pa.DataType) -> bool:
@@ -297,29 +300,36 @@ def _iter_ids(spec: InputSpec, dataset: Dataset):
 def iter_column(spec: InputSpec, dataset: Dataset, field: str):
     """(values, file, offset of the row group in the file) of the column input.<field> names,
     one row group at a time."""
+    column = getattr(spec, field)
+    for table, file, offset in iter_row_groups(spec, dataset, [column], f"input.{field} {column!r}"):
+        yield table.column(0).combine_chunks(), file, offset
+
+
+def iter_row_groups(spec: InputSpec, dataset: Dataset, columns: list[str], what: str):
+    """(table of `columns`, file, offset of the row group in the file) of every row group, in order:
+    the driver reads a column or two of the input, never a whole file at once. `what`: the columns
+    as an error names them (the spec field)."""
     for file in dataset.files:
         with fsspec.open(file.url, "rb", **spec.storage_options) as f:
             pf = pq.ParquetFile(f)
             offset = 0
             for group in range(pf.num_row_groups):
-                values = _read_column(spec, field, pf, group, file)
-                yield values, file, offset
-                offset += len(values)
+                table = _read_row_group(pf, group, file, columns, what)
+                yield table, file, offset
+                offset += table.num_rows
 
 
-def _read_column(spec: InputSpec, field: str, pf: pq.ParquetFile, group: int, file: InputFile) -> pa.Array:
-    """One row group's values of input.<field>'s column; InputError naming the file where its pages
-    cannot be read (pyarrow raises a bare OSError for a corrupt page)."""
-    column = getattr(spec, field)
+def _read_row_group(pf: pq.ParquetFile, group: int, file: InputFile, columns: list[str], what: str) -> pa.Table:
+    """One row group's `columns`; InputError naming the file where its pages cannot be read
+    (pyarrow raises a bare OSError for a corrupt page)."""
     try:
         return storage.with_retries(
-            lambda: pf.read_row_group(group, columns=[column]).column(0).combine_chunks(),
-            f"reading input.{field} of row group {group} of {file.url}",
+            lambda: pf.read_row_group(group, columns=columns), f"reading {what} of row group {group} of {file.url}"
         )
     except OSError as e:
         raise InputError(
-            f"input file {file.url} is not readable Parquet: input.{field} {column!r} of its "
-            f"row group {group} cannot be read ({one_line(e)}); write the file again, or remove it from input.uri"
+            f"input file {file.url} is not readable Parquet: {what} of its row group {group} cannot be read "
+            f"({one_line(e)}); write the file again, or remove it from input.uri"
         ) from e
 
 

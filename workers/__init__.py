@@ -12,5 +12,6 @@
     transformers_engine  continuous batching with a KV cache on any HF causal LM
     kv_batch             the transformers engine's running batch and its cache surgery
     sampling             the transformers engine's next-token choice
+    grammar              structured output's grammars: llguidance matchers, the transformers engine's masks
     vllm_engine          vLLM behind the engine interface
 """

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 from collections import OrderedDict
 
+from jobs.core import structured
 from jobs.core.cache import Entry, checkpoint_identity, context_digest, sequence_key, tokenizer_identity
 from jobs.core.spec import JobSpec
 from workers.engine import Request
@@ -21,10 +22,13 @@ def _params(r: Request) -> dict | None:
     return dataclasses.asdict(params) if params is not None else None
 
 
-def _request_extra(r: Request, adapter_sha256: dict[str, str]) -> dict:
+def _request_extra(r: Request, adapter_sha256: dict[str, str], whitespace: str) -> dict:
     """What a request asks beyond its sampling parameters, for its key (empty: nothing).
-    `adapter_sha256`: the job's adapters' hashes, by name."""
+    `adapter_sha256`: the job's adapters' hashes, by name; `whitespace`: the job's JSON whitespace
+    (generation.structured.whitespace), which shapes a grammar."""
     extra = {}
+    if r.structured is not None:
+        extra["structured"] = [r.structured.kind, r.structured.value, whitespace]
     if r.logprobs is not None:
         extra["logprobs"] = r.logprobs
     if r.adapter is not None:
@@ -66,6 +70,7 @@ class ReplicaCache:
             generation=spec.generation.model_dump(mode="json"),
         )
         self.adapter_sha256 = {name: a.sha256 for name, a in m.adapter_set().items()}
+        self.whitespace = "flexible" if structured.flexible(spec) else "compact"
         self._held: OrderedDict[str, dict[str, Entry]] = OrderedDict()
         self.rejected = 0  # entries found but not of the row schema (over this replica's life)
 
@@ -79,7 +84,7 @@ class ReplicaCache:
                 r.key % stride,
                 r.max_new_tokens,
                 _params(r),
-                _request_extra(r, self.adapter_sha256),
+                _request_extra(r, self.adapter_sha256, self.whitespace),
             )
             for r in requests
         }

@@ -24,11 +24,13 @@ from collections.abc import Iterable
 
 import torch
 
-from jobs.core import faults
+from jobs.core import faults, structured
 from jobs.core.adapters import BASE
 from jobs.core.model import context_length, load_tokenizer
+from jobs.core.rows import structured_possible
 from workers import sampling
 from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, TopLogprobs, completion_text
+from workers.grammar import Grammars
 from workers.kv_batch import Batch, Row, merge, spliceable
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,17 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(
-        self, model, tokenizer, params: SamplingParams, batch_size: int, max_batch_tokens: int, adapters=frozenset()
+        self,
+        model,
+        tokenizer,
+        params: SamplingParams,
+        batch_size: int,
+        max_batch_tokens: int,
+        adapters=frozenset(),
+        grammars: Grammars | None = None,
     ):
-        """`adapters`: the names of the LoRA adapters `model` (then a PeftModel) holds."""
+        """`adapters`: the names of the LoRA adapters `model` (then a PeftModel) holds; `grammars`:
+        for a job whose requests may carry a constraint (structured output)."""
         self.model = model
         self.adapters = frozenset(adapters)
         self.tokenizer = tokenizer
@@ -62,6 +72,7 @@ class TransformersEngine:
         self.pad_id = _pad_id(model, tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.stop_window = _stop_window(params.stop)
+        self.grammars = grammars
         self.context_length = context_length(model.config)
         self.waiting: deque[Request] = deque()
         self.running: Batch | None = None
@@ -80,7 +91,8 @@ class TransformersEngine:
 
         hf_logging.disable_progress_bar()
         m, res = spec.model, spec.resources
-        torch.set_num_threads(res.torch_threads or max(1, int(res.num_cpus)))
+        threads = res.torch_threads or max(1, int(res.num_cpus))
+        torch.set_num_threads(threads)
         device = "cuda" if res.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         tokenizer = load_tokenizer(m)
         kwargs = dict(
@@ -97,7 +109,12 @@ class TransformersEngine:
             model = _with_adapters(model, named)
         context = context_length(model.config)
         budget = res.max_batch_tokens or res.batch_size * (context or 2048)
-        return cls(model, tokenizer, SamplingParams.from_spec(spec.generation), res.batch_size, budget, frozenset(named))
+        grammars = None
+        if structured_possible(spec):
+            vocab = model.config.get_text_config().vocab_size  # the logits' width
+            grammars = Grammars(tokenizer, vocab, _eos_ids(model, tokenizer), structured.flexible(spec), threads)
+        params = SamplingParams.from_spec(spec.generation)
+        return cls(model, tokenizer, params, res.batch_size, budget, frozenset(named), grammars)
 
     # -- public API -----------------------------------------------------------------
 
@@ -296,7 +313,11 @@ class TransformersEngine:
 
     def _matcher(self, request: Request) -> object | None:
         """The grammar state of a constrained request (structured output)."""
-        return None
+        if request.structured is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("a constrained request, on an engine built for a job without structured output")
+        return self.grammars.matcher(request.structured)
 
     def _forward_kwargs(self, rows: list[Row]) -> dict:
         """Extra arguments of a forward over `rows`: with adapters, each row's (PEFT's mixed-adapter
@@ -307,6 +328,8 @@ class TransformersEngine:
 
     def _constrain(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Mask, in place, what each constrained row's grammar does not allow next."""
+        if self.grammars is not None:
+            self.grammars.mask(logits, [row.matcher for row in rows])
 
     def _scores(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor | None:
         """(B, V) log-probabilities, when any row asked for logprobs."""
@@ -328,7 +351,7 @@ class TransformersEngine:
 
     def _grammar_done(self, row: Row, token: int) -> bool:
         """Feed the chosen token to the row's grammar; whether the grammar is complete."""
-        return False
+        return row.matcher is not None and Grammars.advance(row.matcher, token)
 
     def _completion(self, row: Row) -> Completion:
         self.counters["generated_tokens"] += len(row.tokens)

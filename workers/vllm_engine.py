@@ -15,9 +15,11 @@ import math
 import os
 from collections.abc import Iterable
 
-from jobs.core import adapters, faults, vllm_support
+from jobs.core import adapters, faults, structured, vllm_support
 from jobs.core.errors import ModelError
 from jobs.core.model import checkpoint_dtype, context_length, load_tokenizer, text_config
+from jobs.core.rows import structured_possible
+from jobs.core.structured import Structured
 from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, TopLogprobs, completion_text
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,12 @@ class VllmEngine:
             _share_cpus_with_other_replicas(spec.resources)
         from vllm import EngineArgs, LLMEngine
 
-        args = EngineArgs(**engine_args(spec))
-        llm = LLMEngine.from_engine_args(args)
+        args = engine_args(spec)
+        if "structured_outputs_config" in args:  # a plain dict there, so engine_args reads without vLLM
+            from vllm.config import StructuredOutputsConfig
+
+            args["structured_outputs_config"] = StructuredOutputsConfig(**args["structured_outputs_config"])
+        llm = LLMEngine.from_engine_args(EngineArgs(**args))
         engine = cls(llm, load_tokenizer(spec.model), SamplingParams.from_spec(spec.generation), _lora_requests(spec))
         engine.probe()
         return engine
@@ -151,6 +157,7 @@ class VllmEngine:
             repetition_penalty=p.repetition_penalty,
             stop=list(p.stop) or None,
             seed=r.seed,
+            structured_outputs=_structured_outputs(r.structured),
             logprobs=r.logprobs,  # vLLM's default logprobs_mode, raw_logprobs, is what ours are
             skip_special_tokens=True,
             # One output per request, when it finishes (as LLM.generate asks): the
@@ -233,6 +240,11 @@ def engine_args(spec) -> dict:
         loras = len(named) + (1 if res.num_gpus == 0 else 0)
         ranks = [adapters.rank(adapters.read_config(a.path)) for a in named.values()]
         args.update(enable_lora=True, max_loras=loras, max_cpu_loras=loras, max_lora_rank=adapters.vllm_max_lora_rank(ranks))
+    if structured_possible(spec):
+        # The guidance backend is llguidance, as for the transformers engine (workers/grammar.py):
+        # both engines then allow the same tokens at every step. (vLLM's auto may choose xgrammar.)
+        compact = not structured.flexible(spec)
+        args["structured_outputs_config"] = {"backend": "guidance", "disable_any_whitespace": compact}
     return {**args, **m.engine_options}
 
 
@@ -242,6 +254,21 @@ def _lora_requests(spec) -> dict:
 
     named = spec.model.adapter_set()
     return {name: LoRARequest(name, i + 1, named[name].path) for i, name in enumerate(sorted(named))}
+
+
+def _structured_outputs(s: Structured | None):
+    """vLLM's form of a request's constraint (None: unconstrained)."""
+    if s is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if s.kind == "json_schema":
+        return StructuredOutputsParams(json=s.value)
+    if s.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if s.kind == "regex":
+        return StructuredOutputsParams(regex=s.value)
+    return StructuredOutputsParams(choice=list(s.value))
 
 
 def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, dtype: str, tokens: int, context: int) -> int:

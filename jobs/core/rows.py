@@ -91,6 +91,12 @@ def is_batch(spec: InputSpec) -> bool:
     return spec.format == OPENAI_BATCH
 
 
+def structured_possible(spec: JobSpec) -> bool:
+    """Whether any completion of the job may be constrained (structured output): by the job's
+    constraint or by its rows' own schemas."""
+    return spec.generation.structured is not None or spec.input.schema_column is not None
+
+
 def row_ids(spec: InputSpec, shard: Shard, table: pa.Table) -> list:
     """The ids of a shard's rows, in order."""
     if spec.id_column:
@@ -99,13 +105,14 @@ def row_ids(spec: InputSpec, shard: Shard, table: pa.Table) -> list:
 
 
 def input_columns(spec: InputSpec) -> list[str]:
-    """The input columns a job reads: id, prompt sources, pass-through, per-row limits, adapters."""
+    """The input columns a job reads: id, prompt sources, pass-through, per-row limits, adapters and schemas."""
     if is_batch(spec):
         return [f.name for f in BATCH_FIELDS]
     columns = [spec.id_column] if spec.id_column else []
     columns += [*spec.source_columns(), *spec.pass_through]
     columns += [spec.max_new_tokens_column] if spec.max_new_tokens_column else []
     columns += [spec.adapter_column] if spec.adapter_column else []
+    columns += [spec.schema_column] if spec.schema_column else []
     return list(dict.fromkeys(columns))  # unique, in order
 
 
@@ -152,11 +159,13 @@ def id_field(spec: InputSpec, input_schema: pa.Schema) -> pa.Field:
 
 def data_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
     """Columns of data/: id, generated columns, prompt (optional), then each feature's that is on
-    (reasoning, logprobs, the adapter), scores (evaluation), pass-through."""
+    (reasoning, structured output, logprobs, the adapter), scores (evaluation), pass-through."""
     fields = [id_field(spec.input, input_schema), *GENERATED]
     if spec.output.include_prompt:
         fields.append(PROMPT)
     fields += reasoning_fields(spec)
+    if structured_possible(spec):
+        fields += [STRUCTURED, JSON_PARSED]
     if spec.generation.logprobs:
         fields += logprob_fields(spec.generation.top_logprobs > 0)
     if spec.model.adapter_set():

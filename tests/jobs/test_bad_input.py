@@ -467,6 +467,77 @@ def test_nested_id_column(tmp_path, tiny_model, capsys, nothing_heavy_starts):
     refused_input_recorded(tmp_path, err)
 
 
+# -- structured output: a schema no row could follow is refused before the model loads ---------------
+
+
+def write_row_schemas(path: Path, schemas: list, start: int = 0, row_group_size: int | None = None) -> None:
+    write_prompts(path, len(schemas), start=start, row_group_size=row_group_size)
+    table = pq.read_table(path).append_column("schema", pa.array(schemas, pa.string()))
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+@pytest.mark.parametrize(
+    "bad, fragments",
+    [
+        ('{"type": "object", ', ("is not JSON (Expecting",)),
+        ('{"type": "array", "uniqueItems": true}', ('has a schema llguidance cannot use: Unimplemented keys: ["uniqueItems"]',)),
+    ],
+    ids=["not-json", "unimplemented"],
+)  # fmt: skip
+def test_a_bad_row_schema_names_its_row_and_file(tmp_path, tiny_model, nothing_heavy_starts, bad, fragments):
+    good = '{"type": "string"}'
+    write_row_schemas(tmp_path / "in" / "a.parquet", [good, None, good, good])
+    write_row_schemas(tmp_path / "in" / "b.parquet", [good, None, good, bad, good], start=4, row_group_size=2)
+    spec = make_spec(tmp_path, tiny_model, input={"schema_column": "schema"})
+    fails_early(spec, InputError, "input.schema_column 'schema': row 'row-00007' of b.parquet ", *fragments)
+
+
+def test_a_row_schema_without_an_id_column_is_named_by_file_and_row(tmp_path, tiny_model, nothing_heavy_starts):
+    write_row_schemas(tmp_path / "in" / "a.parquet", ['{"type": "string"}', "[]"], row_group_size=1)
+    spec = make_spec(tmp_path, tiny_model, input={"schema_column": "schema", "id_column": None})
+    fails_early(spec, InputError, "row 'a.parquet:1' of a.parquet is JSON list, not a JSON schema object")
+
+
+def test_a_schema_column_of_the_wrong_type_or_absent(tmp_path, tiny_model, capsys, nothing_heavy_starts):
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["p"], "topic": ["t"], "schema": [1]}), tmp_path / "in.parquet")
+    data = job_dict(str(tmp_path / "in.parquet"), str(tmp_path / "out"), tiny_model, input={"schema_column": "schema"})
+    cli_refuses(write_job(tmp_path / "job.yaml", data), capsys, "input.schema_column 'schema'", "has type int64",
+                "expected text (a JSON schema as a JSON string)")  # fmt: skip
+    data["input"]["schema_column"] = "schemas"
+    cli_refuses(write_job(tmp_path / "job.yaml", data), capsys, "input.schema_column names column(s) ['schemas']")
+
+
+def test_a_job_schema_llguidance_cannot_use_exits_2(tmp_path, tiny_model, prompts, capsys, nothing_heavy_starts):
+    schema = {"type": "array", "uniqueItems": True}
+    data = job_dict(str(prompts), str(tmp_path / "out"), tiny_model, generation={"structured": {"json_schema": schema}})
+    cli_refuses(write_job(tmp_path / "job.yaml", data), capsys, "generation.structured.json_schema: llguidance cannot "
+                'use this schema: Unimplemented keys: ["uniqueItems"]')  # fmt: skip
+
+
+def test_structured_output_needs_a_fast_tokenizer(tmp_path, tiny_model):
+    from types import SimpleNamespace
+
+    from jobs.preflight import check_tokenizer
+
+    spec = make_spec(tmp_path, tiny_model, generation={"structured": {"choices": ["a"]}})
+    slow = SimpleNamespace(is_fast=False, chat_template=None)
+    with pytest.raises(ModelError, match=r"generation.structured needs a fast tokenizer \(tokenizer.json\); model.tokenizer"):
+        check_tokenizer(spec, slow)
+    check_tokenizer(make_spec(tmp_path, tiny_model), slow)  # no constraint: any tokenizer
+
+
+def test_vllms_structured_outputs_config_is_the_specs_to_set(tmp_path, tiny_model, prompts, capsys, nothing_heavy_starts):
+    data = job_dict(str(prompts), str(tmp_path / "out"), tiny_model)
+    data["model"] = {"path": str(tiny_model), "engine": "vllm", "engine_options": {"structured_outputs_config": {}}}
+    cli_refuses(write_job(tmp_path / "job.yaml", data), capsys, "model.engine_options.structured_outputs_config: set "
+                "generation.structured.whitespace in the spec instead")  # fmt: skip
+
+
+def test_row_schemas_that_are_good_or_null_pass(tmp_path, tiny_model, nothing_heavy_starts):
+    write_row_schemas(tmp_path / "in" / "a.parquet", ['{"type": "string"}', None, '{"enum": ["a"]}'])
+    assert validate(make_spec(tmp_path, tiny_model, input={"schema_column": "schema"})).input_rows == 3
+
+
 def test_a_well_formed_chat_input_passes(tmp_path, tiny_model, nothing_heavy_starts):
     # The counterpart of the type checks above.
     messages = [[{"role": "user", "content": f"hello {i}"}] for i in range(2)]

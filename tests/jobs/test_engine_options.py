@@ -95,3 +95,20 @@ def test_options_may_not_turn_lora_on_or_size_it():
     for option in ("enable_lora", "max_loras"):
         with pytest.raises(ModelError, match=f"model.engine_options.{option}: set model.adapters in the spec instead"):
             check_engine(spec("vllm", {option: 2}))
+def test_vllm_builds_grammars_with_llguidance_when_a_job_may_constrain(tiny_model):
+    # The guidance backend is llguidance, as our engine's grammars: the same tokens allowed at each step.
+    from workers.vllm_engine import engine_args
+
+    def args(**sections):
+        data = spec("vllm").model_dump()
+        data["model"]["path"] = str(tiny_model)
+        for section, values in sections.items():
+            data[section] = {**data[section], **values}
+        return engine_args(spec_from_dict(data))
+
+    assert "structured_outputs_config" not in args()
+    assert args(generation={"structured": {"regex": "[0-9]+"}})["structured_outputs_config"] == {
+        "backend": "guidance", "disable_any_whitespace": True
+    }  # fmt: skip
+    flexible = args(generation={"structured": {"whitespace": "flexible"}}, input={"schema_column": "schema"})
+    assert flexible["structured_outputs_config"] == {"backend": "guidance", "disable_any_whitespace": False}

@@ -130,3 +130,24 @@ def test_an_adapters_hash_is_in_its_rows_keys(tmp_path, tiny_model):
     (tmp_path / "code" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "name": "retrained"}))
     after = keys(adapters)
     assert (after[0], after[2]) == (before[0], before[2]) and after[1] != before[1]  # only code's rows miss
+
+
+def test_a_constraint_keys_its_sequences_apart(tmp_path, tiny_model):
+    from dataclasses import replace
+
+    from jobs.core.structured import Structured
+    from workers.engine import Request
+    from workers.row_cache import ReplicaCache
+
+    def key(request, **generation):
+        data = job_dict(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model, generation=generation,
+                        cache={"uri": str(tmp_path / "cache")})  # fmt: skip
+        return ReplicaCache(spec_from_dict(data), {}, {"engine": "transformers"}).keys([request], 1)[0]
+
+    plain = Request(0, (5, 6, 7), seed=3, max_new_tokens=8)
+    regex = replace(plain, structured=Structured("regex", "[a-z]+"))
+    compact = {"structured": {"regex": "[a-z]+"}}
+    # An unconstrained sequence is the same sequence in a job that may constrain others.
+    assert key(plain, **compact) == key(plain)
+    assert len({key(regex, **compact), key(plain), key(replace(regex, structured=Structured("regex", "[a-z]*")), **compact),
+                key(regex, structured={"regex": "[a-z]+", "whitespace": "flexible"})}) == 4  # fmt: skip

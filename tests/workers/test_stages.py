@@ -127,6 +127,17 @@ def test_adapters_are_chosen_after_render_and_before_the_cache(tmp_path, tiny_mo
     ]  # fmt: skip
 
 
+def test_structured_output_asks_before_the_cache_and_checks_before_the_filters(tmp_path, tiny_model, loop):
+    for asked in ({"generation": {"structured": {"regex": "[a-z]+"}}}, {"input": {"schema_column": "schema"}}):
+        spec = make_spec(tmp_path, tiny_model, cache=CACHE, filters=FILTERS, evaluation=EVALUATION, **asked)
+        assert names(spec, loop) == [
+            "read_parquet", "render", "ask_structured", "cache_lookup", "generate", "check_structured", "filter",
+            "evaluate", "write", "cache_keep",
+        ]  # fmt: skip
+        # A cache entry without token ids (an older bulkgen's) cannot be checked: a miss.
+        assert next(s for s in stages_of(spec, loop) if s.name == "cache_lookup").needs == {"token_ids"}
+
+
 def test_a_batch_input_has_the_batch_reader_and_its_render(tmp_path, tiny_model, loop):
     assert names(batch_spec(tmp_path, tiny_model), loop) == ["read_batch", "render_batch", "generate", "write"]
 
@@ -142,7 +153,9 @@ def test_retry_failed_reads_the_dead_letters_then_goes_the_same_way(tmp_path, ti
 
 # -- what the stages declare -----------------------------------------------------------------------
 
-INPUT = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("topic", pa.string()), ("reference", pa.string())])
+INPUT = pa.schema(
+    [("id", pa.string()), ("prompt", pa.string()), ("topic", pa.string()), ("reference", pa.string()), ("schema", pa.string())]
+)
 
 
 def _fields(fields) -> list[tuple[str, str]]:
@@ -163,9 +176,13 @@ def _fields(fields) -> list[tuple[str, str]]:
         {"generation": LOGPROBS, "filters": FILTERS},
         {"generation": {**REASONING, **LOGPROBS}},
         {**ADAPTERS, "filters": FILTERS},
+        {"generation": {"structured": {"choices": ["a", "b"]}}, "filters": FILTERS},
+        {"input": {"schema_column": "schema"}},
+        {"generation": {"structured": {"json_object": True}, **LOGPROBS}, "output": {"include_prompt": True}},
     ],
     ids=["plain", "include-prompt", "cache-filters", "evaluation", "reference-passed-through", "derived-id-all",
-         "reasoning", "logprobs", "top-logprobs-filters", "reasoning-logprobs", "adapters"],  # fmt: skip
+         "reasoning", "logprobs", "top-logprobs-filters", "reasoning-logprobs", "adapters", "structured",
+         "row-schemas", "structured-logprobs"],  # fmt: skip
 )
 def test_the_declared_columns_are_the_files_schemas(tmp_path, tiny_model, loop, sections):
     spec = make_spec(tmp_path, tiny_model, **sections)

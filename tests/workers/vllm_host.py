@@ -9,6 +9,8 @@ engines cached in it between calls.
 
 from __future__ import annotations
 
+import json
+
 from jobs.core.spec import spec_from_dict
 from tests.conftest import job_dict
 
@@ -18,7 +20,7 @@ _engines: dict = {}
 def _engine(model: str, engine: str, generation: dict):
     from workers.engine_factory import create_engine
 
-    key = (model, engine, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in generation.items())))
+    key = (model, engine, json.dumps(generation, sort_keys=True))
     if key not in _engines:
         data = job_dict("/in", "/out", model, generation={"max_new_tokens": 12, **generation})
         data["model"]["engine"] = engine
@@ -28,19 +30,38 @@ def _engine(model: str, engine: str, generation: dict):
     return _engines[key]
 
 
-def _requests(engine, prompts: list[str], max_new: list[int], seeds: list[int]):
+def _requests(engine, prompts: list[str], max_new: list[int], seeds: list[int], structured=None):
     from workers.engine import Request
 
     tok = engine.tokenizer
-    return [Request(i, tuple(tok(p).input_ids), seeds[i], max_new[i]) for i, p in enumerate(prompts)]
+    structured = structured or [None] * len(prompts)
+    return [Request(i, tuple(tok(p).input_ids), seeds[i], max_new[i], structured=structured[i]) for i, p in enumerate(prompts)]
 
 
-def generate(model: str, engine: str, generation: dict, prompts: list[str], max_new: list[int], seeds: list[int]):
-    """(engine name, [(token ids, text, finish reason)]) for the prompts, in order."""
+def generate(
+    model: str, engine: str, generation: dict, prompts: list[str], max_new: list[int], seeds: list[int], structured=None
+):
+    """(engine name, [(token ids, text, finish reason)]) for the prompts, in order; `structured`:
+    each request's constraint (jobs/core/structured.py), for an engine of a structured job's `generation`."""
     from workers.engine import generate as run
 
     e = _engine(model, engine, generation)
-    return e.name, [(c.token_ids, c.text, c.finish_reason) for c in run(e, _requests(e, prompts, max_new, seeds))]
+    done = run(e, _requests(e, prompts, max_new, seeds, structured))
+    return e.name, [(c.token_ids, c.text, c.finish_reason) for c in done]
+
+
+def vllm_grammars(constraints: list, flexible: bool) -> list[str]:
+    """The grammar vLLM's guidance backend builds for each constraint, from the request we give it."""
+    from vllm.v1.structured_output.backend_guidance import serialize_guidance_grammar
+    from vllm.v1.structured_output.request import get_structured_output_key
+
+    from workers.vllm_engine import _structured_outputs
+
+    grammars = []
+    for s in constraints:
+        kind, text = get_structured_output_key(_structured_outputs(s))
+        grammars.append(serialize_guidance_grammar(kind, text, disable_any_whitespace=not flexible))
+    return grammars
 
 
 def generate_logprobs(model: str, engine: str, prompts: list[str], max_new: list[int], k: int):

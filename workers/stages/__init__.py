@@ -1,18 +1,20 @@
 """A replica's work on a shard attempt, as a list of stages chosen once from the spec.
 
-    read            the task's rows: a Parquet row range (read.py), an OpenAI batch
-                    file's lines (batch.py), or retry-failed's dead letters (read.py)
-    render          prompts, token ids and one request per sample (render.py; batch.py)
-    adapter         model.adapter(s): each row's LoRA adapter, on its requests (adapter.py)
-    ask_logprobs    generation.logprobs: every request asks for its tokens' logprobs (logprobs.py)
-    cache_lookup    cache.uri: sequences the row cache already has (cache.py)
-    generate        the rest, on the engine (generate.py)
-    reasoning       generation.reasoning: the thinking apart from the answer (reasoning.py)
-    logprobs        generation.logprobs: the token_ids, token_logprobs, ... columns (logprobs.py)
-    filter          filters: drop sequences to filtered/ (filter.py)
-    evaluate        evaluation: scores against the row's reference (evaluate.py)
-    write           assemble the rows and stage the attempt's files (write.py)
-    cache_keep      cache.uri: hold the generated sequences until the commit (cache.py)
+    read              the task's rows: a Parquet row range (read.py), an OpenAI batch
+                      file's lines (batch.py), or retry-failed's dead letters (read.py)
+    render            prompts, token ids and one request per sample (render.py; batch.py)
+    adapter           model.adapter(s): each row's LoRA adapter, on its requests (adapter.py)
+    ask_structured    structured output: each request's constraint, the row's or the job's (structured.py)
+    ask_logprobs      generation.logprobs: every request asks for its tokens' logprobs (logprobs.py)
+    cache_lookup      cache.uri: sequences the row cache already has (cache.py)
+    generate          the rest, on the engine (generate.py)
+    reasoning         generation.reasoning: the thinking apart from the answer (reasoning.py)
+    check_structured  structured output: a sequence that misses its constraint is a dead letter (structured.py)
+    logprobs          generation.logprobs: the token_ids, token_logprobs, ... columns (logprobs.py)
+    filter            filters: drop sequences to filtered/ (filter.py)
+    evaluate          evaluation: scores against the row's reference (evaluate.py)
+    write             assemble the rows and stage the attempt's files (write.py)
+    cache_keep        cache.uri: hold the generated sequences until the commit (cache.py)
 
 build_stages is the one place they are chosen: a feature that is off is absent
 from the list, not a branch inside a stage. What flows between them is one
@@ -26,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobs.core.protocol import TaskKind
-from jobs.core.rows import is_batch
+from jobs.core.rows import is_batch, structured_possible
 from jobs.core.spec import JobSpec
 from workers.engine_loop import EngineLoop
 from workers.row_cache import ReplicaCache
@@ -41,6 +43,7 @@ from workers.stages.read import DeadLetterReader, ParquetReader
 from workers.stages.reasoning import SplitReasoning
 from workers.stages.render import Render
 from workers.stages.stage import Stage
+from workers.stages.structured import AskStructured, CheckStructured
 from workers.stages.write import Write, file_metadata
 
 
@@ -72,15 +75,17 @@ def build_stages(spec: JobSpec, loop: EngineLoop, job_facts: dict, engine: dict)
     batch = is_batch(spec.input)
     tokenizer, context = loop.engine.tokenizer, loop.engine.context_length
     cache = ReplicaCache(spec, job_facts.get("model", {}), engine) if spec.cache is not None else None
-    g = spec.generation
+    g, structured = spec.generation, structured_possible(spec)
     # The stages that read what was generated: a row-cache entry must hold what they need.
     parse = [
         *([SplitReasoning(spec, tokenizer)] if g.reasoning != "off" else []),
+        *([CheckStructured(spec, tokenizer)] if structured else []),
         *([LogprobColumns(spec)] if g.logprobs else []),
     ]
     steps = [
         (RenderBatch if batch else Render)(spec, tokenizer, context),
         *([ChooseAdapter(spec)] if spec.model.adapter_set() else []),
+        *([AskStructured(spec)] if structured else []),
         *([AskLogprobs(spec)] if g.logprobs else []),
         *([CacheLookup(cache, needs(parse))] if cache is not None else []),
         Generate(loop),
