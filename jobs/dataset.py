@@ -173,6 +173,7 @@ def check_schema(spec: InputSpec, schema: pa.Schema, where: str) -> None:
         ("input.id_column", [spec.id_column] if spec.id_column else []),
         ("input.pass_through", list(spec.pass_through)),
         ("input.max_new_tokens_column", [spec.max_new_tokens_column] if spec.max_new_tokens_column else []),
+        ("input.schema_column", [spec.schema_column] if spec.schema_column else []),
     ]
     for field, columns in fields:
         missing = [c for c in columns if c not in names]
@@ -199,6 +200,8 @@ def _check_type(spec: InputSpec, schema: pa.Schema, where: str) -> None:
         refuse("input.id_column", spec.id_column, "scalar ids (strings or integers), not lists, structs or maps")
     if spec.max_new_tokens_column and not pa.types.is_integer(schema.field(spec.max_new_tokens_column).type):
         refuse("input.max_new_tokens_column", spec.max_new_tokens_column, "integers")
+    if spec.schema_column and not is_text(schema.field(spec.schema_column).type):
+        refuse("input.schema_column", spec.schema_column, "text (a JSON schema as a JSON string)")
 
 
 def is_text(kind: pa.DataType) -> bool:
@@ -288,28 +291,35 @@ def _repeated(hashes: np.ndarray) -> set[int]:
 
 
 def _iter_ids(spec: InputSpec, dataset: Dataset):
+    for table, file, offset in iter_row_groups(spec, dataset, [spec.id_column], f"input.id_column {spec.id_column!r}"):
+        yield table.column(0).combine_chunks(), file, offset
+
+
+def iter_row_groups(spec: InputSpec, dataset: Dataset, columns: list[str], what: str):
+    """(table of `columns`, file, offset of the row group in the file) of every row group, in order:
+    the driver reads a column or two of the input, never a whole file at once. `what`: the columns
+    as an error names them (the spec field)."""
     for file in dataset.files:
         with fsspec.open(file.url, "rb", **spec.storage_options) as f:
             pf = pq.ParquetFile(f)
-            offset = 0  # of the row group in the file
+            offset = 0
             for group in range(pf.num_row_groups):
-                ids = _read_ids(spec, pf, group, file)
-                yield ids, file, offset
-                offset += len(ids)
+                table = _read_row_group(pf, group, file, columns, what)
+                yield table, file, offset
+                offset += table.num_rows
 
 
-def _read_ids(spec: InputSpec, pf: pq.ParquetFile, group: int, file: InputFile) -> pa.Array:
-    """One row group's ids; InputError naming the file where its pages cannot be read
+def _read_row_group(pf: pq.ParquetFile, group: int, file: InputFile, columns: list[str], what: str) -> pa.Table:
+    """One row group's `columns`; InputError naming the file where its pages cannot be read
     (pyarrow raises a bare OSError for a corrupt page)."""
     try:
         return storage.with_retries(
-            lambda: pf.read_row_group(group, columns=[spec.id_column]).column(0).combine_chunks(),
-            f"reading input.id_column of row group {group} of {file.url}",
+            lambda: pf.read_row_group(group, columns=columns), f"reading {what} of row group {group} of {file.url}"
         )
     except OSError as e:
         raise InputError(
-            f"input file {file.url} is not readable Parquet: input.id_column {spec.id_column!r} of its "
-            f"row group {group} cannot be read ({one_line(e)}); write the file again, or remove it from input.uri"
+            f"input file {file.url} is not readable Parquet: {what} of its row group {group} cannot be read "
+            f"({one_line(e)}); write the file again, or remove it from input.uri"
         ) from e
 
 

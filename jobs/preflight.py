@@ -69,6 +69,14 @@ def check_tokenizer(spec: JobSpec, tokenizer) -> None:
             f"input.messages_column is set but the tokenizer of {spec.model.path!r} has no chat template; "
             "use prompt_column or prompt_template, or a chat model"
         )
+    asked = [n for n, v in (("generation.structured", spec.generation.structured),
+                            ("input.schema_column", spec.input.schema_column)) if v is not None]  # fmt: skip
+    if asked and not getattr(tokenizer, "is_fast", False):
+        # llguidance (both engines' grammars) reads the tokenizer's Rust serialization (tokenizer.json).
+        raise ModelError(
+            f"{asked[0]} needs a fast tokenizer (tokenizer.json); model.tokenizer "
+            f"{spec.model.tokenizer or spec.model.path!r} is a slow one ({type(tokenizer).__name__})"
+        )
 
 
 def model_identity(spec: JobSpec) -> dict:
@@ -133,7 +141,8 @@ def _check_safetensors_headers(path: str, model) -> None:
 
 # Engine arguments the spec itself decides; an engine option must not contradict it.
 _SPEC_OWNS = {"model": "model.path", "tokenizer": "model.tokenizer", "revision": "model.revision",
-              "dtype": "model.dtype", "trust_remote_code": "model.trust_remote_code", "seed": "generation.seed"}
+              "dtype": "model.dtype", "trust_remote_code": "model.trust_remote_code", "seed": "generation.seed",
+              "structured_outputs_config": "generation.structured.whitespace"}
 
 
 def check_engine(spec: JobSpec) -> None:

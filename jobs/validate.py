@@ -22,15 +22,15 @@ import fsspec
 import numpy as np
 
 from jobs import preflight
-from jobs.core import storage
+from jobs.core import storage, structured
 from jobs.core.errors import InputError, OutputError
 from jobs.core.model import load_tokenizer
 from jobs.core.plan import InputFile, Shard, plan, rows_per_shard
 from jobs.core.prompts import TEMPLATE_ERROR, RowError, decode_rows, render_prompt
 from jobs.core.row_prompt import build_prompt
-from jobs.core.rows import read_shard_rows, row_ids
+from jobs.core.rows import derived_id, read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
-from jobs.dataset import check_unique_ids, glob_root, is_glob, is_text, open_dataset
+from jobs.dataset import Dataset, check_unique_ids, glob_root, is_glob, is_text, iter_row_groups, open_dataset
 from jobs.output import check_output_takes
 
 
@@ -68,6 +68,7 @@ def check_input_and_model(spec: JobSpec) -> Checked:
     They plan nothing: the driver plans (or re-reads the plan it pinned) once they pass."""
     dataset = open_dataset(spec.input)
     check_unique_ids(spec.input, dataset)
+    check_row_schemas(spec, dataset)
     check_reference_column(spec, dataset.schema)
     check_template_renders(spec, dataset.files)
     preflight.check_engine(spec)
@@ -92,6 +93,32 @@ def check_reference_column(spec: JobSpec, schema) -> None:
         )
     if not is_text(schema.field(column).type):
         raise InputError(f"evaluation.reference_column {column!r} has type {schema.field(column).type}; expected text")
+
+
+def check_row_schemas(spec: JobSpec, dataset: Dataset) -> None:
+    """Every row's schema (input.schema_column) must be a JSON schema llguidance can use: a bad
+    one fails its row on every try. Streams the column one row group at a time and checks each
+    distinct schema once (a row's null schema takes generation.structured's)."""
+    column = spec.input.schema_column
+    if column is None:
+        return
+    checked: set[str] = set()
+    ids = [spec.input.id_column] if spec.input.id_column else []
+    for table, file, offset in iter_row_groups(spec.input, dataset, [column, *ids], f"input.schema_column {column!r}"):
+        rows, _ = decode_rows(table)  # a string that is not UTF-8 is None here: its row's own dead letter
+        for index, row in enumerate(rows):
+            text = row[column]
+            if text is None or text in checked:
+                continue
+            try:
+                structured.row_schema(text)
+            except ValueError as e:
+                row_id = row[spec.input.id_column] if spec.input.id_column else derived_id(file.relpath, offset + index)
+                raise InputError(
+                    f"input.schema_column {column!r}: row {row_id!r} of {file.relpath} {e}; fix its schema, or "
+                    "leave it null for generation.structured's constraint"
+                ) from None
+            checked.add(text)
 
 
 _TEMPLATE_PROBE_ROWS = 16  # rows read to find one with every template field set

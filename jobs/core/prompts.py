@@ -29,6 +29,9 @@ CHAT_TEMPLATE_ERROR = "chat_template_error"
 PROMPT_TOO_LONG = "prompt_too_long"
 GENERATION_ERROR = "generation_error"
 BAD_ENCODING = "bad_encoding"
+BAD_SCHEMA = "bad_schema"  # the row's own schema (input.schema_column) is no usable JSON schema
+STRUCTURED_INCOMPLETE = "structured_incomplete"  # max_new_tokens came before the constraint was satisfied
+STRUCTURED_INVALID = "structured_invalid"  # the completion ended without satisfying its constraint
 
 
 def decode_rows(table: pa.Table) -> tuple[list[dict[str, Any]], dict[int, RowError]]:

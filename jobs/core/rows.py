@@ -99,12 +99,13 @@ def row_ids(spec: InputSpec, shard: Shard, table: pa.Table) -> list:
 
 
 def input_columns(spec: InputSpec) -> list[str]:
-    """The input columns a job reads: id, prompt sources, pass-through, per-row limits."""
+    """The input columns a job reads: id, prompt sources, pass-through, per-row limits and schemas."""
     if is_batch(spec):
         return [f.name for f in BATCH_FIELDS]
     columns = [spec.id_column] if spec.id_column else []
     columns += [*spec.source_columns(), *spec.pass_through]
     columns += [spec.max_new_tokens_column] if spec.max_new_tokens_column else []
+    columns += [spec.schema_column] if spec.schema_column else []
     return list(dict.fromkeys(columns))  # unique, in order
 
 

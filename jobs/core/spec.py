@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import core_schema
 
-from jobs.core import rows
+from jobs.core import rows, structured
 from jobs.core.errors import SpecError
 from jobs.core.layout import DATA, ERRORS, FILTERED
 from jobs.core.rows import DERIVED_ID, WRITTEN_COLUMNS
@@ -66,6 +66,11 @@ class InputSpec(_Section):
     max_new_tokens_column: str | None = Field(
         None, description="Integer column with a per-row limit on new tokens (capped by generation.max_new_tokens)."
     )
+    schema_column: str | None = Field(
+        None,
+        description="Column of JSON schemas (JSON text), one per row; null: generation.structured, if any. Each "
+        "row's completions follow its own schema (see the README's structured output).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -86,8 +91,9 @@ class InputSpec(_Section):
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSpec:
         if self.format == "openai-batch":
-            given = [n for n in ("prompt_column", "prompt_template", "messages_column", "max_new_tokens_column")
-                     if getattr(self, n) is not None] + (["pass_through"] if self.pass_through else [])  # fmt: skip
+            given = [n for n in ("prompt_column", "prompt_template", "messages_column", "max_new_tokens_column",
+                                 "schema_column") if getattr(self, n) is not None]
+            given += ["pass_through"] if self.pass_through else []
             if given:
                 raise ValueError(f"an openai-batch input takes prompts and settings from each line's body; drop {given}")
             if self.id_column != "custom_id":
@@ -100,7 +106,7 @@ class InputSpec(_Section):
             )
         return self
 
-    @field_validator("prompt_column", "messages_column", "id_column", "max_new_tokens_column")
+    @field_validator("prompt_column", "messages_column", "id_column", "max_new_tokens_column", "schema_column")
     @classmethod
     def _column_not_empty(cls, name: str | None) -> str | None:
         return _column_name_given(name)
@@ -150,6 +156,71 @@ class ModelSpec(_Section):
     )
 
 
+class StructuredSpec(_Section):
+    """A constraint every completion satisfies (README: structured output): one of json_schema,
+    regex, choices, json_object."""
+
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        description="A JSON schema every completion follows (the subset llguidance implements; a keyword it does "
+        "not implement is refused). Its properties are written in the schema's order.",
+    )
+    regex: str | None = Field(None, description="A regular expression (Rust regex syntax) the whole completion matches.")
+    choices: tuple[str, ...] | None = Field(None, description="The completion is exactly one of these strings.")
+    json_object: bool = Field(False, description="Any JSON object (OpenAI's response_format json_object).")
+    whitespace: Literal["compact", "flexible"] = Field(
+        "compact",
+        description="JSON without whitespace between tokens (compact), or with any (flexible: vLLM's default; "
+        "a weak model may write whitespace until max_new_tokens).",
+    )
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_usable(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            try:
+                text = structured.canonical_json(schema)
+            except (TypeError, ValueError) as e:  # YAML values JSON has not (dates, ...)
+                raise ValueError(f"not a JSON schema: {e}") from None
+            _refuse_problem(structured.Structured("json_schema", text), "llguidance cannot use this schema")
+        return schema
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_usable(cls, regex: str | None) -> str | None:
+        if regex is not None:
+            _refuse_problem(structured.Structured("regex", regex), "not a regular expression llguidance takes")
+        return regex
+
+    @field_validator("choices")
+    @classmethod
+    def _choices_given(cls, choices: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if choices is not None and not choices:
+            raise ValueError("give at least one choice")
+        if choices is not None and any(c == "" for c in choices):
+            raise ValueError("a choice must not be empty")
+        return choices
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> StructuredSpec:
+        given = self.constraints()
+        if len(given) > 1:
+            raise ValueError(f"give one of json_schema, regex, choices, json_object: true (got {given})")
+        return self
+
+    def constraints(self) -> list[str]:
+        """The names of the constraints given."""
+        return [n for n in ("json_schema", "regex", "choices") if getattr(self, n) is not None] + (
+            ["json_object"] if self.json_object else []
+        )
+
+
+def _refuse_problem(s: structured.Structured, refusal: str) -> None:
+    why = structured.problem(s)
+    if why is not None:
+        raise ValueError(f"{refusal}: {why}")
+
+
 class GenerationSpec(_Section):
     """Sampling parameters, with the names Hugging Face `generate` uses."""
 
@@ -163,6 +234,11 @@ class GenerationSpec(_Section):
     no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size; 0 disables.")
     stop: tuple[str, ...] = Field((), description="Strings that end a completion; not included in the text.")
     seed: int = Field(0, ge=0, description="With the row id and sample_index, fixes each row's sampled text.")
+    structured: StructuredSpec | None = Field(
+        None,
+        description="Constrain every completion to a JSON schema, a regex or a list of choices (structured output); "
+        "a completion that cannot finish within max_new_tokens is a dead letter, never an invalid row.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -414,6 +490,26 @@ class JobSpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _structured_can_be_kept(self) -> JobSpec:
+        g, column = self.generation, self.input.schema_column
+        if g.structured is not None and not g.structured.constraints() and column is None:
+            raise ValueError(
+                "generation.structured names no constraint; give json_schema, regex, choices or json_object: true "
+                "(or input.schema_column for per-row schemas)"
+            )
+        if g.structured is None and column is None:
+            return self
+        what = "generation.structured" if g.structured is not None else "input.schema_column"
+        if g.stop:
+            raise ValueError(f"generation.stop could cut a structured completion short of its constraint; drop "
+                             f"generation.stop or {what}")  # fmt: skip
+        if g.no_repeat_ngram_size:
+            raise ValueError(
+                f"generation.no_repeat_ngram_size could ban every token the constraint of {what} allows; drop one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _filters_can_pass(self) -> JobSpec:
         # A batch request's own max_tokens overrides generation.max_new_tokens, so only
         # the spec's inputs have a limit known here.
@@ -485,6 +581,7 @@ def _column_sources(spec: JobSpec, name: str) -> list[str]:
         "input.prompt_template": list(template_fields(i.prompt_template)) if i.prompt_template else [],
         "input.messages_column": [i.messages_column],
         "input.max_new_tokens_column": [i.max_new_tokens_column],
+        "input.schema_column": [i.schema_column],
         "input.pass_through": list(i.pass_through),
         "evaluation.reference_column": [spec.evaluation.reference_column] if spec.evaluation is not None else [],
         "the columns bulkgen generates": [f.name for f in rows.GENERATED],
@@ -635,32 +732,29 @@ def reference_markdown() -> str:
         if model is None:
             lines.append(_reference_row(section_name, section))
             continue
-        for name, f in model.model_fields.items():
-            lines.append(_reference_row(f"{section_name}.{name}", f))
+        lines += _section_rows(section_name, model)
     return "\n".join(lines)
+
+
+def _section_rows(path: str, model: type[BaseModel]) -> list[str]:
+    """A section's rows; a section inside it (generation.structured) has its own row, then its fields'."""
+    rows = []
+    for name, f in model.model_fields.items():
+        inner = next((a for a in _alternatives(f.annotation) if _is_section(a)), None)
+        if inner is None:
+            rows.append(_reference_row(f"{path}.{name}", f))
+        else:
+            rows.append(_reference_row(f"{path}.{name}", f, kind="section"))
+            rows += _section_rows(f"{path}.{name}", inner)
+    return rows
 
 
 def _is_section(annotation) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def _reference_row(path: str, f) -> str:
-    choices = getattr(f.annotation, "__args__", ())
-    if getattr(f.annotation, "__origin__", None) is Literal:
-        kind = " or ".join(f"`{c}`" for c in choices)
-    elif getattr(f.annotation, "__origin__", None) is tuple:
-        kind = "list of str"
-    elif hasattr(f.annotation, "reference_kind"):
-        kind = f.annotation.reference_kind
-    elif any(getattr(c, "__origin__", None) is Literal for c in choices):  # e.g. int or `auto`
-        kind = " or ".join(
-            " or ".join(f"`{v}`" for v in c.__args__) if getattr(c, "__origin__", None) is Literal
-            else (c.__origin__ if hasattr(c, "__metadata__") else c).__name__  # Annotated[int, ...]: int
-            for c in choices
-        )  # fmt: skip
-    else:
-        kind = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-        kind = kind.replace(" | ", " or ").replace("NoneType", "None")
+def _reference_row(path: str, f, kind: str | None = None) -> str:
+    kind = kind or _reference_kind(f.annotation)
     if f.is_required():
         default = "required"
     elif f.default_factory is not None:
@@ -668,6 +762,25 @@ def _reference_row(path: str, f) -> str:
     else:
         default = f"`{f.default!r}`"
     return f"| `{path}` | {kind} | {default} | {f.description or ''} |"
+
+
+def _reference_kind(annotation) -> str:
+    """A field's type as the reference writes it."""
+    choices = getattr(annotation, "__args__", ())
+    if getattr(annotation, "__origin__", None) is Literal:
+        return " or ".join(f"`{c}`" for c in choices)
+    if getattr(annotation, "__origin__", None) is tuple:
+        return "list of str"
+    if hasattr(annotation, "reference_kind"):
+        return annotation.reference_kind
+    if any(getattr(c, "__origin__", None) is Literal for c in choices):  # e.g. int or `auto`
+        return " or ".join(
+            " or ".join(f"`{v}`" for v in c.__args__) if getattr(c, "__origin__", None) is Literal
+            else (c.__origin__ if hasattr(c, "__metadata__") else c).__name__  # Annotated[int, ...]: int
+            for c in choices
+        )  # fmt: skip
+    kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    return kind.replace(" | ", " or ").replace("NoneType", "None")
 
 
 if __name__ == "__main__":
