@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.core import prompts
-from jobs.core.prompts import RowError
+from jobs.core.prompts import BAD_ENCODING, RowError
+from jobs.core.rows import NOT_UTF8
 from jobs.core.spec import InputSpec
 from jobs.core.structured import Structured, canonical_json, problem
 
@@ -92,10 +93,16 @@ class BatchRequest:
 
 
 def parse_request(text: str, line: int) -> BatchRequest:
-    """Parse and check one line; raises RowError(bad_request) naming the line and the field."""
+    """Parse and check one line; raises RowError(bad_request) naming the line and the field
+    (bad_encoding for a line that is not UTF-8)."""
 
     def bad(message: str) -> RowError:
         return RowError(BAD_REQUEST, f"line {line}: {message}")
+
+    if text.startswith(NOT_UTF8):  # its text would be a guess: U+FFFD where bytes were lost
+        raise RowError(
+            BAD_ENCODING, f"line {line}: not valid UTF-8 (U+FFFD marks the bytes that are not); write the file as UTF-8"
+        )
 
     try:
         doc = json.loads(text, parse_constant=_not_json_constant)

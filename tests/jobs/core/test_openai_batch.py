@@ -22,7 +22,7 @@ from jobs.core.openai_batch import (
     response_line,
     samples,
 )
-from jobs.core.prompts import EMPTY_PROMPT, RowError
+from jobs.core.prompts import BAD_ENCODING, EMPTY_PROMPT, RowError
 from jobs.core.rows import data_fields, error_fields, input_columns, iter_batch_lines, read_batch_rows
 from jobs.core.spec import spec_from_dict
 from jobs.core.structured import Structured
@@ -272,6 +272,20 @@ def test_a_bom_before_the_first_line_is_no_part_of_it(tmp_path):
     assert parse_request(rows[0]["request"], 1).custom_id == "a"  # a request, not a dead letter
     path.write_bytes(codecs.BOM_UTF8 + f"\n{line('a')}\n".encode())  # a BOM alone: a blank line
     assert [(i, n) for i, n, _ in iter_batch_lines(str(path), {})] == [(0, 2)]
+
+
+def test_a_line_that_is_not_utf8_is_a_dead_letter_not_a_guess(tmp_path):
+    path = tmp_path / "b.jsonl"
+    broken = line("bad", messages=[{"role": "user", "content": "caf\u00e9"}]).encode().replace(b"\\u00e9", b"\xe9")
+    kept = line("ok", messages=[{"role": "user", "content": "a \ufffd stays"}])  # U+FFFD written on purpose is text
+    path.write_bytes(broken + b"\n" + kept.encode() + b"\n")
+    bad, ok = read_batch_rows(str(path), {}, "b.jsonl", 0, 2).to_pylist()
+    assert bad["custom_id"] == "bad"  # still named by its custom_id, in errors/ and errors.jsonl
+    with pytest.raises(RowError) as info:
+        parse_request(bad["request"], bad["line"])
+    assert info.value.code == BAD_ENCODING and str(info.value).startswith("line 1: not valid UTF-8")
+    assert request_of(bad) is None and samples(bad, 3) == 1  # one dead letter
+    assert parse_request(ok["request"], 2).messages[0]["content"] == "a \ufffd stays"
 
 
 def test_columns_of_a_batch_job(tmp_path):
