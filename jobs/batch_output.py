@@ -18,6 +18,7 @@ Also `request_counts`: the providers' {total, completed, failed} for `bulkgen st
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -28,11 +29,12 @@ import fsspec
 import pyarrow.compute as pc
 
 from jobs.core import storage
-from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT
-from jobs.core.openai_batch import CHAT, COMPLETIONS, error_line, response_line
+from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, DATA
+from jobs.core.model import load_tokenizer
+from jobs.core.openai_batch import CHAT, COMPLETIONS, TokenOf, error_line, response_line
 from jobs.core.protocol import CommitRecord
 from jobs.core.rows import DERIVED_ID, OPENAI_BATCH, custom_id_of, id_name
-from jobs.core.spec import JobSpec
+from jobs.core.spec import JobSpec, output_column_names
 from jobs.output import OutputDir
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DATA_COLUMNS = ["sample_index", "text", "finish_reason", "prompt_tokens", "completion_tokens"]
+# data/ columns a response line carries where the job writes them (logprobs, reasoning).
+_OPTIONAL_COLUMNS = ["token_ids", "token_logprobs", "top_logprobs", "reasoning", "reasoning_tokens"]
 _ERROR_COLUMNS = ["sample_index", "error_code", "error"]
 _FILTERED_COLUMNS = ["sample_index", "filter"]
 FILTERED = "filtered"  # errors.jsonl's code for a request whose every sample a filter dropped
@@ -53,7 +57,10 @@ def write_batch_files(spec: JobSpec, out: OutputDir, commits: dict[int, CommitRe
         return
     key = id_name(spec.input)
     batch_input = spec.input.format == OPENAI_BATCH
-    data_columns = [key, *_DATA_COLUMNS, *(["url"] if batch_input else [])]
+    written_columns = output_column_names(spec)[f"{DATA}/"]
+    optional = [c for c in _OPTIONAL_COLUMNS if c in written_columns]
+    data_columns = [key, *_DATA_COLUMNS, *(["url"] if batch_input else []), *optional]
+    token_of = token_reader(spec) if "token_logprobs" in optional else None
     error_columns = [key, *_ERROR_COLUMNS, *(["line", "request"] if batch_input else [])]
     created, written = int(time.time()), [0, 0]
     with _whole_file(out, BATCH_OUTPUT) as responses, _whole_file(out, BATCH_ERRORS) as failures:
@@ -67,17 +74,43 @@ def write_batch_files(spec: JobSpec, out: OutputDir, commits: dict[int, CommitRe
             if commit.filtered:
                 columns = [key, *_FILTERED_COLUMNS, *(["line", "request"] if batch_input else [])]
                 filtered = storage.read_parquet(out.url(commit.filtered), opts, columns=columns).to_pylist()
-            ok, failed = shard_lines(spec, data, errors, created, filtered)
+            ok, failed = shard_lines(spec, data, errors, created, filtered, token_of)
             for target, lines, count in ((responses, ok, 0), (failures, failed, 1)):
                 target.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode())
                 written[count] += len(lines)
     log.info("wrote %s (%d requests) and %s (%d)", out.url(BATCH_OUTPUT), written[0], out.url(BATCH_ERRORS), written[1])
 
 
+def token_reader(spec: JobSpec) -> TokenOf:
+    """A token id's text and bytes, as the providers' logprobs name a token: the bytes are exact
+    where the text of a token that is part of a character is not."""
+    tokenizer = load_tokenizer(spec.model)
+    try:
+        import llguidance.hf
+
+        exact = llguidance.hf.from_tokenizer(tokenizer)
+        raw = lambda token_id: list(exact.decode_bytes([token_id]))  # noqa: E731
+    except Exception:  # a slow tokenizer: its text's bytes
+        raw = None
+
+    @functools.lru_cache(maxsize=65536)
+    def token_of(token_id: int) -> tuple[str, list[int]]:
+        text = tokenizer.decode([token_id])
+        return text, raw(token_id) if raw is not None else list(text.encode())
+
+    return token_of
+
+
 def shard_lines(
-    spec: JobSpec, data: list[dict], errors: list[dict], created: int, filtered: list[dict] = ()
+    spec: JobSpec,
+    data: list[dict],
+    errors: list[dict],
+    created: int,
+    filtered: list[dict] = (),
+    token_of: TokenOf | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """One shard's (output lines, error lines), in input order; `data`/`errors`/`filtered`: its rows."""
+    """One shard's (output lines, error lines), in input order; `data`/`errors`/`filtered`: its rows;
+    `token_of`: names the tokens of the rows' logprobs (token_reader)."""
     key = id_name(spec.input)
     failed: dict = {}
     for row in errors:
@@ -96,7 +129,7 @@ def shard_lines(
             generated.setdefault(row[key], []).append(row)
     model, fingerprint = spec.model.path, spec.fingerprint()
     responses = [
-        response_line(str(k), _url(spec, rows[0]), rows, rows[0]["prompt_tokens"], model, fingerprint, created)
+        response_line(str(k), _url(spec, rows[0]), rows, rows[0]["prompt_tokens"], model, fingerprint, created, token_of)
         for k, rows in generated.items()
     ]
     failures = [

@@ -71,8 +71,9 @@ def _decode_column(column: pa.ChunkedArray, name: str, bad: dict[int, list[str]]
     return values
 
 
-def render_prompt(spec: InputSpec, row: dict[str, Any], tokenizer) -> str:
-    """The prompt text for `row`, or RowError."""
+def render_prompt(spec: InputSpec, row: dict[str, Any], tokenizer, template_kwargs: dict | None = None) -> str:
+    """The prompt text for `row`, or RowError; `template_kwargs`: variables for the chat template
+    (a batch line's chat_template_kwargs and reasoning_effort)."""
     if spec.prompt_column:
         text = row[spec.prompt_column]
         if text is None or (isinstance(text, str) and not text.strip()):
@@ -99,7 +100,9 @@ def render_prompt(spec: InputSpec, row: dict[str, Any], tokenizer) -> str:
     if malformed:
         raise RowError(CHAT_TEMPLATE_ERROR, f"{spec.messages_column} holds {malformed[0]!r}, not a {{role, content}} message")
     try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+        )
     except Exception as e:  # jinja2 and tokenizer errors have no common base
         raise RowError(CHAT_TEMPLATE_ERROR, f"chat template failed on this row: {type(e).__name__}: {e}") from None
 
@@ -109,10 +112,12 @@ def tokenize_prompt(spec: InputSpec, text: str, tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=not spec.messages_column).input_ids
 
 
-def build_prompt(spec: InputSpec, row: dict[str, Any], tokenizer, context: int | None) -> tuple[str, list[int]]:
+def build_prompt(
+    spec: InputSpec, row: dict[str, Any], tokenizer, context: int | None, template_kwargs: dict | None = None
+) -> tuple[str, list[int]]:
     """(prompt text, token ids) for `row` of an input with prompt columns, or RowError; the prompt
     must leave room for one new token. A row of any input format: jobs/core/row_prompt.py."""
-    text = render_prompt(spec, row, tokenizer)
+    text = render_prompt(spec, row, tokenizer, template_kwargs)
     token_ids = tokenize_prompt(spec, text, tokenizer)
     if context and len(token_ids) >= context:
         raise RowError(PROMPT_TOO_LONG, f"prompt is {len(token_ids)} tokens; the model's context is {context}")

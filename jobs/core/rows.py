@@ -221,18 +221,31 @@ def iter_batch_lines(url: str, storage_options: dict, start: int = 0, stop: int 
             if stop is not None and index >= stop:
                 return
             if index >= start:
-                yield index, number, raw.decode("utf-8", errors="replace").strip()
+                yield index, number, _line_text(raw)
             index += 1
+
+
+# Marks a line that is not valid UTF-8, whose text then holds U+FFFD where its bytes were not:
+# U+FFFE is a Unicode noncharacter, kept for such internal use, and cannot begin a JSON line
+# either, so no request that parses is ever marked (openai_batch.parse_request refuses it).
+NOT_UTF8 = "\ufffe"
+
+
+def _line_text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return NOT_UTF8 + raw.decode("utf-8", "replace").strip()
 
 
 def custom_id_of(text: str) -> str | None:
     """A line's custom_id, when it has a readable one (a non-empty string)."""
-    return _readable_custom_id(_json_object(text))
+    return _readable_custom_id(_json_object(text.removeprefix(NOT_UTF8)))
 
 
 def batch_row(relpath: str, index: int, line: int, text: str) -> dict:
     """A batch line as a row; its id is its custom_id, or the derived id when it has none."""
-    doc = _json_object(text)
+    doc = _json_object(text.removeprefix(NOT_UTF8))
     url = doc.get("url")
     return {
         BATCH_ID: _readable_custom_id(doc) or derived_id(relpath, index),

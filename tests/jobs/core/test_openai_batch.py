@@ -12,10 +12,20 @@ from openai.types.chat import ChatCompletion
 from jobs.batch_output import shard_lines
 from jobs.core import row_prompt
 from jobs.core.errors import InputError, SpecError
-from jobs.core.openai_batch import BAD_REQUEST, CHAT, COMPLETIONS, build_prompt, parse_request, request_of, samples
-from jobs.core.prompts import EMPTY_PROMPT, RowError
+from jobs.core.openai_batch import (
+    BAD_REQUEST,
+    CHAT,
+    COMPLETIONS,
+    build_prompt,
+    parse_request,
+    request_of,
+    response_line,
+    samples,
+)
+from jobs.core.prompts import BAD_ENCODING, EMPTY_PROMPT, RowError
 from jobs.core.rows import data_fields, error_fields, input_columns, iter_batch_lines, read_batch_rows
 from jobs.core.spec import spec_from_dict
+from jobs.core.structured import Structured
 from jobs.dataset import open_dataset
 from tests.tiny_model import build_tokenizer
 
@@ -92,7 +102,28 @@ def test_openai_meanings_of_settings():
         (line(stop=[""]), "body.stop"),
         (line(seed=1.5), "body.seed"),
         (line(tools=[{"type": "function"}]), "body.tools is not supported"),
-        (line(logprobs=True), "body.logprobs is not supported"),
+        (line(logprobs=1), "body.logprobs must be true or false"),
+        (line(top_logprobs=2), "body.top_logprobs needs body.logprobs: true"),
+        (line(logprobs=True, top_logprobs=21), "body.top_logprobs must be in [0, 20]"),
+        (line(url=COMPLETIONS, logprobs=6), "body.logprobs must be in [0, 5]"),
+        (line(url=COMPLETIONS, logprobs=True, top_logprobs=1), "body.top_logprobs belongs to"),
+        (line(response_format={"type": "xml"}), "body.response_format.type 'xml' is not supported"),
+        (line(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "json_schema.schema must be an object"),
+        (line(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": True}}}),
+         "body.response_format.json_schema.schema: llguidance cannot use it: "),
+        (line(response_format={"type": "json_object"}, structured_outputs={"regex": "a"}), "not both"),
+        (line(structured_outputs={"regex": "a(b"}), "body.structured_outputs: llguidance cannot use it"),
+        (line(structured_outputs={"regex": "a", "choice": ["b"]}), "one of json, regex, choice, json_object"),
+        (line(structured_outputs={"choice": []}), "choice must be a non-empty list"),
+        (line(structured_outputs={}), "one of json, regex, choice, json_object (got [])"),
+        (line(structured_outputs={"choice": ["a", ""]}), "non-empty list of non-empty strings"),
+        (line(structured_outputs={"json": "{oops"}), "body.structured_outputs.json is not JSON"),
+        (line(structured_outputs={"grammar": "root ::= x"}), "structured_outputs.grammar is not supported"),
+        (line(response_format={"type": "json_object"}, stop="}"), "body.stop could cut a structured answer short"),
+        (line(reasoning_effort="max"), "body.reasoning_effort must be one of"),
+        (line(chat_template_kwargs={"tokenize": True}), "body.chat_template_kwargs.tokenize is bulkgen's to set"),
+        (line(chat_template_kwargs=[1]), "body.chat_template_kwargs must be an object"),
+        (line(url=COMPLETIONS, reasoning_effort="low"), f"body.reasoning_effort belongs to {CHAT}"),
         (line(frequency_penalty=0.5), "body.frequency_penalty is not supported"),
         # Python's json reads these; JSON has no such numbers (a NaN temperature passes every range check).
         (line().replace('"body": {', '"body": {"temperature": NaN, '), "NaN is not a JSON number"),
@@ -106,6 +137,36 @@ def test_a_malformed_line_is_a_bad_request_naming_its_line(text, says):
         parse_request(text, 7)
     assert info.value.code == BAD_REQUEST == "bad_request"
     assert str(info.value).startswith("line 7: ") and says in str(info.value), str(info.value)
+
+
+def test_what_a_line_asks_beyond_sampling():
+    schema = {"type": "object", "properties": {"z": {"type": "integer"}, "a": {"type": "string"}}}
+    r = parse_request(line(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}), 1)
+    assert r.structured == Structured("json_schema", '{"type":"object","properties":{"z":{"type":"integer"},"a":{"type":"string"}}}')
+    assert parse_request(line(response_format={"type": "json_object"}), 1).structured == Structured("json_object")
+    assert parse_request(line(response_format={"type": "text"}), 1).structured is None
+    assert parse_request(line(structured_outputs={"choice": ["yes", "no"]}), 1).structured == Structured("choice", ("yes", "no"))
+    assert parse_request(line(structured_outputs={"regex": "[a-z]+"}), 1).structured == Structured("regex", "[a-z]+")
+    assert parse_request(line(structured_outputs={"json": json.dumps(schema)}), 1).structured.kind == "json_schema"
+    # logprobs: not mentioned -> the job's; false -> none; true -> the chosen tokens' (and the top K).
+    assert parse_request(line(), 1).logprobs_for(3) == 3
+    assert parse_request(line(logprobs=False), 1).logprobs_for(3) is None
+    assert parse_request(line(logprobs=True), 1).logprobs_for(None) == 0
+    assert parse_request(line(logprobs=True, top_logprobs=4), 1).logprobs_for(None) == 4
+    assert parse_request(line(url=COMPLETIONS, logprobs=2), 1).logprobs_for(None) == 2
+    r = parse_request(line(reasoning_effort="low", chat_template_kwargs={"enable_thinking": False}), 1)
+    assert r.template_kwargs == {"enable_thinking": False, "reasoning_effort": "low"}
+    assert parse_request(line(model="legal"), 1).model == "legal"
+
+
+def test_chat_template_variables_reach_the_template():
+    from transformers import PreTrainedTokenizerFast
+
+    tok = build_tokenizer()
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    tok.chat_template = "{{ messages[0]['content'] }}{% if enable_thinking is defined %} think={{ enable_thinking }}{% endif %}"
+    row = {"request": line(chat_template_kwargs={"enable_thinking": False}), "line": 1}
+    assert build_prompt(row, tok, None)[0] == "Write a short poem think=False"
 
 
 def test_samples_per_row():
@@ -213,6 +274,20 @@ def test_a_bom_before_the_first_line_is_no_part_of_it(tmp_path):
     assert [(i, n) for i, n, _ in iter_batch_lines(str(path), {})] == [(0, 2)]
 
 
+def test_a_line_that_is_not_utf8_is_a_dead_letter_not_a_guess(tmp_path):
+    path = tmp_path / "b.jsonl"
+    broken = line("bad", messages=[{"role": "user", "content": "caf\u00e9"}]).encode().replace(b"\\u00e9", b"\xe9")
+    kept = line("ok", messages=[{"role": "user", "content": "a \ufffd stays"}])  # U+FFFD written on purpose is text
+    path.write_bytes(broken + b"\n" + kept.encode() + b"\n")
+    bad, ok = read_batch_rows(str(path), {}, "b.jsonl", 0, 2).to_pylist()
+    assert bad["custom_id"] == "bad"  # still named by its custom_id, in errors/ and errors.jsonl
+    with pytest.raises(RowError) as info:
+        parse_request(bad["request"], bad["line"])
+    assert info.value.code == BAD_ENCODING and str(info.value).startswith("line 1: not valid UTF-8")
+    assert request_of(bad) is None and samples(bad, 3) == 1  # one dead letter
+    assert parse_request(ok["request"], 2).messages[0]["content"] == "a \ufffd stays"
+
+
 def test_columns_of_a_batch_job(tmp_path):
     spec = spec_from_dict(batch_spec("/in/batch.jsonl"))
     schema = read_batch_rows(write_batch(tmp_path / "b.jsonl", [line()]), {}, "b.jsonl", 0, 1).schema
@@ -294,6 +369,39 @@ def test_output_and_error_lines_in_the_providers_shape():
         BatchError.model_validate(f["error"])
     assert failures[1]["error"] == {"code": BAD_REQUEST, "message": "line 6: not JSON", "param": None, "line": 6}
     assert shard_lines(spec, data, errors, created=1_700_000_000) == (responses, failures)  # deterministic
+
+
+def fake_token(token_id: int) -> tuple[str, list[int]]:
+    text = f"t{token_id}"
+    return text, list(text.encode())
+
+
+def test_logprobs_and_reasoning_in_the_providers_shape():
+    top = [[{"token_id": 5, "logprob": -0.1}, {"token_id": 9, "logprob": -2.5}], [{"token_id": 6, "logprob": -0.2}],
+           [{"token_id": 7, "logprob": -0.3}]]  # fmt: skip
+    kept = {"token_ids": [5, 6, 7], "token_logprobs": [-0.1, -0.2, float("-inf")], "top_logprobs": top}
+    chat = response_line("c", CHAT, [{**sample("c", 0, "answer", tokens=3), **kept, "reasoning": "hmm", "reasoning_tokens": 1},
+                                     {**sample("c", 1, "plain", tokens=1), "reasoning": None, "reasoning_tokens": 0,
+                                      "token_ids": [8], "token_logprobs": None, "top_logprobs": None}],
+                         7, "/m", "fp", 1, fake_token)  # fmt: skip
+    body = ChatCompletion.model_validate(chat["response"]["body"])
+    first, second = body.choices
+    assert first.message.content == "answer" and first.message.reasoning_content == "hmm"  # the providers' extra field
+    # The thinking's token is left out of the answer's logprobs; -inf is written as OpenAI's -9999.0.
+    assert [(t.token, t.logprob) for t in first.logprobs.content] == [("t6", -0.2), ("t7", -9999.0)]
+    assert first.logprobs.content[0].bytes == list(b"t6")
+    assert [(e.token, e.logprob) for e in first.logprobs.content[0].top_logprobs] == [("t6", -0.2)]
+    assert second.logprobs is None and second.message.reasoning_content is None  # this sample did not ask
+    assert body.usage.completion_tokens_details.reasoning_tokens == 1
+    plain = response_line("c", CHAT, [sample("c", 0, "a")], 7, "/m", "fp", 1)["response"]["body"]
+    assert "reasoning_content" not in plain["choices"][0]["message"] and "completion_tokens_details" not in plain["usage"]
+
+    legacy = response_line("d", COMPLETIONS, [{**sample("d", 0, "t5t6t7", url=COMPLETIONS, tokens=3), **kept}],
+                           7, "/m", "fp", 1, fake_token)  # fmt: skip
+    logprobs = Completion.model_validate(legacy["response"]["body"]).choices[0].logprobs
+    assert logprobs.tokens == ["t5", "t6", "t7"] and logprobs.token_logprobs == [-0.1, -0.2, -9999.0]
+    assert logprobs.top_logprobs == [{"t5": -0.1, "t9": -2.5}, {"t6": -0.2}, {"t7": -0.3}]
+    assert logprobs.text_offset == [0, 2, 4]
 
 
 def test_a_parquet_input_answers_by_its_prompt_source():
