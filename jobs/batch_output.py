@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import logging
 import secrets
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import fsspec
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from jobs.core import storage
 from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, DATA
@@ -59,14 +61,14 @@ def write_batch_files(spec: JobSpec, out: OutputDir, commits: dict[int, CommitRe
     batch_input = spec.input.format == OPENAI_BATCH
     written_columns = output_column_names(spec)[f"{DATA}/"]
     optional = [c for c in _OPTIONAL_COLUMNS if c in written_columns]
-    data_columns = [key, *_DATA_COLUMNS, *(["url"] if batch_input else []), *optional]
+    data_columns = [key, *_DATA_COLUMNS, *(["url"] if batch_input else [])]
     token_of = token_reader(spec) if "token_logprobs" in optional else None
     error_columns = [key, *_ERROR_COLUMNS, *(["line", "request"] if batch_input else [])]
     created, written = int(time.time()), [0, 0]
     with _whole_file(out, BATCH_OUTPUT) as responses, _whole_file(out, BATCH_ERRORS) as failures:
         for index in sorted(commits):
             commit, opts = commits[index], out.storage_options
-            data = storage.read_parquet(out.url(commit.data), opts, columns=data_columns).to_pylist()
+            data = _read_data(out.url(commit.data), opts, data_columns, optional)
             errors = []
             if commit.errors:
                 errors = storage.read_parquet(out.url(commit.errors), opts, columns=error_columns).to_pylist()
@@ -79,6 +81,14 @@ def write_batch_files(spec: JobSpec, out: OutputDir, commits: dict[int, CommitRe
                 target.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode())
                 written[count] += len(lines)
     log.info("wrote %s (%d requests) and %s (%d)", out.url(BATCH_OUTPUT), written[0], out.url(BATCH_ERRORS), written[1])
+
+
+def _read_data(url: str, storage_options: dict, columns: list[str], optional: list[str]) -> list[dict]:
+    """A data/ file's rows: `columns`, and those of `optional` it has (a shard committed by a
+    bulkgen that wrote no logprob or reasoning columns still answers, without them)."""
+    data = pq.ParquetFile(io.BytesIO(storage.read_bytes(url, storage_options)))
+    present = set(data.schema_arrow.names)
+    return data.read(columns=columns + [c for c in optional if c in present]).to_pylist()
 
 
 def token_reader(spec: JobSpec) -> TokenOf:

@@ -93,8 +93,18 @@ def is_batch(spec: InputSpec) -> bool:
 
 def structured_possible(spec: JobSpec) -> bool:
     """Whether any completion of the job may be constrained (structured output): by the job's
-    constraint or by its rows' own schemas."""
-    return spec.generation.structured is not None or spec.input.schema_column is not None
+    constraint, by its rows' own schemas, or by a batch line's response_format."""
+    return spec.generation.structured is not None or spec.input.schema_column is not None or is_batch(spec.input)
+
+
+def logprobs_possible(spec: JobSpec) -> bool:
+    """Whether any sequence of the job may keep logprobs: the job asks, or a batch line may."""
+    return spec.generation.logprobs or is_batch(spec.input)
+
+
+def top_logprobs_possible(spec: JobSpec) -> bool:
+    """Whether any sequence of the job may keep each step's top K (the top_logprobs column)."""
+    return (spec.generation.logprobs and spec.generation.top_logprobs > 0) or is_batch(spec.input)
 
 
 def row_ids(spec: InputSpec, shard: Shard, table: pa.Table) -> list:
@@ -166,8 +176,8 @@ def data_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
     fields += reasoning_fields(spec)
     if structured_possible(spec):
         fields += [STRUCTURED, JSON_PARSED]
-    if spec.generation.logprobs:
-        fields += logprob_fields(spec.generation.top_logprobs > 0)
+    if logprobs_possible(spec):
+        fields += logprob_fields(top_logprobs_possible(spec))
     if spec.model.adapter_set():
         fields.append(ADAPTER)
     carried = list(carried_columns(spec.input))

@@ -752,8 +752,8 @@ def _column_sources(spec: JobSpec, name: str) -> list[str]:
         "the columns of structured output": (
             [rows.STRUCTURED.name, rows.JSON_PARSED.name] if rows.structured_possible(spec) else []
         ),
-        "generation.logprobs": [f.name for f in rows.logprob_fields(spec.generation.top_logprobs > 0)]
-        if spec.generation.logprobs else [],
+        "generation.logprobs": [f.name for f in rows.logprob_fields(rows.top_logprobs_possible(spec))]
+        if rows.logprobs_possible(spec) else [],
         "the adapter column of model.adapters": [rows.ADAPTER.name] if spec.model.adapter_set() else [],
         "the error columns of errors/": [f.name for f in rows.ERROR_FIELDS],
         "the evaluation's scores": [f.name for f in rows.EVALUATION_FIELDS] if spec.evaluation is not None else [],

@@ -12,7 +12,8 @@ import importlib.util
 
 from jobs.core import adapters
 from jobs.core.model import checkpoint_dtype
-from jobs.core.spec import JobSpec
+from jobs.core.rows import is_batch
+from jobs.core.spec import MAX_TOP_LOGPROBS, JobSpec
 
 
 def installed() -> bool:
@@ -45,6 +46,8 @@ def refuses(spec: JobSpec) -> str | None:
 
 def top_logprobs_asked(spec: JobSpec) -> int:
     """The most top logprobs a sequence of the job asks for: vLLM's max_logprobs must allow it."""
+    if is_batch(spec.input):  # a line may ask for up to OpenAI's limit
+        return MAX_TOP_LOGPROBS
     g = spec.generation
     return g.top_logprobs if g.logprobs else 0
 

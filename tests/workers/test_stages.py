@@ -139,7 +139,11 @@ def test_structured_output_asks_before_the_cache_and_checks_before_the_filters(t
 
 
 def test_a_batch_input_has_the_batch_reader_and_its_render(tmp_path, tiny_model, loop):
-    assert names(batch_spec(tmp_path, tiny_model), loop) == ["read_batch", "render_batch", "generate", "write"]
+    # Its lines may ask for structured output and logprobs (response_format, logprobs): those stages are there.
+    assert names(batch_spec(tmp_path, tiny_model), loop) == [
+        "read_batch", "render_batch", "ask_structured", "ask_logprobs", "generate", "check_structured", "logprobs",
+        "write",
+    ]  # fmt: skip
 
 
 def test_retry_failed_reads_the_dead_letters_then_goes_the_same_way(tmp_path, tiny_model, loop):

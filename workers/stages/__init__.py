@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobs.core.protocol import TaskKind
-from jobs.core.rows import is_batch, structured_possible
+from jobs.core.rows import is_batch, logprobs_possible, structured_possible
 from jobs.core.spec import JobSpec
 from workers.engine_loop import EngineLoop
 from workers.row_cache import ReplicaCache
@@ -75,18 +75,18 @@ def build_stages(spec: JobSpec, loop: EngineLoop, job_facts: dict, engine: dict)
     batch = is_batch(spec.input)
     tokenizer, context = loop.engine.tokenizer, loop.engine.context_length
     cache = ReplicaCache(spec, job_facts.get("model", {}), engine) if spec.cache is not None else None
-    g, structured = spec.generation, structured_possible(spec)
+    g, structured, logprobs = spec.generation, structured_possible(spec), logprobs_possible(spec)
     # The stages that read what was generated: a row-cache entry must hold what they need.
     parse = [
         *([SplitReasoning(spec, tokenizer)] if g.reasoning != "off" else []),
         *([CheckStructured(spec, tokenizer)] if structured else []),
-        *([LogprobColumns(spec)] if g.logprobs else []),
+        *([LogprobColumns(spec)] if logprobs else []),
     ]
     steps = [
         (RenderBatch if batch else Render)(spec, tokenizer, context),
         *([ChooseAdapter(spec)] if spec.model.adapter_set() else []),
         *([AskStructured(spec)] if structured else []),
-        *([AskLogprobs(spec)] if g.logprobs else []),
+        *([AskLogprobs(spec)] if logprobs else []),
         *([CacheLookup(cache, needs(parse))] if cache is not None else []),
         Generate(loop),
         *parse,

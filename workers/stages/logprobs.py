@@ -2,7 +2,8 @@
 
     ask_logprobs   every request asks the engine for its chosen tokens' logprobs and,
                    with top_logprobs K, for each step's K most likely tokens (Request.logprobs);
-                   before the row cache's lookup, so the ask is part of each sequence's key
+                   a batch line asks for its own (body.logprobs, top_logprobs); before the
+                   row cache's lookup, so the ask is part of each sequence's key
     logprobs       the token_ids, token_logprobs, top_logprobs (K > 0) and logprob_sum columns
                    (jobs/core/rows.py's logprob_fields), from what the engine or the row cache gave
 
@@ -18,7 +19,16 @@ from dataclasses import replace
 
 import pyarrow as pa
 
-from jobs.core.rows import LOGPROB_SUM, TOKEN_IDS, TOKEN_LOGPROBS, TOP_LOGPROBS, logprob_fields
+from jobs.core import openai_batch
+from jobs.core.rows import (
+    LOGPROB_SUM,
+    TOKEN_IDS,
+    TOKEN_LOGPROBS,
+    TOP_LOGPROBS,
+    is_batch,
+    logprob_fields,
+    top_logprobs_possible,
+)
 from jobs.core.spec import JobSpec
 from workers.stages.stage import Columns, Stage
 from workers.stages.work import Generated, ShardWork
@@ -28,10 +38,16 @@ class AskLogprobs(Stage):
     name = "ask_logprobs"
 
     def __init__(self, spec: JobSpec):
-        self.k = spec.generation.top_logprobs  # 0: the chosen tokens' logprobs only
+        g = spec.generation
+        self.k = g.top_logprobs if g.logprobs else None  # 0: the chosen tokens' logprobs only; None: none
+        self.batch = is_batch(spec.input)  # a batch line asks for its own (body.logprobs, top_logprobs)
 
     def run(self, work: ShardWork) -> ShardWork:
-        return replace(work, requests=[replace(r, logprobs=self.k) for r in work.requests])
+        if not self.batch:
+            return replace(work, requests=[replace(r, logprobs=self.k) for r in work.requests])
+        stride = work.stride
+        asked = {i: openai_batch.request_of(work.rows[i]).logprobs_for(self.k) for i in work.prompts}  # they parse
+        return replace(work, requests=[replace(r, logprobs=asked[r.key // stride]) for r in work.requests])
 
 
 class LogprobColumns(Stage):
@@ -39,7 +55,7 @@ class LogprobColumns(Stage):
     needs = frozenset({"token_ids"})  # a row-cache entry also holds what its request asked (its key says)
 
     def __init__(self, spec: JobSpec):
-        self.top = spec.generation.top_logprobs > 0
+        self.top = top_logprobs_possible(spec)
 
     def columns(self, input_schema: pa.Schema) -> Columns:
         return Columns(data=logprob_fields(self.top))

@@ -1,7 +1,7 @@
 """Structured output (generation.structured, input.schema_column): two stages around generation.
 
 ask_structured gives each request its row's constraint: the row's own schema
-when its schema column is set, else the job's. The engine then masks every
+when its schema column is set (a batch line's response_format), else the job's. The engine then masks every
 step to what the constraint allows (both engines build the same grammar).
 
 check_structured runs each finished sequence's token ids through a fresh
@@ -19,9 +19,9 @@ from dataclasses import replace
 
 import pyarrow as pa
 
-from jobs.core import structured
+from jobs.core import openai_batch, structured
 from jobs.core.prompts import BAD_SCHEMA, STRUCTURED_INCOMPLETE, STRUCTURED_INVALID, RowError
-from jobs.core.rows import JSON_PARSED, STRUCTURED
+from jobs.core.rows import JSON_PARSED, STRUCTURED, is_batch
 from jobs.core.spec import JobSpec
 from jobs.core.structured import Structured
 from workers.grammar import Grammars
@@ -35,6 +35,8 @@ class AskStructured(Stage):
     def __init__(self, spec: JobSpec):
         self.column = spec.input.schema_column
         self.job = structured.from_spec(spec.generation.structured) if spec.generation.structured is not None else None
+        self.batch = is_batch(spec.input)  # a batch line's response_format / structured_outputs
+        self.reasoning = spec.generation.reasoning != "off"
 
     def run(self, work: ShardWork) -> ShardWork:
         constraints, errors = {}, dict(work.row_errors)
@@ -50,6 +52,15 @@ class AskStructured(Stage):
     def constraint(self, row: dict) -> Structured | None:
         """The row's constraint; RowError when its own schema is unusable (validation refuses such
         an input before the job starts: this is for an input that changed since)."""
+        if self.batch:  # the line parses (its prompt rendered); openai_batch checked its constraint
+            asked = openai_batch.request_of(row)
+            if asked.structured is not None and self.reasoning:  # as the spec refuses the two together
+                raise RowError(
+                    openai_batch.BAD_REQUEST,
+                    f"line {row['line']}: a structured answer with generation.reasoning is not supported yet "
+                    "(the constraint would apply to the thinking too)",
+                )
+            return asked.structured or self.job
         text = row[self.column] if self.column is not None else None
         if text is None:
             return self.job

@@ -292,8 +292,10 @@ def test_columns_of_a_batch_job(tmp_path):
     spec = spec_from_dict(batch_spec("/in/batch.jsonl"))
     schema = read_batch_rows(write_batch(tmp_path / "b.jsonl", [line()]), {}, "b.jsonl", 0, 1).schema
     assert input_columns(spec.input) == ["custom_id", "line", "url", "request"]
+    # A line may ask for structured output and logprobs: their columns are there, null where it did not.
     assert [f.name for f in data_fields(spec, schema)] == [
-        "custom_id", "sample_index", "text", "finish_reason", "prompt_tokens", "completion_tokens", "url"
+        "custom_id", "sample_index", "text", "finish_reason", "prompt_tokens", "completion_tokens",
+        "structured", "json_parsed", "token_ids", "token_logprobs", "top_logprobs", "logprob_sum", "url",
     ]  # fmt: skip
     assert [f.name for f in error_fields(spec, schema)] == [
         "custom_id", "sample_index", "error_code", "error", "line", "url", "request"
