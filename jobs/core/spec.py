@@ -694,6 +694,11 @@ class JobSpec(_Section):
         means, so it bumps FINGERPRINT_VERSION (tests/jobs/core/test_fingerprint.py
         pins the defaults)."""
         decisive = {**_decisive(self, NOT_DECISIVE), "fingerprint_version": FINGERPRINT_VERSION}
+        schema = self.generation.structured.json_schema if self.generation.structured is not None else None
+        if schema is not None:
+            # Hashed as written: the keys are sorted below, but a schema's property order is the order
+            # the completions write them in (llguidance), so two orders are two jobs.
+            decisive["generation"]["structured"]["json_schema"] = structured.canonical_json(schema)
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
     def redacted(self) -> dict[str, Any]:

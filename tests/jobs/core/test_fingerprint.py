@@ -47,6 +47,17 @@ def test_the_formula():
     assert spec_from_dict(BASE).fingerprint() == expected
 
 
+def test_a_schemas_property_order_is_part_of_the_job():
+    # Completions write an object's properties in the schema's order: another order is another output.
+    def fingerprint(properties: dict) -> str:
+        schema = {"type": "object", "properties": properties}
+        return spec_from_dict({**BASE, "generation": {"structured": {"json_schema": schema}}}).fingerprint()
+
+    a, b = {"type": "string"}, {"type": "integer"}
+    assert fingerprint({"a": a, "b": b}) != fingerprint({"b": b, "a": a})
+    assert fingerprint({"a": a, "b": b}) == fingerprint({"a": dict(a), "b": dict(b)})
+
+
 def test_fields_given_at_their_default_change_nothing():
     spelled_out = {
         **BASE,
