@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from functools import cached_property
 
 import torch
 
@@ -23,21 +24,33 @@ COMPILED = 1024  # distinct constraints kept compiled (a job's, or one per disti
 class Grammars:
     """Matchers of one tokenizer: each distinct constraint compiled once, copied per sequence."""
 
-    def __init__(self, hf_tokenizer, vocab: int, eos_ids: set[int], flexible: bool, threads: int):
+    def __init__(self, hf_tokenizer, vocab: int, flexible: bool, threads: int):
         """`vocab`: the model's logits width (ids the tokenizer lacks, padded embeddings, are never
-        allowed); `threads`: for computing a batch's masks (llguidance's default is 80% of the node's CPUs)."""
-        import llguidance
-        import llguidance.hf
-
-        # As vLLM's guidance backend builds it (backend_guidance.py): masks of the same width.
-        self.tokenizer = llguidance.hf.from_tokenizer(
-            hf_tokenizer, n_vocab=max(vocab, len(hf_tokenizer)), eos_token=sorted(eos_ids) or None
-        )
-        self.words = (self.tokenizer.vocab_size + 31) // 32  # int32 words of one row's bitmask
-        self.executor = llguidance.LLExecutor(num_threads=threads)
+        allowed); `threads`: for computing a batch's masks (llguidance's default is 80% of the node's CPUs).
+        Nothing is built until the first constrained sequence: a batch job whose lines ask for no
+        constraint needs no tokenizer llguidance takes."""
+        self._hf_tokenizer, self._vocab, self._threads = hf_tokenizer, vocab, threads
         self.flexible = flexible
         self._compiled: OrderedDict[Structured, object] = OrderedDict()
         self._lock = threading.Lock()  # the check stage serves every shard in flight
+
+    @cached_property
+    def tokenizer(self):
+        import llguidance.hf
+
+        # As vLLM's guidance backend builds it (backend_guidance.py): masks of the same width, and the
+        # tokenizer's own end-of-sequence token the one a complete grammar allows.
+        return llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=max(self._vocab, len(self._hf_tokenizer)))
+
+    @cached_property
+    def words(self) -> int:
+        return (self.tokenizer.vocab_size + 31) // 32  # int32 words of one row's bitmask
+
+    @cached_property
+    def executor(self):
+        import llguidance
+
+        return llguidance.LLExecutor(num_threads=self._threads)
 
     def matcher(self, s: Structured):
         """A fresh llguidance matcher for `s`; ValueError when llguidance cannot compile it."""

@@ -112,7 +112,7 @@ class TransformersEngine:
         grammars = None
         if structured_possible(spec):
             vocab = model.config.get_text_config().vocab_size  # the logits' width
-            grammars = Grammars(tokenizer, vocab, _eos_ids(model, tokenizer), structured.flexible(spec), threads)
+            grammars = Grammars(tokenizer, vocab, structured.flexible(spec), threads)
         params = SamplingParams.from_spec(spec.generation)
         return cls(model, tokenizer, params, res.batch_size, budget, frozenset(named), grammars)
 
@@ -407,6 +407,8 @@ def _top(scores: torch.Tensor, chosen: int, logprob: float, k: int) -> TopLogpro
     if len(top) == k and logprob >= top[-1][1] and chosen not in (t for t, _ in top):
         top[-1] = (chosen, logprob)
     return tuple(top)
+
+
 def _with_adapters(model, named: dict):
     """`model` as a PeftModel holding every adapter under its name, in inference mode
     (PEFT refuses adapter_names in training mode)."""

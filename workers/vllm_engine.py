@@ -39,6 +39,7 @@ class VllmEngine:
         self.context_length = llm.model_config.max_model_len
         self.longest_first = llm.vllm_config.scheduler_config.policy == "priority"
         self._pending: dict[str, Request] = {}  # by vLLM request id
+        self._refused: list[tuple[Request, str]] = []  # requests add_request refused (why), answered by the next step
         self._ids = itertools.count()
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
@@ -75,26 +76,35 @@ class VllmEngine:
             sequences=len(requests),
             prompts=lambda: "\n".join(self.tokenizer.decode(list(r.prompt_ids)) for r in requests),
         )
+        from vllm.exceptions import VLLMClientError
+
         for r in requests:
             request_id = str(next(self._ids))
-            self._pending[request_id] = r
             prompt = TokensPrompt(prompt_token_ids=list(r.prompt_ids))
             lora = self.loras[r.adapter] if r.adapter is not None else None
-            self.llm.add_request(request_id, prompt, self._params(r), lora_request=lora, priority=self._priority(r))
+            try:
+                self.llm.add_request(request_id, prompt, self._params(r), lora_request=lora, priority=self._priority(r))
+            except (VLLMClientError, ValueError) as e:  # this request's fault (a constraint vLLM refuses): its own error
+                self._refused.append((r, f"vLLM refused the request: {e}"))
+                continue
+            self._pending[request_id] = r
             self.counters["prompt_tokens"] += len(r.prompt_ids)
 
     def has_work(self) -> bool:
-        return bool(self._pending)
+        return bool(self._pending or self._refused)
 
     def step(self) -> list[Completion]:
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        finished = [Completion(r.key, (), "", "error", why) for r, why in self._refused]
+        self._refused = []
+        if not self._pending:
+            return finished
         try:
             outputs = self.llm.step()
         except EngineDeadError as e:  # its core process or device is gone: only a new replica helps
             raise FatalDeviceError(str(e)) from e
         self.counters["steps"] += 1
-        finished = []
         for out in outputs:
             if out.finished:
                 finished.append(self._completion(self._pending.pop(out.request_id), out.outputs[0]))
@@ -102,8 +112,9 @@ class VllmEngine:
 
     def abort_all(self) -> list[Request]:
         self.llm.abort_request(list(self._pending))
-        aborted = list(self._pending.values())
+        aborted = list(self._pending.values()) + [r for r, _ in self._refused]
         self._pending.clear()
+        self._refused = []
         return aborted
 
     def probe(self) -> None:

@@ -21,7 +21,7 @@ SAFETENSORS = "adapter_model.safetensors"
 PICKLE = "adapter_model.bin"
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch, so no adapter may take it
 DEFAULT = "default"  # model.adapter's name, in the adapter column
-_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_NAME = re.compile(r"[A-Za-z0-9_\-]+")  # no '.': PEFT names torch modules after it
 # What vLLM 0.32 takes as max_lora_rank (vllm/config/lora.py MaxLoRARanks).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # init_lora_weights strings that leave a plain LoRA once saved (vllm/lora/peft_helper.py _init_is_supported).

@@ -43,11 +43,16 @@ from jobs.core.structured import Structured, canonical_json, problem
 BAD_REQUEST = "bad_request"  # the error code of a line that is not a request bulkgen can run
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 MAX_N = 128  # OpenAI's own limit on n: one line must not ask for unbounded work
-MAX_TOP_LOGPROBS = {CHAT: 20, COMPLETIONS: 5}  # OpenAI's limits: chat's top_logprobs, completions' legacy logprobs
+TOP_LOGPROBS_LIMITS = {CHAT: 20, COMPLETIONS: 5}  # OpenAI's limits: chat's top_logprobs, completions' legacy logprobs
 NO_LOGPROB = -9999.0  # what OpenAI writes for a token the model could not choose (JSON has no -inf)
 REASONING_EFFORTS = ("minimal", "low", "medium", "high")
 # chat_template_kwargs bulkgen sets itself when it renders the prompt.
-_TEMPLATE_OWN = frozenset({"messages", "conversation", "tokenize", "add_generation_prompt"})
+# (apply_chat_template's own arguments: a line passing chat_template would replace the model's template.)
+_TEMPLATE_OWN = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})  # fmt: skip
 
 # The two prompt sources a line can be, judged by the same code as a Parquet input's columns.
 _CHAT_SOURCE = InputSpec(uri="-", messages_column="messages")
@@ -79,6 +84,7 @@ class BatchRequest:
     # (do_sample, temperature, top_p, top_k, stop); empty: the job's own.
     sampling: dict[str, Any] = field(default_factory=dict)
     structured: Structured | None = None  # response_format / structured_outputs; None: the job's
+    unconstrained: bool = False  # response_format text: no constraint, whatever the job's
     # logprobs: the top K asked with them (0: the chosen tokens' only); None with logprobs_off
     # False: the line does not mention them (the job's generation.logprobs applies).
     logprobs: int | None = None
@@ -217,6 +223,8 @@ def _extras(body: dict, url: str) -> dict:
     """What the line asks beyond sampling: a constraint, logprobs, chat template variables."""
     extras: dict[str, Any] = {}
     structured = _response_format(body.get("response_format"))
+    if isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "text":
+        extras["unconstrained"] = True
     if body.get("structured_outputs") is not None:
         if structured is not None:
             raise ValueError("give body.response_format or body.structured_outputs, not both")
@@ -309,7 +317,7 @@ def _constraint_field(body: dict) -> str:
 def _logprobs(body: dict, url: str) -> dict:
     """Chat: logprobs (bool) and top_logprobs (K, needs logprobs); completions: logprobs (K)."""
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
-    limit = MAX_TOP_LOGPROBS[url]
+    limit = TOP_LOGPROBS_LIMITS[url]
     if url == COMPLETIONS:
         if top is not None:
             raise ValueError(f"body.top_logprobs belongs to {CHAT}; {COMPLETIONS} takes logprobs: K")

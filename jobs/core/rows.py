@@ -63,9 +63,12 @@ TOKEN_LOGPROBS = pa.field("token_logprobs", pa.list_(pa.float32()))
 TOP_LOGPROBS = pa.field("top_logprobs", pa.list_(pa.list_(TOP_LOGPROB)))
 LOGPROB_SUM = pa.field("logprob_sum", pa.float64())
 ADAPTER = pa.field("adapter", pa.string())  # model.adapters: the row's adapter; null: the base model
-# Columns every job writes (the features' columns above are written only when on, and a clash
-# with one of them is refused with the rest, JobSpec._output_columns_unique).
-WRITTEN_COLUMNS = frozenset(f.name for f in (*GENERATED, PROMPT, *ERROR_FIELDS, *EVALUATION_FIELDS, FILTER))
+FEATURE_FIELDS = (REASONING, REASONING_TOKENS, STRUCTURED, JSON_PARSED, TOKEN_IDS, TOKEN_LOGPROBS, TOP_LOGPROBS,
+                  LOGPROB_SUM, ADAPTER)  # fmt: skip
+# The names of the columns bulkgen writes, or may write (evaluation, the features): an input column
+# is never carried under one of them, even with its feature off, since the report and output.jsonl
+# read them by name.
+WRITTEN_COLUMNS = frozenset(f.name for f in (*GENERATED, PROMPT, *ERROR_FIELDS, *EVALUATION_FIELDS, FILTER, *FEATURE_FIELDS))
 
 OPENAI_BATCH = "openai-batch"  # the value of input.format and output.format (jobs/core/spec.py)
 BATCH_ID = "custom_id"
@@ -191,6 +194,8 @@ def data_fields(spec: JobSpec, input_schema: pa.Schema) -> list[pa.Field]:
 def reasoning_fields(spec: JobSpec) -> list[pa.Field]:
     """The thinking and its token count, when generation.reasoning keeps it apart."""
     return [REASONING, REASONING_TOKENS] if spec.generation.reasoning != "off" else []
+
+
 def logprob_fields(top: bool) -> tuple[pa.Field, ...]:
     """The columns of generation.logprobs, in data/'s order; top_logprobs only when `top` (K > 0)."""
     return (TOKEN_IDS, TOKEN_LOGPROBS, *((TOP_LOGPROBS,) if top else ()), LOGPROB_SUM)

@@ -200,7 +200,7 @@ class ModelSpec(_Section):
         for name in given:
             if not adapters.is_name(name):
                 raise ValueError(
-                    f"{name!r} is no adapter name; use letters, digits, '_', '-' and '.' (and not {adapters.BASE!r})"
+                    f"{name!r} is no adapter name; use letters, digits, '_' and '-' (and not {adapters.BASE!r})"
                 )
         return given
 
@@ -605,7 +605,7 @@ class JobSpec(_Section):
         clash = (generated | {id_name}) & set(self.input.pass_through)
         if clash:
             raise ValueError(
-                f"input.pass_through names {sorted(clash)}, which the output already has "
+                f"input.pass_through names {sorted(clash)}, columns bulkgen writes or may write "
                 "(the id column is always written); drop or rename them"
             )
         return self

@@ -6,7 +6,7 @@ list of choices. Both engines build the same llguidance grammar from it:
 `grammar` is line for line vLLM 0.32's guidance backend
 (serialize_guidance_grammar), so the transformers engine (workers/grammar.py)
 masks exactly the tokens vLLM masks (tests compare the strings). llguidance is
-imported inside the functions: only a job with a constraint needs it.
+imported inside the functions: only a job that may constrain needs it.
 """
 
 from __future__ import annotations

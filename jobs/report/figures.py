@@ -160,7 +160,6 @@ def scores_by_sample(means: dict[int, dict[str, float]], metrics: list[str]) -> 
     return _png(fig)
 
 
-
 def mean_logprobs(edges: np.ndarray, counts: np.ndarray, mean: float) -> bytes | None:
     """Histogram of each row's mean token logprob, from rows per bin between `edges`; `mean` is
     their exact mean. The axis starts at the lowest bin with rows: most texts sit near 0."""

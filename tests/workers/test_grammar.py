@@ -34,7 +34,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def grammars(tokenizer):
     # Logits 20 wider than the tokenizer: a model's padded embedding rows.
-    return Grammars(tokenizer, len(tokenizer) + 20, {tokenizer.eos_token_id}, flexible=False, threads=1)
+    return Grammars(tokenizer, len(tokenizer) + 20, flexible=False, threads=1)
 
 
 def allowed(grammars, matcher, width: int) -> set[int]:

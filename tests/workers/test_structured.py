@@ -171,3 +171,41 @@ def test_a_schema_column_without_a_job_constraint_leaves_null_rows_free(tmp_path
     constrained, free = files["data"]
     jsonschema.validate(json.loads(constrained["text"]), ROW_SCHEMA)
     assert (free["structured"], free["json_parsed"]) == (None, None)
+
+
+def batch_line(line: int, **body) -> dict:
+    """A batch row as the batch reader gives it."""
+    request = {"custom_id": f"c{line}", "url": "/v1/chat/completions",
+               "body": {"messages": [{"role": "user", "content": "hi"}], **body}}  # fmt: skip
+    return {"custom_id": f"c{line}", "line": line, "url": request["url"], "request": json.dumps(request)}
+
+
+def test_a_batch_line_asks_for_its_own_constraint_or_for_none(tmp_path, tiny_model):
+    from workers.stages.structured import AskStructured
+
+    data = job_dict(str(tmp_path / "b.jsonl"), str(tmp_path / "out"), tiny_model, generation={"structured": {"regex": "[a-z]+"}})
+    data["input"] = {"uri": str(tmp_path / "b.jsonl")}
+    ask = AskStructured(spec_from_dict(data))
+    assert ask.constraint(batch_line(1)) == Structured("regex", "[a-z]+")  # the job's
+    assert ask.constraint(batch_line(2, response_format={"type": "json_object"})) == Structured("json_object")
+    assert ask.constraint(batch_line(3, response_format={"type": "text"})) is None  # the line opts out
+
+
+@pytest.mark.parametrize(
+    "generation, says",
+    [({"stop": ["}"]}, "generation.stop"), ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size"),
+     ({"reasoning": {"start": "<a>", "end": "</a>"}}, "generation.reasoning")],
+)  # fmt: skip
+def test_a_batch_lines_constraint_beside_what_the_spec_refuses_is_a_bad_request(tmp_path, tiny_model, generation, says):
+    # The spec refuses these beside its own constraint; a line's would meet them just the same:
+    # a stop string "}" cut every json_object answer to "{" and it was written as valid.
+    from jobs.core.prompts import RowError
+    from workers.stages.structured import AskStructured
+
+    data = job_dict(str(tmp_path / "b.jsonl"), str(tmp_path / "out"), tiny_model, generation=generation)
+    data["input"] = {"uri": str(tmp_path / "b.jsonl")}
+    ask = AskStructured(spec_from_dict(data))
+    assert ask.constraint(batch_line(4)) is None  # a line that asks for none runs as before
+    with pytest.raises(RowError) as info:
+        ask.constraint(batch_line(5, response_format={"type": "json_object"}))
+    assert info.value.code == "bad_request" and str(info.value).startswith("line 5: ") and says in str(info.value)

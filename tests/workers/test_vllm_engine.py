@@ -219,3 +219,18 @@ def test_vllm_choices_regex_and_a_limit_too_short(structured_run):
     assert all(re.fullmatch("[a-z]{3}-[0-9]{2}", text) for _, text, _ in structured_run("vllm", "regex", sampled=True))
     # Cut at the limit, as on our engine: the check stage makes these structured_incomplete dead letters.
     assert {(len(tokens), reason) for tokens, _, reason in structured_run("vllm", "too_long", max_new=8)} == {(8, "length")}
+
+
+def test_a_request_vllm_refuses_is_its_own_error_not_the_batchs(host, tiny_model):
+    # llguidance takes this regex; vLLM's request check does not (a NUL). Refused at add_request,
+    # the request comes back as its own error and its neighbours are generated, as on our engine.
+    from jobs.core.structured import Structured
+
+    refused, fine = Structured("regex", "a\x00b"), Structured("regex", "[a-z]+")
+    name, done = host.submit(
+        vllm_host.generate, str(tiny_model), "vllm", {"structured": {"regex": "[a-z]+"}},
+        PROMPTS[:2], [8, 8], [0, 1], [refused, fine],
+    ).result()  # fmt: skip
+    assert name == "vllm"
+    assert done[0] == ((), "", "error")
+    assert done[1][2] in ("stop", "length") and done[1][1] and done[1][1].isalpha()

@@ -36,7 +36,14 @@ class AskStructured(Stage):
         self.column = spec.input.schema_column
         self.job = structured.from_spec(spec.generation.structured) if spec.generation.structured is not None else None
         self.batch = is_batch(spec.input)  # a batch line's response_format / structured_outputs
-        self.reasoning = spec.generation.reasoning != "off"
+        g = spec.generation
+        # What the spec refuses beside a job's constraint, and a batch line's would meet: stop strings
+        # cut the text short of it, a banned n-gram can be all it allows next.
+        self.refused_beside = [why for why, on in (
+            ("generation.reasoning (the constraint would apply to the thinking too)", g.reasoning != "off"),
+            ("generation.stop (a stop string could cut the answer short of its constraint)", bool(g.stop)),
+            ("generation.no_repeat_ngram_size (it could ban every token the constraint allows)", g.no_repeat_ngram_size > 0),
+        ) if on]  # fmt: skip
 
     def run(self, work: ShardWork) -> ShardWork:
         constraints, errors = {}, dict(work.row_errors)
@@ -54,13 +61,12 @@ class AskStructured(Stage):
         an input before the job starts: this is for an input that changed since)."""
         if self.batch:  # the line parses (its prompt rendered); openai_batch checked its constraint
             asked = openai_batch.request_of(row)
-            if asked.structured is not None and self.reasoning:  # as the spec refuses the two together
+            if asked.structured is not None and self.refused_beside:  # as the spec refuses for a job's
                 raise RowError(
                     openai_batch.BAD_REQUEST,
-                    f"line {row['line']}: a structured answer with generation.reasoning is not supported yet "
-                    "(the constraint would apply to the thinking too)",
+                    f"line {row['line']}: a structured answer is not supported with {self.refused_beside[0]}",
                 )
-            return asked.structured or self.job
+            return None if asked.unconstrained else asked.structured or self.job
         text = row[self.column] if self.column is not None else None
         if text is None:
             return self.job
@@ -75,8 +81,8 @@ class CheckStructured(Stage):
     needs = frozenset({"token_ids"})
 
     def __init__(self, spec: JobSpec, tokenizer):
-        # Masks are the engine's; here only matchers, so the model's width and end tokens do not matter.
-        self.grammars = Grammars(tokenizer, len(tokenizer), set(), structured.flexible(spec), threads=1)
+        # Masks are the engine's; here only matchers, so the model's width does not matter.
+        self.grammars = Grammars(tokenizer, len(tokenizer), structured.flexible(spec), threads=1)
 
     def columns(self, input_schema: pa.Schema) -> Columns:
         return Columns(data=(STRUCTURED, JSON_PARSED))
@@ -89,6 +95,8 @@ class CheckStructured(Stage):
                 checked[key] = _with_columns(g, None, None)
                 continue
             whole, why = self.grammars.satisfied(r.structured, g.token_ids)
+            if whole and r.structured.kind in structured.JSON_KINDS and not _parses(g.text):
+                whole, why = False, "its tokens do, but its text is not JSON (cut by a stop string?)"
             if whole:
                 parsed = _parses(g.text) if r.structured.kind in structured.JSON_KINDS else None
                 checked[key] = _with_columns(g, r.structured.kind, parsed)

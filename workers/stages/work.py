@@ -64,7 +64,8 @@ class ShardWork:
     generated: dict[int, Generated] = field(default_factory=dict)  # by request key
     row_columns: dict[int, dict] = field(default_factory=dict)  # by row index: output values set before
     # generation (the row's adapter), which the write stage adds to each of the row's samples
-    # Dead letters: a row's error stands for all its samples (read, render); a sequence's for itself (generate).
+    # Dead letters: a row's error stands for all its samples (read, render, adapter, ask_structured); a
+    # sequence's for itself (generate, check_structured).
     row_errors: dict[int, RowError] = field(default_factory=dict)  # by row index
     sequence_errors: dict[int, RowError] = field(default_factory=dict)  # by request key
     tally: Tally = field(default_factory=Tally)

@@ -24,12 +24,12 @@ def adapter_dir(path: Path, config: dict | None = None, tensors: dict | None = N
     return path
 
 
-@pytest.mark.parametrize("name", ["legal", "poem-2", "v1.5", "a_b", "A"])
+@pytest.mark.parametrize("name", ["legal", "poem-2", "v1-5", "a_b", "A"])
 def test_adapter_names(name):
     assert adapters.is_name(name)
 
 
-@pytest.mark.parametrize("name", ["", "a b", "a/b", "__base__", "é"])
+@pytest.mark.parametrize("name", ["", "a b", "a/b", "v1.5", "__base__", "é"])  # PEFT refuses a "." in a module name
 def test_names_that_are_no_adapter_names(name):
     assert not adapters.is_name(name)
 

@@ -123,6 +123,7 @@ def test_openai_meanings_of_settings():
         (line(reasoning_effort="max"), "body.reasoning_effort must be one of"),
         (line(chat_template_kwargs={"tokenize": True}), "body.chat_template_kwargs.tokenize is bulkgen's to set"),
         (line(chat_template_kwargs=[1]), "body.chat_template_kwargs must be an object"),
+        (line(chat_template_kwargs={"chat_template": "{{ 1 }}"}), "body.chat_template_kwargs.chat_template is bulkgen's"),
         (line(url=COMPLETIONS, reasoning_effort="low"), f"body.reasoning_effort belongs to {CHAT}"),
         (line(frequency_penalty=0.5), "body.frequency_penalty is not supported"),
         # Python's json reads these; JSON has no such numbers (a NaN temperature passes every range check).

@@ -560,7 +560,7 @@ def test_an_adapter_not_there_keeps_no_hash(tmp_path):
          "model: give model.adapter (one adapter for every row) or model.adapters (chosen per row by "
          "input.adapter_column), not both"),
         ({"model": {"adapters": {"a b": "/b"}}, "input": {"adapter_column": "c"}},
-         "model.adapters: 'a b' is no adapter name; use letters, digits, '_', '-' and '.' (and not '__base__')"),
+         "model.adapters: 'a b' is no adapter name; use letters, digits, '_' and '-' (and not '__base__')"),
         ({"model": {"adapters": {"__base__": "/b"}}, "input": {"adapter_column": "c"}}, "'__base__' is no adapter name"),
         ({"model": {"adapters": {"a": "/b"}}},
          "model.adapters needs input.adapter_column, the column naming each row's adapter (or give one "
@@ -599,11 +599,14 @@ def test_without_adapters_the_fingerprint_is_unchanged():
         ({"input": {"prompt_column": "error_code"}}, ["errors/", "'error_code' twice", "input.prompt_column"]),
         ({"input": {"prompt_column": None, "prompt_template": "{sample_index}"}}, ["errors/", "input.prompt_template"]),
         (
-            {"generation": {"reasoning": "auto"}, "input": {"pass_through": ["reasoning"]}},
-            ["data/", "'reasoning' twice", "input.pass_through and generation.reasoning"],
+            {"generation": {"reasoning": "auto"}, "evaluation": {"reference_column": "reasoning"}},
+            ["data/", "'reasoning' twice", "evaluation.reference_column and generation.reasoning"],
         ),
-        ({"input": {"pass_through": ["top_logprobs"]}, "generation": {"logprobs": True, "top_logprobs": 2}},
-         ["data/", "'top_logprobs' twice", "input.pass_through and generation.logprobs"]),
+        ({"evaluation": {"reference_column": "top_logprobs"}, "generation": {"logprobs": True, "top_logprobs": 2}},
+         ["data/", "'top_logprobs' twice", "evaluation.reference_column and generation.logprobs"]),
+        # A feature's column is never an input column's name, even with the feature off: output.jsonl
+        # and the report read it by name.
+        ({"input": {"pass_through": ["reasoning"]}}, ["input.pass_through names ['reasoning']", "may write"]),
     ],
 )
 def test_a_column_written_twice_is_refused_naming_both_sources(sections, fragments):
