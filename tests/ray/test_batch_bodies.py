@@ -1,6 +1,7 @@
 """What an OpenAI batch line may ask beyond sampling, through a whole job on each engine:
-structured output (response_format, vLLM's structured_outputs) and logprobs, answered in the
-providers' shape (the openai package's own types parse every line)."""
+structured output (response_format, vLLM's structured_outputs) and logprobs, and a thinking
+model's reasoning_content, answered in the providers' shape (the openai package's own types
+parse every line)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from jobs.core.spec import spec_from_dict
 from jobs.driver import run_job
 from tests.ray.conftest import read_output
 from tests.ray.test_openai_batch import CHAT, COMPLETIONS, batch_job, request
+from tests.tiny_model import THINKING_ANSWERS
 
 pytestmark = pytest.mark.ray
 
@@ -74,3 +76,31 @@ def test_structured_and_logprob_lines_are_answered_as_the_providers_do(ray_clust
     [xml] = failures
     assert xml["custom_id"] == "xml" and BatchError.model_validate(xml["error"]).code == "bad_request"
     assert "body.response_format.type 'xml' is not supported" in xml["error"]["message"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_thinking_models_answers_carry_reasoning_content(ray_cluster, thinking_model, tmp_path, engine):
+    (poem, (poem_thinking, poem_answer)), (count, (count_thinking, count_answer)) = THINKING_ANSWERS.items()
+    lines = [
+        request("poem", CHAT, temperature=0, max_tokens=24, messages=[{"role": "user", "content": poem}]),
+        request("count", CHAT, temperature=0, max_tokens=24, logprobs=True, top_logprobs=2,
+                messages=[{"role": "user", "content": count}]),
+    ]  # fmt: skip
+    data = batch_job(tmp_path, lines, thinking_model, engine)
+    data["generation"]["reasoning"] = "auto"
+    record = run_job(spec_from_dict(data), progress=False)
+
+    assert record.state == "succeeded"
+    out = read_output(str(tmp_path / "out"))
+    bodies = {json.loads(x)["custom_id"]: json.loads(x)["response"]["body"] for x in out.read_bytes("output.jsonl").decode().splitlines()}
+    rows = {r["custom_id"]: r for r in out.data}
+    for custom_id, thinking, answer in (("poem", poem_thinking, poem_answer), ("count", count_thinking, count_answer)):
+        body = ChatCompletion.model_validate(bodies[custom_id])
+        message = body.choices[0].message
+        assert (message.reasoning_content, message.content) == (thinking, answer) == (rows[custom_id]["reasoning"], rows[custom_id]["text"])
+        assert body.usage.completion_tokens_details.reasoning_tokens == rows[custom_id]["reasoning_tokens"] > 0
+    # The answer's tokens only: the thinking's (and its end tag) are not in logprobs, as the providers do.
+    content = ChatCompletion.model_validate(bodies["count"]).choices[0].logprobs.content
+    assert len(content) == rows["count"]["completion_tokens"] - rows["count"]["reasoning_tokens"]
+    assert "".join(t.token for t in content) == count_answer
+    assert ChatCompletion.model_validate(bodies["poem"]).choices[0].logprobs is None
