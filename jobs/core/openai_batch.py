@@ -223,12 +223,12 @@ def _extras(body: dict, url: str) -> dict:
     """What the line asks beyond sampling: a constraint, logprobs, chat template variables."""
     extras: dict[str, Any] = {}
     structured = _response_format(body.get("response_format"))
-    if isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "text":
-        extras["unconstrained"] = True
     if body.get("structured_outputs") is not None:
-        if structured is not None:
+        if body.get("response_format") is not None:
             raise ValueError("give body.response_format or body.structured_outputs, not both")
         structured = _structured_outputs(body["structured_outputs"])
+    elif structured is None and body.get("response_format") is not None:  # type text: no constraint
+        extras["unconstrained"] = True
     if structured is not None:
         if body.get("stop"):
             raise ValueError("body.stop could cut a structured answer short of its constraint; drop one")

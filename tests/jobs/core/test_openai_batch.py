@@ -112,6 +112,7 @@ def test_openai_meanings_of_settings():
         (line(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": True}}}),
          "body.response_format.json_schema.schema: llguidance cannot use it: "),
         (line(response_format={"type": "json_object"}, structured_outputs={"regex": "a"}), "not both"),
+        (line(response_format={"type": "text"}, structured_outputs={"regex": "a"}), "not both"),
         (line(structured_outputs={"regex": "a(b"}), "body.structured_outputs: llguidance cannot use it"),
         (line(structured_outputs={"regex": "a", "choice": ["b"]}), "one of json, regex, choice, json_object"),
         (line(structured_outputs={"choice": []}), "choice must be a non-empty list"),
@@ -145,7 +146,9 @@ def test_what_a_line_asks_beyond_sampling():
     r = parse_request(line(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}), 1)
     assert r.structured == Structured("json_schema", '{"type":"object","properties":{"z":{"type":"integer"},"a":{"type":"string"}}}')
     assert parse_request(line(response_format={"type": "json_object"}), 1).structured == Structured("json_object")
-    assert parse_request(line(response_format={"type": "text"}), 1).structured is None
+    text = parse_request(line(response_format={"type": "text"}), 1)
+    assert (text.structured, text.unconstrained) == (None, True)  # text: no constraint, whatever the job's
+    assert not parse_request(line(), 1).unconstrained
     assert parse_request(line(structured_outputs={"choice": ["yes", "no"]}), 1).structured == Structured("choice", ("yes", "no"))
     assert parse_request(line(structured_outputs={"regex": "[a-z]+"}), 1).structured == Structured("regex", "[a-z]+")
     assert parse_request(line(structured_outputs={"json": json.dumps(schema)}), 1).structured.kind == "json_schema"
