@@ -361,9 +361,7 @@ class GenerationSpec(_Section):
             try:
                 return ReasoningTags.model_validate(value)
             except ValidationError as e:
-                err = e.errors()[0]
-                where = ".".join(str(p) for p in err["loc"])
-                msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+                where, msg = _where_and_message(e.errors()[0])
                 raise ValueError(f"{where}: {msg}" if where else msg) from None
         if not (value in ("off", "auto") or isinstance(value, ReasoningTags)):
             raise ValueError("give off, auto, or the tags as {start, end}")
@@ -854,6 +852,13 @@ def _absolute_local(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def _where_and_message(err: dict) -> tuple[str, str]:
+    """A pydantic error's field path (dotted; empty at the top) and its message as we say it."""
+    where = ".".join(str(p) for p in err["loc"])
+    msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    return where, msg
+
+
 def spec_from_dict(data: dict[str, Any], source: str = "job spec") -> JobSpec:
     """Validate spec data; every bad field is named in one SpecError."""
     if not isinstance(data, dict):
@@ -863,10 +868,8 @@ def spec_from_dict(data: dict[str, Any], source: str = "job spec") -> JobSpec:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field"
+            where, msg = _where_and_message(err)
+            where = where or "(top level)"
             if "input" in err and err["type"] != "missing" and not isinstance(err["input"], dict):
                 msg += f" (got {err['input']!r})"
             lines.append(f"  {where}: {msg}")
