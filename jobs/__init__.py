@@ -7,7 +7,8 @@
     snapshot        the input a job was planned on, pinned, and the plan rebuilt from it
     replica_plan    how many replicas a run starts on its cluster, and whether one fits at all
     scheduler       which shard runs next and what a failure costs (policy, no Ray)
-    dispatch        the Ray plumbing of a run: replicas started, shards sent, outcomes back
+    replica_pool    the replica actors: started, watched while they load, replaced when they die
+    dispatch        the Ray plumbing of a run: shards sent, outcomes back
     driver          one run of a job, its steps in order (it only sequences them)
     commit_listener what a done shard sets off: commit, counts, record, metrics, progress; cancel polls
     finalize        the end of a run: batch files, error budget, manifest, _SUCCESS

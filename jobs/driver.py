@@ -41,6 +41,7 @@ from jobs.output import (
 from jobs.ray_connection import connect
 from jobs.record import JobFailure, JobRecord, JobState, RecordKeeper, library_versions
 from jobs.replica_plan import plan_for_cluster
+from jobs.replica_pool import ReplicasFailToStart
 from jobs.run_errors import JobCancelled, JobError
 from jobs.run_log import RunLog
 from jobs.scheduler import ShardExhausted, ShardScheduler, Work, shards_per_batch, shards_per_replica
@@ -242,7 +243,7 @@ class _Run:
                 f"(shards.max_attempts); last error: {e.error}. "
                 f"{len(self.commits)} committed shards are kept; fix the cause and resume"
             ) from None
-        except dispatch.ReplicasFailToStart as e:
+        except ReplicasFailToStart as e:
             raise JobError(str(e)) from None
         finally:
             if bar is not None:

@@ -5,7 +5,7 @@
     workers     the replica side: of jobs, imports jobs.core only; the engine
                 interface (workers.engine) imports neither ray nor torch at module level
     jobs        the driver side: reaches workers only for the actor class,
-                workers.replica, and only from jobs/dispatch.py
+                workers.replica, and only from jobs/replica_pool.py
 
 Every import counts, wherever it is written (inside functions, under
 TYPE_CHECKING, relative ones), since a function-level import is still a
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("jobs", "workers")
 NEVER_IN_CORE = ("ray", "torch")
 NOT_AT_MODULE_LEVEL = {"workers.engine": ("ray", "torch")}
-DRIVER_MAY_IMPORT_FROM_WORKERS = {("jobs/dispatch.py", "workers.replica")}
+DRIVER_MAY_IMPORT_FROM_WORKERS = {("jobs/replica_pool.py", "workers.replica")}
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def forbidden(relpath: str, source: str, repo: Path = REPO) -> list[str]:
                 why = "jobs.core imports nothing of the driver side (jobs outside jobs.core)"
         elif top == "workers" and _within(module, "jobs"):
             if (relpath, target) not in DRIVER_MAY_IMPORT_FROM_WORKERS:
-                why = "the driver side imports workers only as workers.replica (the actor class), in jobs/dispatch.py"
+                why = "the driver side imports workers only as workers.replica (the actor class), in jobs/replica_pool.py"
         elif top == "jobs" and _within(module, "workers"):
             if not _within(target, "jobs.core"):
                 why = "the replica side imports only jobs.core of jobs"
@@ -205,14 +205,14 @@ def test_the_walk_covers_both_packages_and_function_level_imports():
     for expected in (
         "jobs/core/spec.py",
         "jobs/core/__init__.py",
-        "jobs/dispatch.py",
+        "jobs/replica_pool.py",
         "workers/replica.py",
         "workers/engine.py",
     ):
         assert expected in files
     # The one allowed edge into workers is written inside a function: the walk must see it.
-    dispatch = imports("jobs/dispatch.py", (REPO / "jobs/dispatch.py").read_text())
-    assert [i for i in dispatch if i.target == "workers.replica" and not i.module_level]
+    pool = imports("jobs/replica_pool.py", (REPO / "jobs/replica_pool.py").read_text())
+    assert [i for i in pool if i.target == "workers.replica" and not i.module_level]
     # And the replica side does use the shared contracts.
     assert any(
         _within(i.target, "jobs.core") for i in imports("workers/replica.py", (REPO / "workers/replica.py").read_text())
@@ -252,6 +252,7 @@ BAD = [
     ("workers/engine.py", "import ray\n", "workers/engine.py:1: workers.engine -> ray"),
     ("workers/engine.py", "from torch import nn\n", "workers/engine.py:1: workers.engine -> torch"),
     ("jobs/output.py", "from workers.replica import Replica\n", "jobs/output.py:1: jobs.output -> workers.replica"),
+    ("jobs/dispatch.py", "def f():\n    from workers.replica import Replica\n", "jobs/dispatch.py:2: jobs.dispatch -> workers.replica"),
     (
         "jobs/dispatch.py",
         "def f():\n    from workers.shard_io import stage\n",
@@ -275,7 +276,7 @@ GOOD = [
         "workers/engine.py",
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n\ndef f():\n    import ray\n",
     ),
-    ("jobs/dispatch.py", "def launch():\n    from workers.replica import Replica\n"),
+    ("jobs/replica_pool.py", "def launch():\n    from workers.replica import Replica\n"),
     ("jobs/driver.py", "import ray\nfrom jobs import dispatch\nfrom .validate import validate\n"),
 ]
 

@@ -20,6 +20,7 @@
     reasoning     a thinking model's tags, and its completion split into reasoning and answer
     metrics       the Prometheus series, defined once for the driver, replicas and dashboard
     faults        the named fault-injection points tests trip
+    prefix        shared prompt prefixes: stable keys and lengths
 
 Imports neither the driver (the rest of `jobs`) nor the replica side
 (`workers`), nor Ray nor torch; tests/test_imports.py keeps it so.

@@ -28,6 +28,9 @@ class Shard:
     relpath: str
     start: int  # first row, inclusive
     stop: int  # last row, exclusive
+    # Rows whose prompts share a prefix (jobs/core/prefix.py) carry its key, so
+    # that the scheduler keeps them on one replica; None when ungrouped.
+    group: int | None = None
 
     @property
     def name(self) -> str:
