@@ -1,4 +1,5 @@
-"""Shard planning: pure functions over Parquet footer facts.
+"""Shard planning: pure functions over Parquet footer facts (and, for a plan grouped by
+prompt prefix, each row's prefix key, which the driver reads for it).
 
 Imports neither Ray nor torch nor any storage library, so it is tested on
 made-up inputs in milliseconds.
