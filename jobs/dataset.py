@@ -1,7 +1,8 @@
 """The input dataset as the driver sees it: file list, footers and schema checks.
 
 The driver reads Parquet footers (row counts, schema) and, when an id column
-is given, that one column to check ids are unique; it holds no prompt rows
+is given, that one column to check ids are unique (with shards.group_by_prefix:
+on, the prompt columns too, for each row's prefix key); it holds no prompt rows
 (except `bulkgen validate`'s scan, a shard at a time, and memory:// input,
 which only the driver's process can read). An OpenAI batch file has no
 footer: the driver streams it once, line by line, to count its rows, check its

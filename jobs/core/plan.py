@@ -129,12 +129,11 @@ def plan_grouped(
             if key is not None:
                 by_key.setdefault(key, []).append(row)
         groups = sorted((key, rows) for key, rows in by_key.items() if len(rows) >= MIN_GROUP_ROWS)
-        grouped = {row for _, rows in groups for row in rows}
         for key, rows in groups:
             parts, n = -(-len(rows) // rows_per_shard), len(rows)
             for k in range(parts):  # rows [k*n//parts, (k+1)*n//parts): sizes differ by one at most
                 shards.append(_shard(len(shards), f, rows[k * n // parts : (k + 1) * n // parts], key))
-        rest = [row for row in range(f.num_rows) if row not in grouped]
+        rest = [row for row, key in enumerate(keys) if key is None or len(by_key[key]) < MIN_GROUP_ROWS]
         for start in range(0, len(rest), rows_per_shard):
             shards.append(_shard(len(shards), f, rest[start : start + rows_per_shard], None))
     return shards
