@@ -1,7 +1,8 @@
 """The input dataset as the driver sees it: file list, footers and schema checks.
 
 The driver reads Parquet footers (row counts, schema) and, when an id column
-is given, that one column to check ids are unique; it holds no prompt rows
+is given, that one column to check ids are unique (with shards.group_by_prefix:
+on, the prompt columns too, for each row's prefix key); it holds no prompt rows
 (except `bulkgen validate`'s scan, a shard at a time, and memory:// input,
 which only the driver's process can read). An OpenAI batch file has no
 footer: the driver streams it once, line by line, to count its rows, check its
@@ -27,7 +28,9 @@ import pyarrow.parquet as pq
 from jobs.core import storage
 from jobs.core.errors import InputError
 from jobs.core.openai_batch import request_of
-from jobs.core.plan import InputFile
+from jobs.core.plan import InputFile, Shard, plan_grouped
+from jobs.core.prefix import PREFIX_CHARS, text_prefix_key
+from jobs.core.prompts import RowError, decode_rows, render_prompt
 from jobs.core.rows import BATCH_FIELDS, BATCH_ID, batch_row, is_batch, iter_batch_lines, one_line
 from jobs.core.spec import InputSpec
 from jobs.snapshot import PinnedFile, pin_files
@@ -310,13 +313,19 @@ def iter_row_groups(spec: InputSpec, dataset: Dataset, columns: list[str], what:
     the driver reads a column or two of the input, never a whole file at once. `what`: the columns
     as an error names them (the spec field)."""
     for file in dataset.files:
-        with fsspec.open(file.url, "rb", **spec.storage_options) as f:
-            pf = pq.ParquetFile(f)
-            offset = 0
-            for group in range(pf.num_row_groups):
-                table = _read_row_group(pf, group, file, columns, what)
-                yield table, file, offset
-                offset += table.num_rows
+        for table, offset in _iter_file_row_groups(spec, file, columns, what):
+            yield table, file, offset
+
+
+def _iter_file_row_groups(spec: InputSpec, file: InputFile, columns: list[str], what: str):
+    """(table of `columns`, offset of the row group in the file) of each of the file's row groups."""
+    with fsspec.open(file.url, "rb", **spec.storage_options) as f:
+        pf = pq.ParquetFile(f)
+        offset = 0
+        for group in range(pf.num_row_groups):
+            table = _read_row_group(pf, group, file, columns, what)
+            yield table, offset
+            offset += table.num_rows
 
 
 def _read_row_group(pf: pq.ParquetFile, group: int, file: InputFile, columns: list[str], what: str) -> pa.Table:
@@ -331,6 +340,44 @@ def _read_row_group(pf: pq.ParquetFile, group: int, file: InputFile, columns: li
             f"input file {file.url} is not readable Parquet: {what} of its row group {group} cannot be read "
             f"({one_line(e)}); write the file again, or remove it from input.uri"
         ) from e
+
+
+def plan_by_prefix(spec: InputSpec, files: Sequence[InputFile], rows_per_shard: int) -> list[Shard]:
+    """shards.group_by_prefix: on: the shards of plan_grouped, keyed by prefix_keys. The input is
+    pinned (jobs/snapshot.py refuses a changed one) and the keys are a function of its rows
+    alone, so every run of the job computes the same plan; the driver checks that it did."""
+    return plan_grouped(files, lambda file: prefix_keys(spec, file), rows_per_shard)
+
+
+def prefix_keys(spec: InputSpec, file: InputFile) -> list[int | None]:
+    """Each row's prefix key (jobs/core/prefix.py's text_prefix_key of its prompt text), None for
+    a row whose prompt is shorter than the key or cannot be rendered (it fails in its shard as
+    it would anyway). Reads the prompt's source columns a row group at a time: the driver keeps
+    a key per row of one file, never the prompts."""
+    columns = list(spec.source_columns())
+    keys: list[int | None] = []
+    for table, _ in _iter_file_row_groups(spec, file, columns, f"the prompt columns {columns}"):
+        rows, undecodable = decode_rows(table)
+        for i, row in enumerate(rows):
+            text = None if i in undecodable else prompt_key_text(spec, row)
+            keys.append(text_prefix_key(text) if text is not None and len(text) >= PREFIX_CHARS else None)
+    return keys
+
+
+def prompt_key_text(spec: InputSpec, row: dict) -> str | None:
+    """The text a row's prefix key is read from: its rendered prompt, or for a chat its messages'
+    roles and contents in order (what a chat template renders them from, so rows that share a
+    system prompt share this text's start too; no tokenizer needed). None for a row that would
+    fail to render."""
+    if spec.messages_column:
+        messages = row[spec.messages_column]
+        if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            return None
+        return "".join(f"<{m.get('role')}>\n{m['content']}\n" for m in messages)
+    try:
+        return render_prompt(spec, row, tokenizer=None)
+    except RowError:
+        return None
 
 
 def pin_input(spec: InputSpec, files: Sequence[InputFile] | None = None) -> list[PinnedFile]:

@@ -17,6 +17,7 @@ what state the record is left in when one of them raises.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from jobs import dispatch, driver_metrics
 from jobs.claim import ClaimLost, OutputClaim
@@ -24,10 +25,10 @@ from jobs.commit_listener import CommitListener, count_committed
 from jobs.core import faults, storage
 from jobs.core.errors import BadInput, InputChanged, OutputError
 from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, RECORD, SUCCESS
-from jobs.core.plan import rows_per_shard
+from jobs.core.plan import Shard, plan_digest, rows_per_shard
 from jobs.core.protocol import CommitRecord, TaskKind
 from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
-from jobs.dataset import pin_input
+from jobs.dataset import pin_input, plan_by_prefix
 from jobs.dedupe_index import start_dedupe_index
 from jobs.finalize import finalize
 from jobs.output import (
@@ -89,9 +90,9 @@ def _run_claimed(
         try:
             faults.inject("driver.validate")
             checked = check_input_and_model(spec)
-            snapshot = _planned_input(spec, out, record, checked)
+            snapshot, shards = _planned_input(spec, out, record, checked)
             commits = out.commit_records()
-            check_commits_match_plan(out, commits, snapshot.shards())
+            check_commits_match_plan(out, commits, shards)
         except KeyboardInterrupt:
             raise _interrupted(keeper, "validating") from None
         except BaseException as e:  # bad input, a bug, or storage gone: the record says which
@@ -100,27 +101,46 @@ def _run_claimed(
             raise
         record.model = checked.model
         try:
-            run = _Run(spec, out, keeper, checked, snapshot, commits, claim, address, progress, run_log)
+            run = _Run(spec, out, keeper, checked, snapshot, shards, commits, claim, address, progress, run_log)
             return run.execute(retry_failed)
         except BaseException as e:
             log.error("run %d ended: %s: %s", len(record.runs), type(e).__name__, e)
             raise
 
 
-def _planned_input(spec: JobSpec, out: OutputDir, record: JobRecord, checked: Checked) -> InputSnapshot:
-    """The input snapshot this job plans from: pinned now by its first run (the plan: rows per
-    shard decided once), else the one it was planned on, which the input read just now must
-    still equal (row counts included)."""
+def _planned_input(
+    spec: JobSpec, out: OutputDir, record: JobRecord, checked: Checked
+) -> tuple[InputSnapshot, list[Shard]]:
+    """The input snapshot this job plans from, and its shards: pinned now by its first run (the
+    plan: rows per shard decided once, a grouped plan's digest), else the one it was planned
+    on, which the input read just now must still equal (row counts included)."""
     if record.input is None:
         per_shard = rows_per_shard(spec.shards.rows_per_shard, checked.input_rows)
         snapshot = InputSnapshot(per_shard, tuple(pin_input(spec.input, checked.files)))
+        shards = _shards(spec, snapshot)
+        if spec.shards.group_by_prefix == "on":
+            snapshot = replace(snapshot, plan_digest=plan_digest(shards))
         record.input = snapshot.to_json()
-        return snapshot
+        return snapshot, shards
     snapshot = InputSnapshot.from_json(record.input)
     changed = input_changes(spec, snapshot, checked.files)
     if changed:
         raise InputChanged(input_changed_message(out, changed))
-    return snapshot
+    shards = _shards(spec, snapshot)
+    if snapshot.plan_digest is not None and plan_digest(shards) != snapshot.plan_digest:
+        raise InputChanged(
+            f"the shards grouped by prefix now differ from those the job in {out.uri} was planned with "
+            f"(plan {plan_digest(shards)}, pinned {snapshot.plan_digest}), though its input files did not change: "
+            "this release keys prompts another way. Resume with the release that started the job, or write to a "
+            "new output.uri"
+        )
+    return snapshot, shards
+
+
+def _shards(spec: JobSpec, snapshot: InputSnapshot) -> list[Shard]:
+    if spec.shards.group_by_prefix == "on":
+        return plan_by_prefix(spec.input, snapshot.input_files(), snapshot.rows_per_shard)
+    return snapshot.shards()
 
 
 class _Run:
@@ -133,6 +153,7 @@ class _Run:
         keeper: RecordKeeper,
         checked: Checked,
         snapshot: InputSnapshot,
+        shards: list[Shard],
         commits: dict[int, CommitRecord],
         claim: OutputClaim,
         address,
@@ -141,7 +162,7 @@ class _Run:
     ):
         self.spec, self.out, self.keeper, self.address, self.run_log = spec, out, keeper, address, run_log
         self.record, self.claim = keeper.record, claim
-        self.shards, self.rows_per_shard = snapshot.shards(), snapshot.rows_per_shard
+        self.shards, self.rows_per_shard = shards, snapshot.rows_per_shard
         self.show_progress = progress
         c = self.record.counts
         c.input_rows, c.rows_total, c.shards_total = checked.input_rows, checked.output_rows, len(self.shards)
@@ -239,7 +260,7 @@ class _Run:
         except ShardExhausted as e:
             shard = e.work.shard
             raise JobError(
-                f"shard {shard.name} ({shard.url} rows {shard.start}:{shard.stop}) failed {e.attempts} times "
+                f"shard {shard.name} ({shard.url} {shard.describe_rows()}) failed {e.attempts} times "
                 f"(shards.max_attempts); last error: {e.error}. "
                 f"{len(self.commits)} committed shards are kept; fix the cause and resume"
             ) from None

@@ -123,6 +123,8 @@ class OutputDir:
             input=shard.url,
             input_start=shard.start,
             input_stop=shard.stop,
+            input_row_count=shard.num_rows if shard.rows is not None else None,
+            input_rows_digest=shard.rows_digest,
             attempts=attempts,
             committed_at=now(),
             seconds=round(result.seconds, 3),
@@ -265,12 +267,10 @@ def check_commits_match_plan(out: OutputDir, commits: dict[int, CommitRecord], s
     wrong = []
     for index in sorted(commits):
         c, s = commits[index], planned.get(index)
-        covered = (c.input, c.input_start, c.input_stop)
         if s is None:
-            wrong.append(f"{c.name} covers {covered[0]} rows {covered[1]}:{covered[2]}; the plan has no such shard")
-        elif covered != (s.url, s.start, s.stop):
-            wrong.append(f"{s.name} covers {covered[0]} rows {covered[1]}:{covered[2]}; the plan's is {s.url} "
-                         f"rows {s.start}:{s.stop}")  # fmt: skip
+            wrong.append(f"{c.name} covers {c.describe_input()}; the plan has no such shard")
+        elif not c.covers(s):
+            wrong.append(f"{s.name} covers {c.describe_input()}; the plan's is {s.url} {s.describe_rows()}")
     if wrong:
         raise InputChanged(
             f"the committed shards in {out.uri} were cut from another input than this job's plan:\n  "

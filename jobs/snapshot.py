@@ -44,19 +44,25 @@ class PinnedFile:
 class InputSnapshot:
     rows_per_shard: int  # shards.rows_per_shard as resolved when planned (`auto` decided once)
     files: tuple[PinnedFile, ...]
+    # shards.group_by_prefix: on: jobs/core/plan.py's plan_digest of the grouped plan the first
+    # run computed from these files. Every later run computes it again from the same (pinned)
+    # rows and must get this digest, or it refuses to run (InputChanged).
+    plan_digest: str | None = None
 
     def input_files(self) -> list[InputFile]:
         return [InputFile(f.url, f.relpath, f.num_rows or 0) for f in self.files]
 
     def shards(self) -> list[Shard]:
+        """The plan of row ranges (a grouped plan needs the rows: jobs/dataset.py plan_by_prefix)."""
         return plan(self.input_files(), self.rows_per_shard)
 
     def to_json(self) -> dict:
-        return {"rows_per_shard": self.rows_per_shard, "files": [asdict(f) for f in self.files]}
+        doc = {"rows_per_shard": self.rows_per_shard, "files": [asdict(f) for f in self.files]}
+        return {**doc, "plan_digest": self.plan_digest} if self.plan_digest is not None else doc
 
     @classmethod
     def from_json(cls, doc: dict) -> InputSnapshot:
-        return cls(int(doc["rows_per_shard"]), tuple(PinnedFile(**f) for f in doc["files"]))
+        return cls(int(doc["rows_per_shard"]), tuple(PinnedFile(**f) for f in doc["files"]), doc.get("plan_digest"))
 
 
 def changes(pinned: Sequence[PinnedFile], current: Sequence[PinnedFile]) -> list[str]:

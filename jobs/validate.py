@@ -31,7 +31,17 @@ from jobs.core.prompts import TEMPLATE_ERROR, RowError, decode_rows, render_prom
 from jobs.core.row_prompt import build_prompt
 from jobs.core.rows import derived_id, read_shard_rows, row_ids
 from jobs.core.spec import JobSpec
-from jobs.dataset import Dataset, check_unique_ids, glob_root, is_glob, is_text, iter_column, iter_row_groups, open_dataset
+from jobs.dataset import (
+    Dataset,
+    check_unique_ids,
+    glob_root,
+    is_glob,
+    is_text,
+    iter_column,
+    iter_row_groups,
+    open_dataset,
+    plan_by_prefix,
+)
 from jobs.output import check_output_takes
 
 
@@ -61,7 +71,11 @@ def validate(spec: JobSpec) -> Validated:
     check_output_takes(spec)
     checked = check_input_and_model(spec)
     per_shard = rows_per_shard(spec.shards.rows_per_shard, checked.input_rows)
-    return Validated(**vars(checked), rows_per_shard=per_shard, shards=plan(checked.files, per_shard))
+    if spec.shards.group_by_prefix == "on":
+        shards = plan_by_prefix(spec.input, checked.files, per_shard)
+    else:
+        shards = plan(checked.files, per_shard)
+    return Validated(**vars(checked), rows_per_shard=per_shard, shards=shards)
 
 
 def check_input_and_model(spec: JobSpec) -> Checked:
@@ -321,7 +335,8 @@ def validate_report(spec: JobSpec, max_rows: int | None = None) -> Report:
         model=spec.model.path,
         max_failed_fraction=spec.shards.max_failed_fraction,
     )
-    for shard in checked.shards:
+    # Row ranges, whatever the plan: the scan judges rows, and a range reads each row group once.
+    for shard in plan(checked.files, checked.rows_per_shard):
         table = read_shard_rows(spec, shard)  # one shard's rows at a time
         ids = row_ids(spec.input, shard, table)
         rows, undecodable = decode_rows(table)

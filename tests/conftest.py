@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -81,6 +82,34 @@ def write_prompts(path: Path | str, n: int, start: int = 0, row_group_size: int 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path, row_group_size=row_group_size)
     return path
+
+
+# Augmentation templates longer than a prefix key (jobs/core/prefix.py PREFIX_CHARS), in the
+# tiny tokenizer's words: about 210 tokens with a row's question (long_context_model fits them).
+AUGMENT_TEMPLATES = (
+    "Write a short poem about the sea and the wind. " * 7,
+    "Return the number of items in the lists and raise ValueError. " * 5,
+    "Create a new socket with a timeout, then write a happy note. " * 5,
+)
+
+
+def write_augment(path: Path, per_template: int, seed: int = 0, row_group_size: int = 8) -> dict[str, int]:
+    """An "augment" input: per_template rows of each AUGMENT_TEMPLATES, each with its own question
+    after the template, shuffled; columns id, prompt, topic. Returns each id's template."""
+    rows = [(t, i) for t in range(len(AUGMENT_TEMPLATES)) for i in range(per_template)]
+    random.Random(seed).shuffle(rows)
+    ids = [f"row-{k:05d}" for k in range(len(rows))]
+    prompts = [f"{AUGMENT_TEMPLATES[t]}Row {i}: a note about the sea" for t, i in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": ids, "prompt": prompts, "topic": ["the sea"] * len(rows)}), path,
+                   row_group_size=row_group_size)  # fmt: skip
+    return {row_id: t for row_id, (t, _) in zip(ids, rows)}
+
+
+@pytest.fixture(scope="session")
+def long_context_model(tmp_path_factory) -> Path:
+    """tiny_model's kind with room for write_augment's prompts (256 positions)."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-256", arch="llama", max_positions=256)
 
 
 def job_dict(input_uri: str, output_uri: str, model: Path, **sections) -> dict:

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from jobs.core import adapters, faults, structured, vllm_support
 from jobs.core.errors import ModelError
 from jobs.core.model import checkpoint_dtype, context_length, load_tokenizer, text_config
+from jobs.core.prefix import prefix_key
 from jobs.core.rows import structured_possible
 from jobs.core.structured import Structured
 from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, TopLogprobs, completion_text
@@ -41,7 +42,9 @@ class VllmEngine:
         self._pending: dict[str, Request] = {}  # by vLLM request id
         self._refused: list[tuple[Request, str]] = []  # requests add_request refused (why), answered by the next step
         self._ids = itertools.count()
-        self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        # cached_prompt_tokens: prompt tokens vLLM's prefix cache served (the hit rate is its
+        # share of prompt_tokens); read from each finished output, so log stats can stay off.
+        self.counters = {"steps": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0}
 
     @classmethod
     def from_spec(cls, spec) -> VllmEngine:
@@ -78,7 +81,7 @@ class VllmEngine:
         )
         from vllm.exceptions import VLLMClientError
 
-        for r in requests:
+        for r in _grouped_by_prefix(requests):
             request_id = str(next(self._ids))
             prompt = TokensPrompt(prompt_token_ids=list(r.prompt_ids))
             lora = self.loras[r.adapter] if r.adapter is not None else None
@@ -107,6 +110,7 @@ class VllmEngine:
         self.counters["steps"] += 1
         for out in outputs:
             if out.finished:
+                self.counters["cached_prompt_tokens"] += out.num_cached_tokens or 0
                 finished.append(self._completion(self._pending.pop(out.request_id), out.outputs[0]))
         return finished
 
@@ -196,6 +200,20 @@ class VllmEngine:
         return Completion(key, tokens, text, out.finish_reason, token_logprobs=logprobs, top_logprobs=top)
 
 
+def _grouped_by_prefix(requests: list[Request]) -> list[Request]:
+    """The requests ordered by their prompts' prefix key, arrival order within a key (a stable
+    sort), prompts too short to share a prefix last. vLLM's scheduler breaks ties of priority
+    by arrival, so rows of one template are admitted side by side and the prefix blocks the
+    first one computes are still cached when the next arrives. Seeds are each request's own,
+    so the order changes no text."""
+
+    def order(r: Request) -> tuple[bool, int]:
+        key = prefix_key(r.prompt_ids)
+        return key is None, key or 0
+
+    return sorted(requests, key=order)
+
+
 def sample_logprobs(steps, tokens: tuple[int, ...], k: int) -> tuple[tuple[float, ...], tuple[TopLogprobs, ...] | None]:
     """Our logprobs from vLLM's `CompletionOutput.logprobs`: the chosen tokens' and, when k > 0, each
     step's top k. `steps` holds one {token id: Logprob(logprob, rank)} per token vLLM generated,
@@ -230,6 +248,9 @@ def engine_args(spec) -> dict:
         "max_num_seqs": res.batch_size,
         "disable_log_stats": True,
         "scheduling_policy": "priority",  # longest rows first: VllmEngine._priority
+        # vLLM's default for decoder models already; stated so that the record's engine
+        # arguments say it, and so model.engine_options can turn it off by the same name.
+        "enable_prefix_caching": True,
     }
     if res.max_batch_tokens:
         args["max_num_batched_tokens"] = res.max_batch_tokens

@@ -17,7 +17,11 @@ from collections.abc import Sequence
 
 MIN_SHARED_PREFIX = 64  # tokens: below this, sharing saves less than it costs to arrange
 PREFIX_BLOCK = 64  # tokens per key block: a key names the prompt's first whole blocks
-PREFIX_CHARS = 4096  # characters of rendered text a text key reads (planning runs without a tokenizer)
+# Characters of rendered text a text key reads (planning runs without a tokenizer): about
+# MIN_SHARED_PREFIX tokens of English. A key names where prompts start, so it must be shorter
+# than what they share: at 4096, prompts of a 400-token template with their own questions
+# after it (shorter than 4096 characters in all) would all have keys of their own.
+PREFIX_CHARS = 256
 
 
 def prefix_key(token_ids: Sequence[int], length: int = MIN_SHARED_PREFIX) -> int | None:

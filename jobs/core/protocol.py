@@ -108,16 +108,36 @@ class CommitRecord:
     committed_at: str | None = None
     seconds: float | None = None  # the attempt's time on its replica
     replica_pid: int | None = None
+    # A shard of a grouped plan (shards.group_by_prefix) covers some rows of [input_start,
+    # input_stop): how many, and which (jobs/core/plan.py rows_digest); None for a whole range.
+    input_row_count: int | None = None
+    input_rows_digest: str | None = None
 
     @property
     def input_rows(self) -> int:
         """The input rows the shard covers (0 when its record does not say)."""
+        if self.input_row_count is not None:
+            return self.input_row_count
         if self.input_start is None or self.input_stop is None:
             return 0
         return self.input_stop - self.input_start
 
+    def covers(self, shard: Shard) -> bool:
+        """Whether the record covers exactly the rows the plan gives `shard`."""
+        return (self.input, self.input_start, self.input_stop, self.input_rows_digest) == (
+            shard.url, shard.start, shard.stop, shard.rows_digest
+        )  # fmt: skip
+
+    def describe_input(self) -> str:
+        span = f"{self.input_start}:{self.input_stop}"
+        rows = f"rows {span}" if self.input_row_count is None else f"{self.input_row_count} rows within {span}"
+        return f"{self.input} {rows}"
+
     def to_json(self) -> dict:
         doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tally"}
+        for name in LISTED_ROWS_KEYS:  # only a grouped shard's record has them: the others stay as they were
+            if doc[name] is None:
+                del doc[name]
         tally = {k: v for k, v in self.tally.to_json().items() if v or k not in FEATURE_COUNTERS}
         return {**doc, **tally}
 
@@ -131,6 +151,9 @@ class CommitRecord:
             tally=Tally.from_json(doc),
             **{name: doc.get(name) for name in known},
         )
+
+
+LISTED_ROWS_KEYS = ("input_row_count", "input_rows_digest")
 
 
 def row_seed(job_seed: int, row_id, sample_index: int) -> int:

@@ -114,7 +114,7 @@ def row_ids(spec: InputSpec, shard: Shard, table: pa.Table) -> list:
     """The ids of a shard's rows, in order."""
     if spec.id_column:
         return table.column(spec.id_column).to_pylist()
-    return [derived_id(shard.relpath, i) for i in range(shard.start, shard.stop)]
+    return [derived_id(shard.relpath, i) for i in shard.row_indices()]
 
 
 def input_columns(spec: InputSpec) -> list[str]:
@@ -140,13 +140,15 @@ def read_shard_rows(spec: JobSpec, shard: Shard) -> pa.Table:
 
 
 def read_parquet_rows(spec: JobSpec, shard: Shard) -> pa.Table:
-    """The rows of read_shard_rows from a Parquet input."""
-    i = spec.input
+    """The rows of read_shard_rows from a Parquet input: its range, or the rows a grouped shard lists."""
+    i, columns = spec.input, job_input_columns(spec)
     try:
-        return storage.read_row_range(shard.url, i.storage_options, shard.start, shard.stop, job_input_columns(spec))
+        if shard.rows is not None:
+            return storage.read_rows(shard.url, i.storage_options, shard.rows, columns)
+        return storage.read_row_range(shard.url, i.storage_options, shard.start, shard.stop, columns)
     except OSError as e:  # pyarrow raises a bare OSError for a corrupt page, naming no file
         raise InputError(
-            f"cannot read rows {shard.start}:{shard.stop} of input file {shard.url} "
+            f"cannot read {shard.describe_rows()} of input file {shard.url} "
             f"({type(e).__name__}: {one_line(e)}); if the file is corrupt, write it again or remove it from input.uri"
         ) from e
 

@@ -491,6 +491,14 @@ class ShardsSpec(_Section):
         "decided by the input's row count, so give a number for an input that grows between runs.",
     )
     max_attempts: int = Field(3, ge=1, description="Tries per shard before the job fails.")
+    group_by_prefix: Literal["off", "on"] = Field(
+        "off",
+        description="`on`: rows whose rendered prompts start alike (their first 256 characters; a key shared by "
+        "8 rows or more) go into shards of their own, one key per shard, and a key's shards to one replica, so "
+        "its engine computes the shared prefix once. Planning then reads the prompt columns once, a row group "
+        "at a time; ids, seeds and texts are unchanged, rows are grouped per input file. Parquet input and "
+        "output only.",
+    )
     max_failed_fraction: float = Field(
         0.0,
         ge=0,
@@ -669,6 +677,17 @@ class JobSpec(_Section):
                 f"filters.min_completion_tokens {low} > generation.max_new_tokens {limit}: no completion could be "
                 "long enough, so every row would be filtered out; lower the one or raise the other"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _grouping_fits_the_formats(self) -> JobSpec:
+        # A batch file is read line by line in order, and output.jsonl is written in input order
+        # from the shards in order: neither holds a shard of rows picked across a file.
+        if self.shards.group_by_prefix == "on":
+            for field, fmt in (("input.format", self.input.format), ("output.format", self.output.format)):
+                if fmt == rows.OPENAI_BATCH:
+                    raise ValueError(f"shards.group_by_prefix: on needs Parquet rows; {field} is {fmt}: "
+                                     "set group_by_prefix: off")  # fmt: skip
         return self
 
     @model_validator(mode="after")

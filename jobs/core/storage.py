@@ -7,15 +7,17 @@ renames are atomic, or whether the storage is process-local (memory://).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
+import itertools
 import logging
 import os
 import posixpath
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import fsspec
@@ -168,6 +170,25 @@ def read_row_range(url: str, storage_options: dict, start: int, stop: int, colum
             return table.slice(start - first_row, stop - start)
 
     return with_retries(read, f"reading rows {start}:{stop} of {url}")
+
+
+def read_rows(url: str, storage_options: dict, rows: Sequence[int], columns: list[str]) -> pa.Table:
+    """The rows at these indices (ascending) of one Parquet file, reading only the row groups that hold them."""
+
+    def read() -> pa.Table:
+        with fsspec.open(url, "rb", **storage_options) as f:
+            pf = pq.ParquetFile(f)
+            sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+            starts = list(itertools.accumulate(sizes, initial=0))  # starts[g]: group g's first row in the file
+            group_of = [bisect.bisect_right(starts, row) - 1 for row in rows]
+            groups = sorted(set(group_of))
+            # Where each chosen group's rows begin in the table of the chosen groups.
+            begins = dict(zip(groups, itertools.accumulate((sizes[g] for g in groups), initial=0)))
+            table = pf.read_row_groups(groups, columns=columns)
+            at = [begins[g] + row - starts[g] for row, g in zip(rows, group_of)]
+            return table.take(pa.array(at, pa.int64()))
+
+    return with_retries(read, f"reading {len(rows)} listed rows of {url}")
 
 
 @contextlib.contextmanager

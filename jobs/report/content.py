@@ -13,6 +13,7 @@ render.py only lays out.
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime, timezone
 
 import numpy as np
@@ -124,7 +125,36 @@ def facts(record: dict, driver_alive: bool = False) -> list[Fact]:
     ]
     if len(runs) > 1:
         out.append(Fact("runs", "driver runs", str(len(runs))))
+    reuse = prefix_reuse(runs)
+    if reuse is not None:
+        out.append(Fact("prefix_reuse", "prompt tokens reused", reuse))
     return out
+
+
+# Engine counters of prompt tokens not computed because another row's prompt shared them:
+# vLLM's prefix cache hits (workers/vllm_engine.py), the transformers engine's shared-prefix prefill.
+REUSE_COUNTERS = {
+    "cached_prompt_tokens": "from vLLM's prefix cache",
+    "prefix_shared_tokens": "prefilled once for rows sharing a prefix",
+}
+
+
+def prefix_reuse(runs: list[dict]) -> str | None:
+    """How many prompt tokens the replicas reused, summed over every run's replicas (their
+    counters are per replica process, and each run starts its own), with the share of the
+    prompt tokens they were given where the engine counts those; None when no engine counted."""
+    totals: Counter[str] = Counter()
+    for run in runs:
+        for counters in (run.get("replicas") or {}).values():
+            totals.update({k: counters[k] for k in (*REUSE_COUNTERS, "prompt_tokens") if k in counters})
+    parts = []
+    for counter, how in REUSE_COUNTERS.items():
+        if counter not in totals:
+            continue
+        reused, given = totals[counter], totals["prompt_tokens"]
+        share = f" ({reused / given:.1%} of {given:,})" if given else ""
+        parts.append(f"{reused:,}{share} {how}")
+    return "; ".join(parts) or None
 
 
 def wall_seconds(record: dict, driver_alive: bool = False) -> float | None:

@@ -73,6 +73,18 @@ def test_vllm_on_cpu_runs_eager_unless_asked(tiny_model):
     assert on_cpu({"enforce_eager": False})["enforce_eager"] is False
 
 
+def test_vllm_caches_prefixes_by_name_unless_the_options_say_not(tiny_model):
+    from workers.vllm_engine import engine_args
+
+    def args(options=None):
+        data = spec("vllm", options).model_dump()
+        data["model"]["path"] = str(tiny_model)
+        return engine_args(spec_from_dict(data))
+
+    assert args()["enable_prefix_caching"] is True  # in the record's engine arguments, by name
+    assert args({"enable_prefix_caching": False})["enable_prefix_caching"] is False
+
+
 def test_vllm_serves_every_adapter_in_one_batch_with_a_spare_slot_on_cpu(tiny_model, lora_adapters):
     from workers.vllm_engine import engine_args
 

@@ -564,3 +564,19 @@ def test_a_committed_file_gone_while_reading_is_reported_not_fatal(tmp_path):
     assert d.missing_files == [f"{uri}/data/part-00001.parquet"]
     assert d.rows == len(made["data"]) - sum(1 for r in made["data"] if ROWS <= int(r["id"][4:]) < 2 * ROWS)
     assert "1 committed files were gone when read" in _read(write_report(uri, {}).markdown).decode()
+
+
+def test_the_facts_show_prompt_tokens_reused_by_either_engine_over_every_run():
+    from jobs.report.content import facts
+
+    def reuse(*runs):
+        shown = {f.key: f.value for f in facts({"runs": list(runs)})}
+        return shown.get("prefix_reuse")
+
+    vllm = {"replicas": {"1": {"prompt_tokens": 600, "cached_prompt_tokens": 150}}}
+    resumed = {"replicas": {"2": {"prompt_tokens": 400, "cached_prompt_tokens": 350}}}
+    assert reuse(vllm, resumed) == "500 (50.0% of 1,000) from vLLM's prefix cache"
+    # The transformers engine counts no prompt tokens of its own: the count alone.
+    shared = {"replicas": {"3": {"forward_tokens": 900, "prefix_shared_tokens": 256}}}
+    assert reuse(shared) == "256 prefilled once for rows sharing a prefix"
+    assert reuse({"replicas": {"4": {"forward_tokens": 900}}}) is None  # no engine counted reuse: no line

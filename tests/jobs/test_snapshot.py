@@ -1,9 +1,20 @@
-"""The input snapshot: what counts as a changed input, and the plan rebuilt from a pinned one."""
+"""The input snapshot: what counts as a changed input, and the plan rebuilt from a pinned one
+(a grouped plan: computed again and checked against its pinned digest)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+
+from jobs.core.errors import InputChanged
 from jobs.core.plan import InputFile, plan
+from jobs.core.spec import spec_from_dict
+from jobs.dataset import open_dataset
+from jobs.driver import _planned_input
+from jobs.output import OutputDir
 from jobs.snapshot import InputSnapshot, PinnedFile, changes, version_stamp
+from tests.conftest import job_dict, write_augment
 
 
 def pinned(relpath: str, size: int = 100, version: str = "mtime:1", rows: int | None = 10) -> PinnedFile:
@@ -47,3 +58,25 @@ def test_the_pinned_plan_is_the_plan_of_its_files_and_survives_json():
     expected = plan([InputFile(f.url, f.relpath, f.num_rows) for f in files], 10)
     assert snapshot.shards() == expected
     assert InputSnapshot.from_json(snapshot.to_json()) == snapshot
+
+
+def test_a_grouped_plans_digest_survives_json_and_a_range_plan_writes_none():
+    snapshot = InputSnapshot(10, (pinned("a.parquet"),), plan_digest="0123456789abcdef")
+    assert InputSnapshot.from_json(snapshot.to_json()) == snapshot
+    assert "plan_digest" not in InputSnapshot(10, (pinned("a.parquet"),)).to_json()  # records as they always were
+
+
+def test_a_resume_whose_grouped_plan_differs_from_the_pinned_one_is_refused(tmp_path):
+    write_augment(tmp_path / "in" / "augment.parquet", 12)
+    spec = spec_from_dict(job_dict(str(tmp_path / "in"), str(tmp_path / "out"), tmp_path / "model",
+                                   shards={"rows_per_shard": 10, "group_by_prefix": "on"}))  # fmt: skip
+    checked = SimpleNamespace(input_rows=36, files=open_dataset(spec.input).files)
+    record, out = SimpleNamespace(input=None), OutputDir(str(tmp_path / "out"), {})
+    first, shards = _planned_input(spec, out, record, checked)
+    assert first.plan_digest is not None and record.input["plan_digest"] == first.plan_digest
+    assert len(shards) == 6 and all(s.group is not None for s in shards)
+    again = _planned_input(spec, out, record, checked)
+    assert again == (first, shards)  # a resume computes the same plan
+    record.input = {**record.input, "plan_digest": "0" * 16}  # as if a release had keyed prompts another way
+    with pytest.raises(InputChanged, match="shards grouped by prefix now differ"):
+        _planned_input(spec, out, record, checked)

@@ -114,6 +114,29 @@ def test_rows_that_may_run_longest_are_admitted_first(host, tiny_model):
     assert arrival == [0, 1, 2, 3, 4]
 
 
+def _templated(template: str, n: int) -> list[str]:
+    return [f"{template} Row {i}: write about the sea" for i in range(n)]
+
+
+# Two templates of about 80 tokens, over 64 (jobs/core/prefix.py's MIN_SHARED_PREFIX) for the tiny BPE.
+TEMPLATE_A = "Write a short poem about the sea and the wind, " * 3
+TEMPLATE_B = "Return the number of items in the lists, then raise ValueError, " * 2
+
+
+def test_vllm_admits_a_tickets_rows_grouped_by_prefix_and_counts_its_cache_hits(host, tiny_model):
+    a, b = _templated(TEMPLATE_A, 3), _templated(TEMPLATE_B, 3)
+    interleaved = [a[0], b[0], a[1], b[1], a[2], b[2]]
+    order, stats = host.submit(vllm_host.prefix_cache_run, str(tiny_model), interleaved, {}).result()
+    # Grouped by template, arrival order within each: no A row waits behind a B row between two As.
+    assert order in ([0, 2, 4, 1, 3, 5], [1, 3, 5, 0, 2, 4])
+    # Each template's second and third rows find its first row's prefix blocks cached.
+    assert 0 < stats["cached_prompt_tokens"] < stats["prompt_tokens"]
+    _, off = host.submit(
+        vllm_host.prefix_cache_run, str(tiny_model), interleaved, {"enable_prefix_caching": False}
+    ).result()
+    assert off["cached_prompt_tokens"] == 0 and off["prompt_tokens"] == stats["prompt_tokens"]
+
+
 def test_a_sampled_row_depends_on_its_seed_only(host, tiny_model):
     sampling = {"do_sample": True, "temperature": 1.0, "top_p": 0.95}
     model = str(tiny_model)

@@ -100,3 +100,20 @@ def admission_order(model: str, limits: list[int], engine_options: dict) -> list
     while e.has_work():
         finished += [c.key for c in e.step()]
     return finished
+
+
+def prefix_cache_run(model: str, prompts: list[str], engine_options: dict) -> tuple[list, dict]:
+    """One sequence at a time (batch_size 1), arrival order (fcfs) and small KV blocks (the CPU
+    default, 128 tokens, is the tiny model's whole context): (keys in the order vLLM admitted
+    them, the engine's counters)."""
+    from workers.engine_factory import create_engine
+
+    data = job_dict("/in", "/out", model, resources={"batch_size": 1}, generation={"max_new_tokens": 4})
+    options = {"enforce_eager": True, "scheduling_policy": "fcfs", "block_size": 32, **engine_options}
+    data["model"].update(engine="vllm", engine_options=options)
+    e = create_engine(spec_from_dict(data))
+    e.submit(_requests(e, prompts, [4] * len(prompts), list(range(len(prompts)))))
+    finished = []
+    while e.has_work():
+        finished += [c.key for c in e.step()]
+    return finished, e.stats()

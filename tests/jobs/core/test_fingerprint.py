@@ -164,4 +164,5 @@ def test_the_defaults_of_decisive_fields_are_pinned():
         "filters.deduplicate": "near",
         "filters.near_duplicate_threshold": 0.8,
         "shards.rows_per_shard": "auto",
+        "shards.group_by_prefix": "off",
     }
