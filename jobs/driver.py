@@ -281,7 +281,8 @@ class _Run:
         spec, run = self.spec, self.record.run
         bar = None
         try:
-            replicas = self.launch.result()  # Ray up; the replicas launched early, where there was room
+            self.ray_start.result()  # Ray up (and, on this thread, the driver's signal handlers back)
+            replicas = self.launch.result()  # the replicas launched early, where there was room
             run.mark("ray_ready", self.ray_start.ready_at)
             if self.launch.launched_at is None:
                 self.pool.start(replicas.launch)

@@ -1,4 +1,5 @@
-"""Checks done before any replica starts that need the model's files but not the model
+"""Checks that need the model's files but not the model, done before any shard runs (the
+security ones, check_model_source and check_adapters, before any replica loads the model)
 (whether one replica fits the cluster is jobs/replica_plan.py's)."""
 
 from __future__ import annotations

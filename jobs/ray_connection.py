@@ -23,9 +23,11 @@ CLOSE_WAIT_S = 60.0  # how long a run that ends waits for a ray.init under way, 
 class RayStart:
     """Ray being started or joined on a thread beside the driver's validation (connect_async).
 
-    The thread gets no signals: Ctrl-C and SIGTERM reach the main thread wherever it
-    is (validating, or waiting in result()), and whoever ends the run calls close().
-    ray.init off the main thread sets no SIGTERM handler of its own. The thread lives
+    Ctrl-C and SIGTERM reach the main thread wherever it is (validating, or waiting in
+    result()), and whoever ends the run calls close(). ray.init off the main thread sets
+    no Python SIGTERM handler, but Ray's core worker puts its own C-level one in place of
+    the driver's: result(), on the main thread, puts the driver's handlers back, as
+    connect does where it runs on the main thread. The thread lives
     until close() and shuts down the Ray it started itself: Ray's own processes die
     with the thread that forked them (PR_SET_PDEATHSIG, which Linux ties to the
     thread, not the process), so that thread must outlive the run's use of Ray."""
@@ -35,6 +37,7 @@ class RayStart:
         self.ready_at: str | None = None  # when Ray was up
         self.stopped_at: str | None = None  # when the Ray this run started was shut down
         self._error: BaseException | None = None
+        self._handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the driver's
         self._up = threading.Event()  # connected, or failed to
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._hold, args=(address,), name="ray-start", daemon=True)
@@ -59,6 +62,9 @@ class RayStart:
         """Wait until Ray is up; whether this run started it. Raises what connecting raised (ClusterError)."""
         while not self._up.wait(0.1):  # a short wait at a time: Ctrl-C reaches the main thread meanwhile
             pass
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in self._handlers.items():
+                signal.signal(s, handler)
         if self._error is not None:
             raise self._error
         return self.started

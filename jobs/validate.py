@@ -1,4 +1,5 @@
-"""Everything that can be checked before a replica starts (`bulkgen validate`, and `run` before Ray).
+"""Everything that can be checked before a shard runs (`bulkgen validate`, and `run` while Ray
+starts and the replicas load: check_before_launch's part before any replica is launched).
 
 The output (reachable, a directory that takes new directories or creatable,
 not inside the input), the input (files, schema, column types, unique ids, a

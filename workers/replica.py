@@ -27,7 +27,6 @@ from workers.stages.work import ShardWork
 
 class Replica:
     def __init__(self, spec: JobSpec):
-        faults.inject("replica.start")
         self.spec = spec
         self.stages = None  # built by configure
         # A model this replica refuses (ModelError) is the job's bad input: kept for configure to
@@ -35,6 +34,7 @@ class Replica:
         # only as the actor's death, as text).
         self.refused: BadInput | None = None
         try:
+            faults.inject("replica.start")
             self.loop = EngineLoop(lambda: create_engine(spec), job_name(spec.name, spec.output.uri), spec.resources.batch_size)
         except BadInput as e:
             self.refused = e
