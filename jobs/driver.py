@@ -102,11 +102,11 @@ def _run_claimed(
         ray_start = connect_async(address)  # Ray starts beside the checks
         launch = None
         try:
-            faults.inject("driver.validate")
             check_before_launch(spec)  # before any process loads the model
             dataset = open_dataset(spec.input)
             pool = ReplicaPool(spec, _shards_per_replica(spec, record, dataset.num_rows))
             launch = EarlyLaunch(pool, ray_start.result, lambda: plan_for_cluster(spec.resources))
+            faults.inject("driver.validate")
             checked = check_input_and_model(spec, dataset)
             record.run.mark("validated")
             snapshot = _planned_input(spec, out, record, checked)

@@ -27,7 +27,8 @@ The points:
                                                       chunk; vLLM: a submitted batch)
     storage.write         path             a whole object is written
     storage.move          path             a staged file is published under this name
-    driver.validate                        the driver starts validating a job
+    driver.validate                        the driver starts checking input and model (Ray starts
+                                           and the replicas launch meanwhile)
     driver.claim          run              the driver is about to create its claim on the output
     driver.connect                         the driver is about to start or join Ray (SIGINT and
                                            SIGTERM are held until ray.init returns)
