@@ -1,13 +1,14 @@
 """bulkgen's driver side, and below it the contracts both sides share (jobs.core).
 
     cli             the `bulkgen` command line; each command calls one module below
-    validate        everything checked before a replica starts (`bulkgen validate`)
+    validate        everything checked before a shard runs (`bulkgen validate`); what before a replica loads
     dataset         the input as the driver sees it: files, footers, schema checks
     preflight       checks that need the model's files
+    weights_cache   a checkpoint's weights sha256, kept between runs by file version
     snapshot        the input a job was planned on, pinned, and the plan rebuilt from it
     replica_plan    how many replicas a run starts on its cluster, and whether one fits at all
     scheduler       which shard runs next and what a failure costs (policy, no Ray)
-    replica_pool    the replica actors: started, watched while they load, replaced when they die
+    replica_pool    the replica actors: launched early, configured, watched while they load, replaced
     dispatch        the Ray plumbing of a run: shards sent, outcomes back
     driver          one run of a job, its steps in order (it only sequences them)
     commit_listener what a done shard sets off: commit, counts, record, metrics, progress; cancel polls

@@ -67,6 +67,7 @@ class CommitListener:
         if "replica" not in self.record.model:
             self.record.model["replica"] = info
             run.first_replica_ready_at = now()
+            run.mark("first_replica_ready", run.first_replica_ready_at)
         if ready >= run.replica_plan["launched"] and run.all_replicas_ready_at is None:
             run.all_replicas_ready_at = now()
 
@@ -95,6 +96,7 @@ class CommitListener:
     def commit(self, work: Work, result: ShardResult, tries: int) -> None:
         shard, t = work.shard, result.tally
         self.commits[shard.index] = self.out.commit(result, shard, tries)
+        self.record.run.timeline["last_commit"] = now()  # the last one's stays
         log.info("committed %s: %d rows, %d failed, %.1fs", shard.name, t.rows_done, t.rows_failed, result.seconds)
 
     def recount(self) -> None:
@@ -110,9 +112,14 @@ class CommitListener:
         if not result.replica:
             return
         # Counters are cumulative, and a replica's shards may report out of order: keep the latest.
-        replicas, pid = self.record.run.replicas, str(result.replica["pid"])
+        run = self.record.run
+        replicas, pid = run.replicas, str(result.replica["pid"])
         if result.replica.get("steps", 0) >= replicas.get(pid, {}).get("steps", 0):
             replicas[pid] = result.replica
+        # first_token: the earliest first step of any replica of this run (ISO stamps in UTC sort as times)
+        first_steps = [r["first_step_at"] for r in replicas.values() if r.get("first_step_at")]
+        if first_steps:
+            run.timeline["first_token"] = min(first_steps)
 
     def save_record(self) -> None:
         self.keeper.save(every=RECORD_EVERY_S)

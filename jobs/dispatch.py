@@ -37,21 +37,21 @@ class RunListener(Protocol):
     def shard_done(self, work: Work, result: ShardResult, tries: int) -> None: ...
 
 
-def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listener: RunListener, replicas: int) -> None:
-    """Run the scheduler's work on `replicas` replica actors until it is done. Raises
-    ShardExhausted, ReplicasFailToStart, or whatever the listener raises.
+def run_shards(spec: JobSpec, scheduler: ShardScheduler, listener: RunListener, pool: ReplicaPool) -> None:
+    """Run the scheduler's work on the pool's replicas (launched and configured by the
+    driver) until it is done; stops them at the end. Raises ShardExhausted,
+    ReplicasFailToStart, BadInput (a model a replica refuses), or whatever the listener
+    raises.
 
-    All are launched at once; those the cluster has no room for stay pending
-    (an autoscaler's cue to add nodes) and join when placed and loaded."""
+    Replicas the cluster has no room for stay pending (an autoscaler's cue to
+    add nodes) and join when placed and loaded."""
     import ray
 
-    pool = ReplicaPool(spec, job_facts, scheduler.depth)
     # memory:// lives in this process only: the rows travel through Ray instead.
     inline_input = storage.process_local(spec.input.uri, spec.input.storage_options)
     in_flight: dict = {}  # ObjectRef -> (replica, work, tries)
     publishing: list = []  # committed shards' rows on their way to the row cache
     try:
-        pool.start(replicas)
         while not scheduler.done():
             listener.tick()
             for replica, work, tries in scheduler.assign():

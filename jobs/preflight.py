@@ -1,10 +1,10 @@
-"""Checks done before any replica starts that need the model's files but not the model
+"""Checks that need the model's files but not the model, done before any shard runs (the
+security ones, check_model_source and check_adapters, before any replica loads the model)
 (whether one replica fits the cluster is jobs/replica_plan.py's)."""
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -13,6 +13,7 @@ from jobs.core import adapters, reasoning, vllm_support
 from jobs.core.errors import ModelError
 from jobs.core.model import context_length
 from jobs.core.spec import JobSpec
+from jobs.weights_cache import weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +93,8 @@ def model_identity(spec: JobSpec) -> dict:
     if named := spec.model.adapter_set():
         identity["adapters"] = {name: _adapter_identity(a) for name, a in sorted(named.items())}
     if os.path.isdir(spec.model.path):
-        digest = hashlib.sha256()
-        for p in sorted(Path(spec.model.path).iterdir()):
-            if p.name.endswith(_WEIGHT_SUFFIXES):
-                digest.update(p.name.encode())
-                with p.open("rb") as f:
-                    while chunk := f.read(1 << 20):
-                        digest.update(chunk)
-        identity["weights_sha256"] = digest.hexdigest()
+        weights = [p for p in sorted(Path(spec.model.path).iterdir()) if p.name.endswith(_WEIGHT_SUFFIXES)]
+        identity["weights_sha256"] = weights_sha256(weights)  # cached by file version (jobs/weights_cache.py)
     return identity
 
 

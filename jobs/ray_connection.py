@@ -1,4 +1,5 @@
-"""Connecting the driver to Ray: join a cluster, or start a local one."""
+"""Connecting the driver to Ray: join a cluster, or start a local one; in the
+background (connect_async), while the driver validates the job."""
 
 from __future__ import annotations
 
@@ -11,10 +12,74 @@ import threading
 
 from jobs.core import faults
 from jobs.core.errors import ClusterError
+from jobs.core.times import now
 
 log = logging.getLogger(__name__)
 
 SUBMITTED_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted driver
+CLOSE_WAIT_S = 60.0  # how long a run that ends waits for a ray.init under way, to shut down what it started
+
+
+class RayStart:
+    """Ray being started or joined on a thread beside the driver's validation (connect_async).
+
+    Ctrl-C and SIGTERM reach the main thread wherever it is (validating, or waiting in
+    result()), and whoever ends the run calls close(). ray.init off the main thread sets
+    no Python SIGTERM handler, but Ray's core worker puts its own C-level one in place of
+    the driver's: result(), on the main thread, puts the driver's handlers back, as
+    connect does where it runs on the main thread. The thread lives
+    until close() and shuts down the Ray it started itself: Ray's own processes die
+    with the thread that forked them (PR_SET_PDEATHSIG, which Linux ties to the
+    thread, not the process), so that thread must outlive the run's use of Ray."""
+
+    def __init__(self, address: str | None):
+        self.started = False  # whether this run started Ray (and so shuts it down)
+        self.ready_at: str | None = None  # when Ray was up
+        self.stopped_at: str | None = None  # when the Ray this run started was shut down
+        self._error: BaseException | None = None
+        self._handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the driver's
+        self._up = threading.Event()  # connected, or failed to
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._hold, args=(address,), name="ray-start", daemon=True)
+        self._thread.start()
+
+    def _hold(self, address: str | None) -> None:
+        try:
+            self.started = connect(address)
+            self.ready_at = now()
+        except BaseException as e:  # result() raises it in the driver, after validation (bad input first)
+            self._error = e
+        finally:
+            self._up.set()
+        self._closing.wait()
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.stopped_at = now()
+
+    def result(self) -> bool:
+        """Wait until Ray is up; whether this run started it. Raises what connecting raised (ClusterError)."""
+        while not self._up.wait(0.1):  # a short wait at a time: Ctrl-C reaches the main thread meanwhile
+            pass
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in self._handlers.items():
+                signal.signal(s, handler)
+        if self._error is not None:
+            raise self._error
+        return self.started
+
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """The run is over: shut down the Ray it started, once a ray.init still under way
+        returns (up to `wait_s`; past that the process exits without it, and Ray's own
+        processes end with it). A joined cluster is left running."""
+        self._closing.set()
+        self._thread.join(wait_s)
+
+
+def connect_async(address: str | None) -> RayStart:
+    """connect(address) on a thread: Ray starts while the driver validates."""
+    return RayStart(address)
 
 
 def connect(address: str | None) -> bool:

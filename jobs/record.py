@@ -96,6 +96,23 @@ def committed_counts(commits: Iterable[CommitRecord]) -> dict[str, int]:
     return {"shards_committed": len(commits), **total.to_json()}
 
 
+# A run's moments, in the order a whole run passes them (jobs/driver.py). bench/timeline.py
+# prints them as seconds after process_started.
+TIMELINE = (
+    "process_started",  # the bulkgen process (jobs/cli.py), before its imports
+    "validated",  # the input and model checks passed
+    "planned",  # the shards are known
+    "ray_ready",  # Ray started or joined
+    "replicas_launched",  # the replica actors asked for
+    "first_replica_ready",  # one replica has its engine and its stages
+    "first_token",  # the earliest first engine step of any replica
+    "last_commit",  # the last shard of this run committed
+    "finished",  # the record says succeeded (finalized)
+    "ray_stopped",  # the Ray this run started is shut down (absent for a joined cluster)
+    "report_written",  # output.report written (absent if off, failed, or not yet done at REPORT_WAIT_S)
+)
+
+
 @dataclass
 class JobFailure:
     message: str
@@ -118,6 +135,14 @@ class Run:
     replicas: dict[str, dict] = field(default_factory=dict)  # pid -> latest engine counters
     replica_plan: dict = field(default_factory=dict)  # resources.replicas resolved: asked, launched, expected, how
     claim: int | None = None  # its claim on the output: _claims/run-NNNNN.json (jobs/claim.py)
+    # Where this run's time went: TIMELINE key -> when it happened; the driver writes it,
+    # each key once, as the moment comes (a run that ended early lacks the later keys).
+    timeline: dict[str, str] = field(default_factory=dict)
+
+    def mark(self, key: str, at: str | None = None) -> None:
+        """Stamp a TIMELINE moment (the first time it comes; now, unless `at` says when)."""
+        assert key in TIMELINE, key
+        self.timeline.setdefault(key, at or now())
 
 
 @dataclass
@@ -167,11 +192,12 @@ class JobRecord:
         if error is not None:
             self.error = error
 
-    def start_run(self, address: str | None, claim: int | None = None) -> None:
+    def start_run(self, address: str | None, claim: int | None = None, process_started: str | None = None) -> None:
         """A new driver run begins: back to PENDING, the last run's error cleared."""
         if self.runs or self.state is not JobState.PENDING:
             self.set_state(JobState.PENDING)
         self.runs.append(Run(ray_address=address or "local", claim=claim))
+        self.run.mark("process_started", process_started)
         self.error = None
         self.finished_at = None
 

@@ -1,4 +1,5 @@
-"""Everything that can be checked before a replica starts (`bulkgen validate`, and `run` before Ray).
+"""Everything that can be checked before a shard runs (`bulkgen validate`, and `run` while Ray
+starts and the replicas load: check_before_launch's part before any replica is launched).
 
 The output (reachable, a directory that takes new directories or creatable,
 not inside the input), the input (files, schema, column types, unique ids, a
@@ -78,20 +79,29 @@ def validate(spec: JobSpec) -> Validated:
     return Validated(**vars(checked), rows_per_shard=per_shard, shards=shards)
 
 
-def check_input_and_model(spec: JobSpec) -> Checked:
-    """The checks after the output is known usable (`run` claims it in between, to record a failure).
+def check_before_launch(spec: JobSpec) -> None:
+    """The checks that must pass before any process loads the model (a replica may start
+    while the rest of validation runs): the engine, the attention implementation, where
+    the weights come from and what loading them may run (pickle, trust_remote_code), the
+    adapters' files. Cheap: no torch unless attn_implementation asks for transformers."""
+    preflight.check_engine(spec)
+    preflight.check_attn_implementation(spec)
+    preflight.check_model_source(spec)
+    preflight.check_adapters(spec)
+
+
+def check_input_and_model(spec: JobSpec, dataset: Dataset | None = None) -> Checked:
+    """The checks after the output is known usable (`run` claims it in between, to record a failure),
+    check_before_launch's among them; `dataset`: the input, if the caller opened it already.
     They plan nothing: the driver plans (or re-reads the plan it pinned) once they pass."""
-    dataset = open_dataset(spec.input)
+    check_before_launch(spec)
+    dataset = dataset or open_dataset(spec.input)
     check_unique_ids(spec.input, dataset)
     check_adapter_names(spec, dataset)
     check_row_schemas(spec, dataset)
     check_reference_column(spec, dataset.schema)
     check_template_renders(spec, dataset.files)
-    preflight.check_engine(spec)
-    preflight.check_attn_implementation(spec)
-    preflight.check_model_source(spec)
     context = preflight.check_model_loadable(spec)
-    preflight.check_adapters(spec)
     tokenizer = load_tokenizer(spec.model)
     preflight.check_tokenizer(spec, tokenizer)
     preflight.check_reasoning(spec, tokenizer)

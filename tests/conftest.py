@@ -23,6 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ray.init, `ray start` or `bulkgen run`, which inherit this) runs its workers at nice 0 instead,
 # so the suite shares the machine instead of waiting for it to be idle.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# The drivers the tests run keep their weights hashes (jobs/weights_cache.py) apart from the user's.
+os.environ["XDG_CACHE_HOME"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"bulkgen-tests-cache-{os.getpid()}")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,11 @@
 """A model replica: loads its engine once, then turns shard tasks into staged output files.
 
-A plain class; the driver wraps it with `ray.remote` where it launches it.
-Rows travel storage -> replica -> storage; only counts go back. The work on a
-shard is a list of stages chosen once from the spec (workers/stages/).
+A plain class; the driver wraps it with `ray.remote` where it launches it,
+which may be while it is still validating the job: `__init__` loads the engine
+from the spec alone, and `configure` (once the driver's checks pass) builds
+the stages, which need what validation found (the job's facts). Rows travel
+storage -> replica -> storage; only counts go back. The work on a shard is a
+list of stages chosen once from the spec (workers/stages/).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import time
 
 from jobs.core import faults
+from jobs.core.errors import BadInput
 from jobs.core.metrics import job_name
 from jobs.core.protocol import ShardResult, ShardTask
 from jobs.core.spec import JobSpec
@@ -22,12 +26,29 @@ from workers.stages.work import ShardWork
 
 
 class Replica:
-    def __init__(self, spec: JobSpec, job_facts: dict):
-        faults.inject("replica.start")
-        self.loop = EngineLoop(lambda: create_engine(spec), job_name(spec.name, spec.output.uri), spec.resources.batch_size)
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.stages = None  # built by configure
+        # A model this replica refuses (ModelError) is the job's bad input: kept for configure to
+        # raise, so that the driver gets it as itself (a constructor's error reaches the driver
+        # only as the actor's death, as text).
+        self.refused: BadInput | None = None
+        try:
+            faults.inject("replica.start")
+            self.loop = EngineLoop(lambda: create_engine(spec), job_name(spec.name, spec.output.uri), spec.resources.batch_size)
+        except BadInput as e:
+            self.refused = e
+            return
         self.described = self.loop.engine.describe()
-        self.stages = build_stages(spec, self.loop, job_facts, self.described)
         self.loaded_at = now()
+
+    def configure(self, job_facts: dict) -> dict:
+        """The driver's checks passed: build the stages from `job_facts` (the model identity and
+        versions every file's metadata and the cache key hold); returns info()."""
+        if self.refused is not None:
+            raise self.refused
+        self.stages = build_stages(self.spec, self.loop, job_facts, self.described)
+        return self.info()
 
     def info(self) -> dict:
         """Facts about this replica for the job record (and for tests: its pid)."""
@@ -39,6 +60,8 @@ class Replica:
 
     def run(self, task: ShardTask) -> ShardResult:
         """Generate one shard attempt and stage its files under _staging/."""
+        if self.stages is None:
+            raise RuntimeError("Replica.run before configure: the driver sends shards only to configured replicas")
         faults.inject("replica.shard_start", shard=task.shard.index, attempt=task.attempt)
         started = time.perf_counter()
         work = ShardWork(task)

@@ -6,7 +6,8 @@ With BULKGEN_FAULTS=DIR (tests set it for the driver and every Ray worker),
 each call appends {"point", "pid", **context} to DIR/trace.jsonl and then
 obeys the rule in DIR/POINT.json, if there is one and its `when` matches:
 
-    {"action": "raise", "error": "RuntimeError"}    raise that error here (also ValueError, ConnectionResetError)
+    {"action": "raise", "error": "RuntimeError"}    raise that error here (also ValueError, ConnectionResetError,
+                                                    ModelError)
     {"action": "exit", "code": 17}                  end this process at once, as a crash would
     {"action": "sleep", "seconds": 0.2, "per": "sequences"}  sleep, times context["sequences"] if `per`
     {"action": "hold", "timeout": 300}              wait until DIR/POINT.release exists
@@ -26,7 +27,8 @@ The points:
                                                       chunk; vLLM: a submitted batch)
     storage.write         path             a whole object is written
     storage.move          path             a staged file is published under this name
-    driver.validate                        the driver starts validating a job
+    driver.validate                        the driver starts checking input and model (Ray starts
+                                           and the replicas launch meanwhile)
     driver.claim          run              the driver is about to create its claim on the output
     driver.connect                         the driver is about to start or join Ray (SIGINT and
                                            SIGTERM are held until ray.init returns)
@@ -40,8 +42,15 @@ import os
 import time
 from pathlib import Path
 
+from jobs.core.errors import ModelError
+
 ENV = "BULKGEN_FAULTS"
-_ERRORS = {"RuntimeError": RuntimeError, "ValueError": ValueError, "ConnectionResetError": ConnectionResetError}
+_ERRORS = {
+    "RuntimeError": RuntimeError,
+    "ValueError": ValueError,
+    "ConnectionResetError": ConnectionResetError,
+    "ModelError": ModelError,  # a model the replica refuses: the job's bad input
+}
 
 
 def inject(point: str, **context) -> None:

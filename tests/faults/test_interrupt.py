@@ -57,11 +57,13 @@ def test_a_signal_at_any_moment_ends_the_run_cancelled(
 
     def reached():
         assert driver.proc.poll() is None, f"the driver exited early:\n{driver.output()[-3000:]}"
-        return _reached(faults, point, when)
+        # Ray starts and the replicas load while the driver validates: a moment "running" is
+        # signalled once the record says so (the driver waits there for Ray or a replica).
+        return _reached(faults, point, when) and (where != "running" or read_record(out)["state"] == "running")
 
     wait_for(reached, REACH_S, f"the run to reach {point}")
     driver.proc.send_signal(signum)
-    if point == "driver.connect":  # signals wait for ray.init; let it go on, then they must be acted on
+    if point == "driver.connect":  # a ray.init under way is let finish, and the Ray it started stopped
         (faults.dir / f"{point}.release").touch()
     assert driver.wait(EXIT_S) == 130, driver.output()[-3000:]
 

@@ -12,3 +12,12 @@ def keep_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def configured_replica(spec, job_facts: dict | None = None):
+    """A Replica as the driver leaves it before dispatch: loaded, then configured."""
+    from workers.replica import Replica
+
+    replica = Replica(spec)
+    replica.configure(job_facts or {})
+    return replica

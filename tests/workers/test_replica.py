@@ -18,7 +18,7 @@ from jobs.core.spec import spec_from_dict
 from jobs.dataset import open_dataset
 from tests.bad_files import corrupt_column, not_utf8
 from tests.conftest import job_dict, write_prompts
-from workers.replica import Replica
+from tests.workers.conftest import configured_replica
 
 pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
@@ -39,7 +39,7 @@ def make_spec(tmp_path: Path, model: Path, input_uri: str | None = None, **secti
 
 def run_shards(spec, job_facts=None, attempt="attempt-0-test"):
     """Every shard of the input through one in-process replica; returns (results, staged tables)."""
-    replica = Replica(spec, job_facts or {})
+    replica = configured_replica(spec, job_facts)
     shards = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
     results = [replica.run(ShardTask(shard, attempt)) for shard in shards]
     return shards, results
@@ -308,7 +308,7 @@ def test_two_shards_in_flight_at_once_give_the_same_files(tmp_path, tiny_model):
         tmp_path, tiny_model, generation={"do_sample": True, "seed": 3}, shards={"rows_per_shard": 4},
         resources={"batch_size": 4},
     )
-    replica = Replica(spec, {})
+    replica = configured_replica(spec)
     shards = plan(open_dataset(spec.input).files, 4)
     one_by_one = [read(replica.run(ShardTask(s, "attempt-0-seq")).staged["data"]) for s in shards]
     # A threaded actor runs up to two shards at once; their sequences share the engine's batch.
@@ -331,7 +331,7 @@ def test_retry_failed_regenerates_dead_letters_and_keeps_the_rest(tmp_path, tiny
         path,
     )
     spec = make_spec(tmp_path, tiny_model)
-    replica = Replica(spec, {})
+    replica = configured_replica(spec)
     [shard] = plan(open_dataset(spec.input).files, 10)
     first = replica.run(ShardTask(shard, "attempt-0-a"))
     data, errors = read(first.staged["data"]), read(first.staged["errors"])
@@ -365,7 +365,7 @@ def test_dead_letters_keep_the_reference_and_retry_scores_them(tmp_path, tiny_mo
         path,
     )  # fmt: skip
     spec = make_spec(tmp_path, tiny_model, evaluation={"reference_column": "ref"})
-    replica = Replica(spec, {})
+    replica = configured_replica(spec)
     [shard] = plan(open_dataset(spec.input).files, 10)
     first = replica.run(ShardTask(shard, "attempt-0-a"))
     errors = read(first.staged["errors"])

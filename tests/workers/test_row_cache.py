@@ -14,7 +14,7 @@ from jobs.core.protocol import ShardTask
 from jobs.core.spec import spec_from_dict
 from jobs.dataset import open_dataset
 from tests.conftest import job_dict, write_prompts
-from workers.replica import Replica
+from tests.workers.conftest import configured_replica
 
 pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
@@ -34,7 +34,7 @@ def cached_spec(tmp_path, model, **generation):
 
 def run_once(spec, attempt: str):
     """The one shard through a fresh replica, its rows committed to the cache; (result, rows by id)."""
-    replica = Replica(spec, {})
+    replica = configured_replica(spec)
     [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
     result = replica.run(ShardTask(shard, attempt))
     replica.publish_cache(attempt)

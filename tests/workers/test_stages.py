@@ -16,9 +16,9 @@ from jobs.core.rows import data_fields, error_fields, filtered_fields
 from jobs.core.spec import spec_from_dict
 from jobs.dataset import open_dataset
 from tests.conftest import job_dict, write_prompts
+from tests.workers.conftest import configured_replica
 from workers.engine_factory import create_engine
 from workers.engine_loop import EngineLoop
-from workers.replica import Replica
 from workers.stages import build_stages
 from workers.stages.work import ShardWork
 
@@ -266,7 +266,7 @@ def test_the_tally_counts_what_the_staged_files_hold(tmp_path, tiny_model):
     [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
 
     def run(attempt: str):
-        replica = Replica(spec, {})
+        replica = configured_replica(spec)
         result = replica.run(ShardTask(shard, attempt))
         files = {kind: pq.read_table(url) for kind, url in result.staged.items()}
         return replica, result, files
@@ -317,7 +317,7 @@ def test_the_reasoning_split_writes_the_answer_and_the_cache_keeps_the_generated
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    replica = Replica(spec, {})
+    replica = configured_replica(spec)
     first = replica.run(ShardTask(shard, "attempt-0-think"))
     data = pq.read_table(first.staged["data"]).to_pylist()
     for row, (thinking, answer) in zip(data, THINKING_ANSWERS.values()):
