@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from jobs.core.spec import JobSpec
+from jobs.scheduler import WRITING_PER_REPLICA
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,10 @@ class ReplicaPool:
             num_gpus=res.num_gpus,
             max_restarts=0,
             max_task_retries=0,
-            # A thread for each shard it holds (their rows share one engine;
-            # one is read or written meanwhile) and one for info().
-            max_concurrency=self.shards_per_replica + 1,
+            # A thread for each shard it holds, generating (their rows share one
+            # engine) or past that, being written: the scheduler's hold; and one
+            # for info() and publish_cache().
+            max_concurrency=self.shards_per_replica + WRITING_PER_REPLICA + 1,
         )
         replica = actor.remote(self.spec, self.job_facts)
         self.starting[replica.info.remote()] = replica

@@ -2,22 +2,27 @@
 
 A plain class; the driver wraps it with `ray.remote` where it launches it.
 Rows travel storage -> replica -> storage; only counts go back. The work on a
-shard is a list of stages chosen once from the spec (workers/stages/).
+shard is a list of stages chosen once from the spec (workers/stages/). `run`
+reports twice (a Ray streaming generator): when the shard's rows leave the
+engine, so the driver sends the next shard while this one is written, and
+with the staged files.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 
 from jobs.core import faults
 from jobs.core.metrics import job_name
-from jobs.core.protocol import ShardResult, ShardTask
+from jobs.core.protocol import ShardProgress, ShardResult, ShardTask
 from jobs.core.spec import JobSpec
 from jobs.core.times import now
 from workers.engine_factory import create_engine
 from workers.engine_loop import EngineLoop
 from workers.stages import build_stages
+from workers.stages.generate import Generate
 from workers.stages.work import ShardWork
 
 
@@ -37,13 +42,17 @@ class Replica:
         """The driver committed this attempt: write its generated sequences to the row cache."""
         return self.stages.publish(attempt)
 
-    def run(self, task: ShardTask) -> ShardResult:
-        """Generate one shard attempt and stage its files under _staging/."""
+    def run(self, task: ShardTask) -> Iterator[ShardProgress | ShardResult]:
+        """Generate one shard attempt and stage its files under _staging/: yields a ShardProgress
+        once the generate stage returns, then the ShardResult."""
         faults.inject("replica.shard_start", shard=task.shard.index, attempt=task.attempt)
         started = time.perf_counter()
         work = ShardWork(task)
         for stage in self.stages.for_task(task.kind):
             work = stage.run(work)
+            if isinstance(stage, Generate):
+                yield ShardProgress(task.shard.index, task.attempt, self.loop.sequences_left())
+                faults.inject("replica.after_generate", shard=task.shard.index, attempt=task.attempt)
         result = ShardResult(
             shard=task.shard.index,
             attempt=task.attempt,
@@ -54,4 +63,4 @@ class Replica:
             inline_files=work.inline_files,
         )
         faults.inject("replica.shard_end", shard=task.shard.index, attempt=task.attempt)
-        return result
+        yield result

@@ -12,3 +12,14 @@ def keep_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def shard_result(replica, task):
+    """A Replica.run in-process, as the driver sees it through Ray: the one ShardProgress
+    (the rows left the engine), then the ShardResult, which is returned."""
+    from jobs.core.protocol import ShardProgress, ShardResult
+
+    progress, result = replica.run(task)
+    assert isinstance(progress, ShardProgress) and (progress.shard, progress.attempt) == (task.shard.index, task.attempt)
+    assert isinstance(result, ShardResult)
+    return result
