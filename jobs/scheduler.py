@@ -35,8 +35,9 @@ from jobs.core.plan import Shard
 from jobs.core.protocol import TaskKind
 
 IN_FLIGHT_PER_REPLICA = 2  # the next shard waits at the replica, so it never idles between shards
-# Shards past the engine (parse, filter, write) a replica may hold beside its generating ones:
-# with one being written and one waiting for its commit, generation never waits for I/O.
+# Shards past the engine (parsed, filtered, written) a replica may hold beside its generating
+# ones: two, so that one slow write (an object store's) does not keep the next shard that
+# leaves the engine from making room. ReplicaPool gives each replica a thread for every one.
 WRITING_PER_REPLICA = 2
 
 
@@ -150,7 +151,8 @@ class ShardScheduler:
         self.max_attempts = max_attempts
         self.depth = depth  # shards a replica may hold that still generate
         self.fill = min(fill, depth)  # shards that fill its engine's batch
-        # Every shard a replica may hold, generating or written: one thread each on the replica.
+        # Every shard a replica may hold, generating or written: one thread each on the replica
+        # (the default is what ReplicaPool gives it).
         self.hold = max(depth, hold if hold is not None else depth + WRITING_PER_REPLICA)
         # The job's replica count: one still loading its model (or replacing a
         # dead one) will want its share too, so the first ready one must not take it.
