@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 
 RECORD_EVERY_S = 1.0  # at most this often on commits
 CANCEL_POLL_S = 2.0
-# A run that stops early (an error, Ctrl-C) waits this long for the commit under way: its
-# shard is committed or not, either is exactly once, but a finished one is counted.
+# A run that stops early (an error, Ctrl-C) still commits the shards whose results came back,
+# as it did when commits were inline, for up to this long; a shard left over is run again by
+# the resume (committed or not, each is exactly once).
 STOP_WAIT_S = 10.0
 
 
@@ -63,7 +64,8 @@ class Committer:
         self._done: list[Committed] = []
         self._busy = False  # a commit is under way
         self._failure: BaseException | None = None
-        self._stopped = False
+        self._closing = False  # stop() was called: end once nothing is left
+        self._stopped = False  # commit nothing more
         self._thread: threading.Thread | None = None
 
     def submit(self, work: Work, result: ShardResult, tries: int) -> None:
@@ -86,19 +88,21 @@ class Committer:
             self._cv.wait_for(lambda: not (self._todo or self._busy) or self._failure is not None)
 
     def stop(self, timeout: float) -> None:
-        """Commit nothing more; wait up to `timeout` s for the commit under way."""
+        """Commit what was handed over for up to `timeout` s, then nothing more (a commit under way ends)."""
         with self._cv:
-            self._stopped = True
-            self._todo.clear()
+            self._closing = True
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._cv:
+            self._stopped = True
+            self._todo.clear()
 
     def _serve(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._todo or self._stopped)
-                if self._stopped:
+                self._cv.wait_for(lambda: self._todo or self._stopped or self._closing)
+                if self._stopped or not self._todo:
                     return
                 work, result, tries = self._todo.popleft()
                 self._busy = True
@@ -176,7 +180,7 @@ class CommitListener:
         self.take_commits()
 
     def close(self) -> None:
-        """The run ended, maybe early: commit nothing more, and count what was committed."""
+        """The run ended, maybe early: commit what came back (up to STOP_WAIT_S), and count it."""
         self.committer.stop(STOP_WAIT_S)
         for c in self.committer.take()[0]:
             self.count(c)

@@ -1,6 +1,7 @@
 """The driver's Committer (jobs/commit_listener.py), without Ray or storage: shards handed over
 are committed on one other thread in the order they came, the first failure stops it and
-reaches the caller through take(), and drain/stop wait as they say."""
+reaches the caller through take(), drain waits for all, and stop commits what came back
+within its time and then nothing more."""
 
 from __future__ import annotations
 
@@ -94,14 +95,26 @@ def test_drain_waits_for_the_commit_under_way():
     committer.stop(5)
 
 
-def test_stop_drops_what_is_queued_and_waits_for_the_commit_under_way():
+def test_stop_commits_what_was_handed_over():
+    storage = Storage()
+    committer = Committer(storage.commit)
+    for i in range(3):
+        committer.submit(work(i), result(i), 1)
+    committer.stop(30)
+    assert [c.work.shard.index for c in committer.take()[0]] == [0, 1, 2]
+    committer.submit(work(3), result(3), 1)  # after the stop: never committed
+    committer.stop(30)
+    assert [shard for shard, _ in storage.calls] == [0, 1, 2]
+
+
+def test_stop_past_its_time_drops_what_is_queued_and_waits_for_the_commit_under_way():
     storage = Storage()
     storage.gate.clear()
     committer = Committer(storage.commit)
     for i in range(3):
         committer.submit(work(i), result(i), 1)
     assert storage.entered.wait(30)  # shard 0's commit is under way
-    committer.stop(0)  # no wait: 1 and 2 are dropped, 0 goes on
+    committer.stop(0)  # no time: 1 and 2 are dropped, 0 goes on
     assert committer.take() == ([], None)
     storage.gate.set()
     committer.stop(30)  # waits for 0's commit to end
