@@ -110,6 +110,7 @@ def run_shards(spec: JobSpec, scheduler: ShardScheduler, job_facts: dict, listen
                     scheduler.failed(replica, work, cause(e))
                 else:
                     if isinstance(outcome, ShardProgress):  # its engine has room: the loop assigns next
+                        log.debug("%s left its engine; %d sequences left", work.shard.name, outcome.sequences_left)
                         scheduler.generated(replica, work)
                         continue
                     del in_flight[ref]
