@@ -16,6 +16,7 @@ from jobs.core.errors import BadInput
 from jobs.core.spec import JobSpec
 from jobs.core.times import now
 from jobs.replica_plan import ReplicaPlan, replica_need, replicas_on
+from jobs.scheduler import WRITING_PER_REPLICA
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,10 @@ class ReplicaPool:
             num_gpus=res.num_gpus,
             max_restarts=0,
             max_task_retries=0,
-            # A thread for each shard it holds (their rows share one engine;
-            # one is read or written meanwhile) and one for configure().
-            max_concurrency=self.shards_per_replica + 1,
+            # A thread for each shard it holds, generating (their rows share one
+            # engine) or past that, being written: the scheduler's hold; and one
+            # for configure() and publish_cache().
+            max_concurrency=self.shards_per_replica + WRITING_PER_REPLICA + 1,
         )
         replica = actor.remote(self.spec)
         if self.job_facts is None:

@@ -68,6 +68,13 @@ class EngineLoop:
     def stats(self) -> dict:
         return {**self.engine.stats(), **self.times}
 
+    def sequences_left(self) -> int:
+        """Sequences handed to the loop and not finished, from any thread: a snapshot."""
+        # Both copies are taken under the GIL; the engine thread changes _tickets without the lock.
+        with self._cv:
+            tickets = [*self._arrived, *self._tickets.values()]
+        return sum(ticket.expected - len(ticket.results) for ticket in tickets)
+
     def _serve(self, make_engine: Callable[[], Engine], built: threading.Event, failed: list) -> None:
         try:
             self.engine = make_engine()

@@ -5,23 +5,28 @@ which may be while it is still validating the job: `__init__` loads the engine
 from the spec alone, and `configure` (once the driver's checks pass) builds
 the stages, which need what validation found (the job's facts). Rows travel
 storage -> replica -> storage; only counts go back. The work on a shard is a
-list of stages chosen once from the spec (workers/stages/).
+list of stages chosen once from the spec (workers/stages/). `run` reports
+twice (a Ray streaming generator): when the shard's rows leave the engine, so
+the driver sends the next shard while this one is written, and with the
+staged files.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 
 from jobs.core import faults
 from jobs.core.errors import BadInput
 from jobs.core.metrics import job_name
-from jobs.core.protocol import ShardResult, ShardTask
+from jobs.core.protocol import ShardProgress, ShardResult, ShardTask
 from jobs.core.spec import JobSpec
 from jobs.core.times import now
 from workers.engine_factory import create_engine
 from workers.engine_loop import EngineLoop
 from workers.stages import build_stages
+from workers.stages.generate import Generate
 from workers.stages.work import ShardWork
 
 
@@ -58,8 +63,9 @@ class Replica:
         """The driver committed this attempt: write its generated sequences to the row cache."""
         return self.stages.publish(attempt)
 
-    def run(self, task: ShardTask) -> ShardResult:
-        """Generate one shard attempt and stage its files under _staging/."""
+    def run(self, task: ShardTask) -> Iterator[ShardProgress | ShardResult]:
+        """Generate one shard attempt and stage its files under _staging/: yields a ShardProgress
+        once the generate stage returns, then the ShardResult."""
         if self.stages is None:
             raise RuntimeError("Replica.run before configure: the driver sends shards only to configured replicas")
         faults.inject("replica.shard_start", shard=task.shard.index, attempt=task.attempt)
@@ -67,6 +73,9 @@ class Replica:
         work = ShardWork(task)
         for stage in self.stages.for_task(task.kind):
             work = stage.run(work)
+            if isinstance(stage, Generate):
+                yield ShardProgress(task.shard.index, task.attempt, self.loop.sequences_left())
+                faults.inject("replica.after_generate", shard=task.shard.index, attempt=task.attempt)
         result = ShardResult(
             shard=task.shard.index,
             attempt=task.attempt,
@@ -77,4 +86,4 @@ class Replica:
             inline_files=work.inline_files,
         )
         faults.inject("replica.shard_end", shard=task.shard.index, attempt=task.attempt)
-        return result
+        yield result

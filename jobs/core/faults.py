@@ -22,6 +22,8 @@ evaluated only when a rule's `when` asks for them.
 The points:
     replica.start                          a replica actor starts, before its engine loads
     replica.shard_start   shard, attempt   a replica starts generating a shard attempt
+    replica.after_generate shard, attempt  its rows left the engine and the driver was told
+                                           (ShardProgress); parse, filter and write come next
     replica.shard_end     shard, attempt   its files are staged; it is about to return
     engine.prefill        sequences, prompts (text)   prompts enter the model (transformers: a prefill
                                                       chunk; vLLM: a submitted batch)
@@ -32,6 +34,9 @@ The points:
     driver.claim          run              the driver is about to create its claim on the output
     driver.connect                         the driver is about to start or join Ray (SIGINT and
                                            SIGTERM are held until ray.init returns)
+    committer.before_record shard, attempt  the driver's committer thread is about to commit a
+                                           shard whose result came back (its files moved, then its
+                                           commit record); the replica already has its next shard
 """
 
 from __future__ import annotations

@@ -50,6 +50,9 @@ class Tally:
     def __add__(self, other: Tally) -> Tally:
         return Tally(**{name: getattr(self, name) + getattr(other, name) for name in TALLY_FIELDS})
 
+    def __sub__(self, other: Tally) -> Tally:
+        return Tally(**{name: getattr(self, name) - getattr(other, name) for name in TALLY_FIELDS})
+
     def to_json(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in TALLY_FIELDS}
 
@@ -63,6 +66,16 @@ TALLY_FIELDS = tuple(f.name for f in fields(Tally))
 # Counters of a feature a job may leave off: a commit record holds one only when it counted
 # something, so a job without the feature writes the records it always wrote (read back as 0).
 FEATURE_COUNTERS = frozenset({"reasoning_tokens"})
+
+
+@dataclass(frozen=True)
+class ShardProgress:
+    """A replica's word that a shard attempt's rows have left its engine (they are being
+    parsed and written now): the driver may send the next shard. It commits nothing."""
+
+    shard: int
+    attempt: str
+    sequences_left: int  # sequences the replica's engine still holds, of every shard it runs
 
 
 @dataclass(frozen=True)

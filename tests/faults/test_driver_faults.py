@@ -105,6 +105,32 @@ def test_driver_killed_then_resume(bulkgen_procs, ray_tmpdirs, tiny_model, tmp_p
     assert {i: v for i, v in _files(out, result.commits).items() if i in before} == before
 
 
+def test_driver_killed_between_a_result_and_its_commit_then_resume(bulkgen_procs, ray_tmpdirs, tiny_model, tmp_path):
+    """The loop hands a finished shard to its committer thread and moves on: a driver that dies
+    before that commit leaves the shard uncommitted (its files staged at most), and the resume
+    runs it again. Every row lands once; shards committed before are kept as they are."""
+    job, out, faults = _job(tmp_path, tiny_model)
+    faults.rule("committer.before_record", action="exit", code=17, when={"shard": 1})
+    ray_tmp = ray_tmpdirs()
+    driver = bulkgen_procs(["run", str(job), "--no-progress"], cli_env(ray_tmp, faults.dir))
+    wait_for(lambda: _some_committed(driver, out), 240, "a committed shard, with more to go")
+    tree = driver.tree()
+    faults.release()  # shards 1 and 2 run now; shard 1's result reaches the committer, which exits
+
+    assert driver.wait(240) == 17, driver.output()[-3000:]
+    left = {p.pid: p for p in [*tree[1:], *ray_processes(ray_tmp)]}
+    kill_processes(list(left.values()))
+    committed = commit_records(out)
+    assert 0 in committed and 1 not in committed
+    before = _files(out, committed)
+
+    resumed = run_cli("resume", out, "--no-progress", env=cli_env(ray_tmpdirs()))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = check_output(out, IDS)
+    assert result.record["state"] == "succeeded" and len(result.record["runs"]) == 2
+    assert {i: v for i, v in _files(out, result.commits).items() if i in before} == before
+
+
 def test_cancel(bulkgen_procs, ray_tmpdirs, fault_ray, faults, tiny_model, tmp_path):
     job, out, held = _job(tmp_path, tiny_model)
     ray_tmp = ray_tmpdirs()

@@ -87,6 +87,37 @@ def test_replica_killed(fault_ray, faults, job_threads, tiny_model, tmp_path, en
     assert c["rows_done"] == 40 == len(result.data)
 
 
+def test_replica_dies_between_progress_and_result(fault_ray, faults, tiny_model, tmp_path):
+    """A replica that dies after telling the driver a shard's rows left its engine, before the
+    shard's result: only a result is committed, so the shard runs again elsewhere, and the slot
+    it held is gone with its replica. Every row lands once."""
+    write_prompts(tmp_path / "in" / "p.parquet", 40)
+    out = str(tmp_path / "out")
+    spec = spec_from_dict(
+        job_dict(
+            str(tmp_path / "in"),
+            out,
+            tiny_model,
+            generation={"max_new_tokens": 16},
+            resources={"replicas": 2, "batch_size": 2, "num_cpus": 1},
+        )
+    )
+    # Shard 1's first attempt only: its replica exits between the progress and the result.
+    faults.rule("replica.after_generate", action="exit", when={"shard": 1, "attempt": {"contains": "attempt-1-"}})
+
+    from jobs.driver import run_job
+
+    record = run_job(spec, progress=False)
+    assert record.state == "succeeded"
+    result = check_output(out, _ids(40))
+    [died] = [e for e in faults.trace() if e["point"] == "replica.after_generate" and e["shard"] == 1
+              and e["attempt"].startswith("attempt-1-")]
+    assert ("end", 1, died["attempt"], died["pid"]) not in faults.events(), "the replica got past the fault"
+    assert result.commits[1]["attempt"] != died["attempt"] and result.commits[1]["attempts"] >= 2
+    c = result.record["counts"]
+    assert c["shards_retried"] >= 1 and c["shards_committed"] == c["shards_total"] == 4 and c["rows_done"] == 40
+
+
 def test_shard_always_fails(fault_ray, faults, tiny_model, tmp_path, ray_tmpdirs):
     write_prompts(tmp_path / "in" / "p.parquet", 40)
     out = str(tmp_path / "out")

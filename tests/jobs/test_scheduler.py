@@ -4,8 +4,11 @@ Balance (every replica one shard before any gets a second; shards up to a
 full engine batch, more only while the queue holds one for every replica),
 suspects after a replica death (charged
 only when one dies running alone), failed shards retried after the healthy
-ones, and max_attempts ending the job; and how many replicas a run starts and
-counts on (plan_replicas), as a pure function of the cluster's node resources.
+ones, and max_attempts ending the job; shards past their engine time
+(`generated`) making room for the next under `hold`; prefix groups kept on one
+replica; a randomized model of all of it (hypothesis); and how many replicas a
+run starts and counts on (plan_replicas), as a pure function of the cluster's
+node resources.
 """
 
 from __future__ import annotations
@@ -13,20 +16,28 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from jobs.core.plan import Shard
 from jobs.core.protocol import TaskKind
 from jobs.core.spec import ReplicaCount
 from jobs.replica_plan import plan_replicas
-from jobs.scheduler import IN_FLIGHT_PER_REPLICA, ShardExhausted, ShardScheduler, Work
+from jobs.scheduler import IN_FLIGHT_PER_REPLICA, WRITING_PER_REPLICA, ShardExhausted, ShardQueue, ShardScheduler, Work
 
 
-def shard(i: int) -> Shard:
-    return Shard(i, "file:///in/a.parquet", "a.parquet", 10 * i, 10 * i + 10)
+def shard(i: int, group: int | None = None) -> Shard:
+    return Shard(i, "file:///in/a.parquet", "a.parquet", 10 * i, 10 * i + 10, group)
 
 
 def work(*indices: int) -> list[Work]:
     return [Work(shard(i)) for i in indices]
+
+
+def grouped(*groups: int | None) -> list[Work]:
+    """Shards 0, 1, ... whose prefix groups are `groups`, in that order."""
+    return [Work(shard(i, g)) for i, g in enumerate(groups)]
 
 
 def scheduler(shards: int, replicas: str = "", max_attempts: int = 3, **kwargs) -> ShardScheduler:
@@ -44,7 +55,11 @@ def started(assigned) -> list[tuple[str, int]]:
 
 
 def running(s: ShardScheduler) -> dict[str, list[int]]:
-    return {r: [w.shard.index for w in ws] for r, ws in s.in_flight.items()}
+    return {r: [slot.work.shard.index for slot in slots] for r, slots in s.in_flight.items()}
+
+
+def generating(s: ShardScheduler) -> dict[str, list[int]]:
+    return {r: [slot.work.shard.index for slot in slots if slot.generating] for r, slots in s.in_flight.items()}
 
 
 def queued(s: ShardScheduler) -> list[int]:
@@ -52,7 +67,7 @@ def queued(s: ShardScheduler) -> list[int]:
 
 
 def first(s: ShardScheduler, replica: str) -> Work:
-    return s.in_flight[replica][0]
+    return s.in_flight[replica][0].work
 
 
 # -- balance --------------------------------------------------------------------------------------
@@ -112,7 +127,7 @@ def test_balance_holds_through_a_whole_job(replicas, shards):
         assert any(s.in_flight.values()), "work is queued but nothing runs"
         # Some replica finishes one of its shards.
         replica = rng.choice([r for r, ws in s.in_flight.items() if ws])
-        s.succeeded(replica, rng.choice(s.in_flight[replica]))
+        s.succeeded(replica, rng.choice(s.in_flight[replica]).work)
     assert order == list(range(shards))  # healthy shards start in order, each once
     assert s.retried == 0 and not s.charged
 
@@ -351,6 +366,228 @@ def test_a_shard_per_batch():
     assert shards_per_batch(batch_size=32, rows_per_shard=16, samples_per_row=1) == 2
     assert shards_per_batch(batch_size=32, rows_per_shard=5, samples_per_row=2) == 4
     assert shards_per_batch(batch_size=8, rows_per_shard=100, samples_per_row=1) == 1
+
+
+# -- generated: a shard past the engine makes room for the next -----------------------------------
+
+
+def test_a_replica_whose_shards_are_all_writing_gets_new_work():
+    s = scheduler(6, "A")
+    assert started(s.assign()) == [("A", 0), ("A", 1)]
+    assert s.assign() == []  # two generating: its depth
+    s.generated("A", first(s, "A"))
+    s.generated("A", s.in_flight["A"][1].work)
+    # Both still being parsed and written, and committed later: the engine needs rows now.
+    assert started(s.assign()) == [("A", 2), ("A", 3)]
+    assert running(s) == {"A": [0, 1, 2, 3]} and generating(s) == {"A": [2, 3]}
+
+
+def test_hold_caps_every_shard_a_replica_holds():
+    s = scheduler(10, "A")
+    assert s.hold == IN_FLIGHT_PER_REPLICA + WRITING_PER_REPLICA == 4
+    s.assign()
+    for _ in range(2):  # each time, every shard it holds finishes generating and none finishes writing
+        for slot in s.in_flight["A"]:
+            s.generated("A", slot.work)
+        s.assign()
+    assert running(s) == {"A": [0, 1, 2, 3]} and generating(s) == {"A": []}
+    assert s.assign() == []  # nothing generates, but it holds four: hold
+    s.succeeded("A", first(s, "A"))  # one written and committed: one more may come
+    assert started(s.assign()) == [("A", 4)]
+
+
+def test_a_shard_past_the_engine_is_still_in_flight():
+    s = scheduler(1, "A")
+    s.assign()
+    s.generated("A", first(s, "A"))
+    assert not s.done()  # not committed yet
+    assert s.replica_died("A", "SIGKILL") == work(0)  # lost with its replica: it is not committed
+    assert queued(s) == [0] and s.suspects == {0}
+
+
+def test_generated_does_not_end_a_suspect_running_alone():
+    s = scheduler(3, "AB")
+    s.assign()  # A: 0   B: 1
+    s.replica_died("A", "SIGKILL")
+    s.add_replica("C")
+    assert started(s.assign()) == [("C", 0)]
+    s.generated("C", first(s, "C"))
+    assert s.assign() == []  # shard 2 waits: nothing beside a suspect, generating or writing
+    s.succeeded("C", first(s, "C"))
+    assert started(s.assign()) == [("C", 2)]
+
+
+def test_hold_is_at_least_depth():
+    assert ShardScheduler([], 3, depth=4, hold=2).hold == 4
+    assert ShardScheduler([], 3, depth=4, hold=7).hold == 7
+
+
+# -- prefix groups: a group's shards stay on one replica --------------------------------------------
+
+
+def test_a_replica_takes_the_next_shard_of_its_own_group_first():
+    s = ready(ShardScheduler(grouped(7, 8, 7, 8, 7, 8), 3, depth=3, replicas=1), "A")
+    assert started(s.assign()) == [("A", 0), ("A", 2), ("A", 4)]  # 7, 7, 7: not the queue's 8s between
+    s.succeeded("A", first(s, "A"))
+    assert started(s.assign()) == [("A", 1)]  # no 7 left: the first in the queue
+
+
+def test_a_group_goes_to_the_replica_that_holds_it_while_that_one_has_room():
+    s = ready(ShardScheduler(grouped(7, 7, 7, 8, 8, 8), 3, depth=3, replicas=2), "AB")
+    # A starts group 7; B skips 7's shards (A has room for them) for group 8's.
+    assert started(s.assign()) == [("A", 0), ("B", 3), ("A", 1), ("B", 4)]
+    assert queued(s) == [2, 5]  # one held back for each replica
+
+
+def test_a_replica_keeps_the_group_it_held_last():
+    s = ready(ShardScheduler(grouped(7, 8, 8, 7), 3, depth=1, replicas=2), "AB")
+    assert started(s.assign()) == [("A", 0), ("B", 1)]
+    s.succeeded("A", first(s, "A"))  # A holds nothing now, but held group 7 last
+    assert started(s.assign()) == [("A", 3)]
+    s.succeeded("B", first(s, "B"))
+    assert started(s.assign()) == [("B", 2)]
+
+
+def test_a_replica_never_idles_for_another_replicas_group():
+    s = ready(ShardScheduler(grouped(7, 7, 7, 7), 3, depth=2, replicas=2), "AB")
+    # Only group 7 is queued: B takes one of A's group rather than wait.
+    assert started(s.assign()) == [("A", 0), ("B", 1)]
+
+
+def test_a_full_replica_does_not_keep_its_group_from_another():
+    s = ready(ShardScheduler(grouped(7, 7, 7, 8, 7), 3, depth=2, replicas=1, hold=2), "A")
+    assert started(s.assign()) == [("A", 0), ("A", 1)]  # A is full (depth 2)
+    s.add_replica("B")
+    assert started(s.assign()) == [("B", 2)]  # group 7's next: A has no room for it
+
+
+def test_ungrouped_shards_keep_fifo_order_beside_groups():
+    s = ready(ShardScheduler(grouped(None, 7, None, 7), 3, depth=4, replicas=1), "A")
+    assert started(s.assign()) == [("A", 0), ("A", 1), ("A", 3), ("A", 2)]  # 1's group pulls 3 ahead of 2
+
+
+def test_a_suspect_of_a_group_still_runs_alone():
+    s = ready(ShardScheduler(grouped(7, 7, 7), 3, depth=2, replicas=1), "A")
+    s.assign()  # A: 0, 1
+    s.replica_died("A", "SIGKILL")
+    s.add_replica("B")
+    assert started(s.assign()) == [("B", 1)]  # a suspect (its group's and the queue's first), alone
+    s.succeeded("B", first(s, "B"))
+    assert started(s.assign()) == [("B", 0)]
+
+
+def test_the_queue_keeps_its_order_across_groups():
+    q = ShardQueue(grouped(7, None, 8, 7))
+    q.appendleft(Work(shard(9, 8)))
+    q.append(Work(shard(10)))
+    assert [w.shard.index for w in q] == [9, 0, 1, 2, 3, 10] and len(q) == 6
+    assert q.take(lambda w: True, prefer={7}).shard.index == 0
+    assert q.take(lambda w: True, avoid={8}).shard.index == 1
+    assert q.take(lambda w: w.shard.index != 9).shard.index == 2
+    assert q.take(lambda w: False) is None
+    assert [w.shard.index for w in q] == [9, 3, 10] and q.grouped()
+
+
+# -- the model: every interleaving keeps the scheduler's promises -----------------------------------
+
+
+class SchedulerModel(RuleBasedStateMachine):
+    """Random interleavings of replicas joining and dying, shards assigned, generated,
+    succeeding and failing, on shards of a few prefix groups. After every step: each shard is
+    in exactly one place (queued, held by one replica, done), no replica holds more than
+    `hold` or generates more than `depth`, a suspect runs alone, and after assign() a ready
+    replica with room and nothing generating got work whenever the queue had some it may take.
+    (max_attempts is out of reach here: exhaustion has its own tests above.)"""
+
+    SHARDS = 12
+
+    def __init__(self):
+        super().__init__()
+        self.s: ShardScheduler | None = None
+        self.names = iter("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+        self.succeeded: set[int] = set()
+
+    @precondition(lambda self: self.s is None)
+    @rule(
+        groups=st.lists(st.sampled_from([None, 1, 2, 3]), min_size=SHARDS, max_size=SHARDS),
+        depth=st.integers(1, 4),
+        fill=st.integers(1, 4),
+        replicas=st.integers(1, 3),
+        extra=st.integers(0, 3),
+    )
+    def start(self, groups, depth, fill, replicas, extra):
+        self.s = ShardScheduler(grouped(*groups), 10**6, depth=depth, replicas=replicas, fill=fill, hold=depth + extra)
+
+    def live(self) -> bool:
+        return self.s is not None
+
+    def slots(self) -> list:
+        return [(r, slot) for r, slots in self.s.in_flight.items() for slot in slots]
+
+    @precondition(lambda self: self.live() and len(self.s.in_flight) < 4)
+    @rule()
+    def add_replica(self):
+        self.s.add_replica(next(self.names))
+
+    @precondition(lambda self: self.live())
+    @rule()
+    def assign(self):
+        s = self.s
+        for replica, w, tries in s.assign():
+            assert tries == s.dispatches[w.shard.index]
+        for replica, slots in s.in_flight.items():
+            held_suspect = any(slot.work.shard.index in s.suspects for slot in slots)
+            if any(slot.generating for slot in slots) or len(slots) >= s.hold or held_suspect:
+                continue
+            may_take = [w for w in s.queue if not slots or w.shard.index not in s.suspects]
+            assert not may_take, f"{replica} has room and nothing generating, and {may_take[0]} waits"
+
+    @precondition(lambda self: self.live() and any(slot.generating for _, slot in self.slots()))
+    @rule(data=st.data())
+    def generated(self, data):
+        replica, slot = data.draw(st.sampled_from([(r, slot) for r, slot in self.slots() if slot.generating]))
+        self.s.generated(replica, slot.work)
+
+    @precondition(lambda self: self.live() and self.slots())
+    @rule(data=st.data())
+    def succeed(self, data):
+        replica, slot = data.draw(st.sampled_from(self.slots()))
+        self.s.succeeded(replica, slot.work)
+        self.succeeded.add(slot.work.shard.index)
+
+    @precondition(lambda self: self.live() and self.slots())
+    @rule(data=st.data())
+    def fail(self, data):
+        replica, slot = data.draw(st.sampled_from(self.slots()))
+        self.s.failed(replica, slot.work, "boom")
+
+    @precondition(lambda self: self.live() and self.s.in_flight)
+    @rule(data=st.data())
+    def replica_dies(self, data):
+        self.s.replica_died(data.draw(st.sampled_from(sorted(self.s.in_flight))), "SIGKILL")
+
+    @invariant()
+    def every_shard_in_one_place(self):
+        if not self.live():
+            return
+        places = [w.shard.index for w in self.s.queue] + [slot.work.shard.index for _, slot in self.slots()]
+        places += sorted(self.succeeded)
+        assert sorted(places) == list(range(self.SHARDS)), places
+        assert len(self.s.queue) == len(list(self.s.queue))
+
+    @invariant()
+    def within_hold_and_depth(self):
+        if not self.live():
+            return
+        for slots in self.s.in_flight.values():
+            assert len(slots) <= self.s.hold
+            assert sum(slot.generating for slot in slots) <= self.s.depth
+            if any(slot.work.shard.index in self.s.suspects for slot in slots):
+                assert len(slots) == 1, "a suspect shares its replica"
+
+
+TestSchedulerModel = SchedulerModel.TestCase
+TestSchedulerModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 
 
 # -- how many replicas: resources.replicas against the cluster's nodes -----------------------------

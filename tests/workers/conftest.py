@@ -21,3 +21,14 @@ def configured_replica(spec, job_facts: dict | None = None):
     replica = Replica(spec)
     replica.configure(job_facts or {})
     return replica
+
+
+def shard_result(replica, task):
+    """A Replica.run in-process, as the driver sees it through Ray: the one ShardProgress
+    (the rows left the engine), then the ShardResult, which is returned."""
+    from jobs.core.protocol import ShardProgress, ShardResult
+
+    progress, result = replica.run(task)
+    assert isinstance(progress, ShardProgress) and (progress.shard, progress.attempt) == (task.shard.index, task.attempt)
+    assert isinstance(result, ShardResult)
+    return result

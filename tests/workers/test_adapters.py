@@ -18,7 +18,7 @@ from jobs.core.protocol import ShardTask
 from jobs.core.spec import spec_from_dict
 from jobs.dataset import open_dataset
 from tests.conftest import job_dict, write_prompts
-from tests.workers.conftest import configured_replica
+from tests.workers.conftest import configured_replica, shard_result
 from workers.engine import Request, generate
 from workers.stages.adapter import ChooseAdapter
 from workers.stages.work import Prompt, ShardWork
@@ -126,7 +126,7 @@ def test_one_adapter_for_every_row_changes_every_row(tmp_path, tiny_model, lora_
     adapted = spec_from_dict({**data, "model": {**data["model"], "adapter": str(lora_adapters["poem"])}})
     [shard] = plan(open_dataset(plain.input).files, plain.shards.rows_per_shard)
     tables = [
-        pq.read_table(configured_replica(spec).run(ShardTask(shard, f"attempt-0-{i}")).staged["data"])
+        pq.read_table(shard_result(configured_replica(spec), ShardTask(shard, f"attempt-0-{i}")).staged["data"])
         for i, spec in enumerate((plain, adapted))
     ]
     base, with_adapter = (t.column("text").to_pylist() for t in tables)

@@ -84,3 +84,26 @@ def test_a_shard_arriving_mid_generation_joins_at_the_next_step(lm):  # noqa: F8
     # shard's thread out for 186 of them).
     waits = Counter(ticket for waiting in waiting_at_step for ticket in waiting)
     assert max(waits.values(), default=0) <= 1, waits
+
+
+def test_sequences_left_counts_what_the_loop_holds(lm):  # noqa: F811
+    from tests.waiting import wait_for
+
+    gate = threading.Event()  # the engine does not step until it is set
+
+    def build():
+        engine = make_engine(lm)
+        step = engine.step
+        engine.step = lambda: (gate.wait(60), step())[1]
+        return engine
+
+    loop = EngineLoop(build)
+    assert loop.sequences_left() == 0
+    reqs = requests(lm)
+    caller = threading.Thread(target=loop.generate, args=(reqs,))
+    caller.start()
+    # Handed over, then submitted: counted either way, until they finish.
+    wait_for(lambda: loop.sequences_left() == len(reqs), 60, "the shard's sequences in the loop")
+    gate.set()
+    caller.join(60)
+    assert not caller.is_alive() and loop.sequences_left() == 0

@@ -18,7 +18,7 @@ from jobs.core.spec import spec_from_dict
 from jobs.dataset import open_dataset
 from tests.bad_files import corrupt_column, not_utf8
 from tests.conftest import job_dict, write_prompts
-from tests.workers.conftest import configured_replica
+from tests.workers.conftest import configured_replica, shard_result
 
 pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
@@ -41,7 +41,7 @@ def run_shards(spec, job_facts=None, attempt="attempt-0-test"):
     """Every shard of the input through one in-process replica; returns (results, staged tables)."""
     replica = configured_replica(spec, job_facts)
     shards = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
-    results = [replica.run(ShardTask(shard, attempt)) for shard in shards]
+    results = [shard_result(replica, ShardTask(shard, attempt)) for shard in shards]
     return shards, results
 
 
@@ -310,10 +310,10 @@ def test_two_shards_in_flight_at_once_give_the_same_files(tmp_path, tiny_model):
     )
     replica = configured_replica(spec)
     shards = plan(open_dataset(spec.input).files, 4)
-    one_by_one = [read(replica.run(ShardTask(s, "attempt-0-seq")).staged["data"]) for s in shards]
+    one_by_one = [read(shard_result(replica, ShardTask(s, "attempt-0-seq")).staged["data"]) for s in shards]
     # A threaded actor runs up to two shards at once; their sequences share the engine's batch.
     with ThreadPoolExecutor(max_workers=3) as pool:
-        together = list(pool.map(lambda s: replica.run(ShardTask(s, "attempt-0-par")), shards))
+        together = list(pool.map(lambda s: shard_result(replica, ShardTask(s, "attempt-0-par")), shards))
     for shard, result, expected in zip(shards, together, one_by_one):
         assert result.shard == shard.index
         assert read(result.staged["data"]).equals(expected)
@@ -333,7 +333,7 @@ def test_retry_failed_regenerates_dead_letters_and_keeps_the_rest(tmp_path, tiny
     spec = make_spec(tmp_path, tiny_model)
     replica = configured_replica(spec)
     [shard] = plan(open_dataset(spec.input).files, 10)
-    first = replica.run(ShardTask(shard, "attempt-0-a"))
+    first = shard_result(replica, ShardTask(shard, "attempt-0-a"))
     data, errors = read(first.staged["data"]), read(first.staged["errors"])
     assert sorted(data.column("id").to_pylist()) == ["a", "c", "d"]
     # Commit it as if row "c" had failed for a passing reason (say, out of memory at the time).
@@ -347,7 +347,7 @@ def test_retry_failed_regenerates_dead_letters_and_keeps_the_rest(tmp_path, tiny
     failed = pa.concat_tables([errors, pa.Table.from_pylist([c_row], schema=errors.schema)])
     pq.write_table(failed, out / "errors" / f"{shard.name}.parquet")
 
-    again = replica.run(ShardTask(shard, "attempt-1-b", TaskKind.RETRY_FAILED))
+    again = shard_result(replica, ShardTask(shard, "attempt-1-b", TaskKind.RETRY_FAILED))
     regenerated = read(again.staged["data"])
     assert sorted(regenerated.column("id").to_pylist()) == ["a", "c", "d"]
     assert regenerated.sort_by("id").equals(data.sort_by("id"))  # the same text: same seed, same row
@@ -367,7 +367,7 @@ def test_dead_letters_keep_the_reference_and_retry_scores_them(tmp_path, tiny_mo
     spec = make_spec(tmp_path, tiny_model, evaluation={"reference_column": "ref"})
     replica = configured_replica(spec)
     [shard] = plan(open_dataset(spec.input).files, 10)
-    first = replica.run(ShardTask(shard, "attempt-0-a"))
+    first = shard_result(replica, ShardTask(shard, "attempt-0-a"))
     errors = read(first.staged["errors"])
     assert errors.column("ref").to_pylist() == ["a note"]  # all a retry needs, the reference included
     out = tmp_path / "out"
@@ -377,7 +377,7 @@ def test_dead_letters_keep_the_reference_and_retry_scores_them(tmp_path, tiny_mo
     b_row = {**errors.to_pylist()[0], "prompt": "Write a note"}  # fixed at the source, say
     pq.write_table(pa.Table.from_pylist([b_row], schema=errors.schema), out / "errors" / f"{shard.name}.parquet")
 
-    again = read(replica.run(ShardTask(shard, "attempt-1-b", TaskKind.RETRY_FAILED)).staged["data"])
+    again = read(shard_result(replica, ShardTask(shard, "attempt-1-b", TaskKind.RETRY_FAILED)).staged["data"])
     scored = {r["id"]: r for r in again.to_pylist()}
     assert sorted(scored) == ["a", "b"] and scored["b"]["ref"] == "a note"
     assert scored["b"]["bleu"] is not None

@@ -14,7 +14,7 @@ from jobs.core.protocol import ShardTask
 from jobs.core.spec import spec_from_dict
 from jobs.dataset import open_dataset
 from tests.conftest import job_dict, write_prompts
-from tests.workers.conftest import configured_replica
+from tests.workers.conftest import configured_replica, shard_result
 
 pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
@@ -36,7 +36,7 @@ def run_once(spec, attempt: str):
     """The one shard through a fresh replica, its rows committed to the cache; (result, rows by id)."""
     replica = configured_replica(spec)
     [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
-    result = replica.run(ShardTask(shard, attempt))
+    result = shard_result(replica, ShardTask(shard, attempt))
     replica.publish_cache(attempt)
     return result, {r["id"]: r for r in pq.read_table(result.staged["data"]).to_pylist()}
 

@@ -16,7 +16,7 @@ from jobs.core.rows import data_fields, error_fields, filtered_fields
 from jobs.core.spec import spec_from_dict
 from jobs.dataset import open_dataset
 from tests.conftest import job_dict, write_prompts
-from tests.workers.conftest import configured_replica
+from tests.workers.conftest import configured_replica, shard_result
 from workers.engine_factory import create_engine
 from workers.engine_loop import EngineLoop
 from workers.stages import build_stages
@@ -267,7 +267,7 @@ def test_the_tally_counts_what_the_staged_files_hold(tmp_path, tiny_model):
 
     def run(attempt: str):
         replica = configured_replica(spec)
-        result = replica.run(ShardTask(shard, attempt))
+        result = shard_result(replica, ShardTask(shard, attempt))
         files = {kind: pq.read_table(url) for kind, url in result.staged.items()}
         return replica, result, files
 
@@ -318,7 +318,7 @@ def test_the_reasoning_split_writes_the_answer_and_the_cache_keeps_the_generated
         return tokenizer(text, add_special_tokens=False).input_ids
 
     replica = configured_replica(spec)
-    first = replica.run(ShardTask(shard, "attempt-0-think"))
+    first = shard_result(replica, ShardTask(shard, "attempt-0-think"))
     data = pq.read_table(first.staged["data"]).to_pylist()
     for row, (thinking, answer) in zip(data, THINKING_ANSWERS.values()):
         assert (row["reasoning"], row["text"], row["finish_reason"]) == (thinking, answer, "stop")
@@ -329,6 +329,6 @@ def test_the_reasoning_split_writes_the_answer_and_the_cache_keeps_the_generated
     assert replica.publish_cache("attempt-0-think") == 2
     kept = sorted(json.loads(p.read_text())["text"] for p in (tmp_path / "cache").rglob("*.json"))
     assert kept == sorted(f"{t}</think>{a}" for t, a in THINKING_ANSWERS.values())
-    again = replica.run(ShardTask(shard, "attempt-1-think"))
+    again = shard_result(replica, ShardTask(shard, "attempt-1-think"))
     assert again.tally == first.tally + Tally(rows_cached=2)
     assert pq.read_table(again.staged["data"]).to_pylist() == data

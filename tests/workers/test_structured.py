@@ -19,7 +19,7 @@ from jobs.core.spec import spec_from_dict
 from jobs.core.structured import Structured, canonical_json
 from jobs.dataset import open_dataset
 from tests.conftest import job_dict, write_prompts
-from tests.workers.conftest import configured_replica
+from tests.workers.conftest import configured_replica, shard_result
 from workers.engine import Request, generate
 from workers.engine_factory import create_engine
 
@@ -125,7 +125,7 @@ def write_schemas(tmp_path, schemas: list) -> None:
 def run_shard(spec, attempt: str = "attempt-0-a"):
     [shard] = plan(open_dataset(spec.input).files, spec.shards.rows_per_shard)
     replica = configured_replica(spec)
-    result = replica.run(ShardTask(shard, attempt))
+    result = shard_result(replica, ShardTask(shard, attempt))
     return replica, {kind: pq.read_table(url).to_pylist() for kind, url in result.staged.items()}
 
 
