@@ -3,7 +3,9 @@
 The KV cache is left-padded: (B, heads, L, head_dim) per layer, with a (B, L)
 mask that is 1 where a real token sits. Rows join by left-padding the
 narrower of two caches and stacking; rows leave by selecting indices; the
-leading columns that no remaining row uses are trimmed away.
+leading columns that no remaining row uses are trimmed away. A chunk whose rows
+shared a prompt prefix holds that prefix in its leading columns and the padding
+after it; nothing here assumes the padding leads (the mask is read per column).
 """
 
 from __future__ import annotations
