@@ -33,7 +33,7 @@ from workers.admission import WaitingQueue
 from workers.attention import use_grouped_attention
 from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, TopLogprobs, completion_text
 from workers.grammar import Grammars
-from workers.kv_batch import Batch, Row, merge, spliceable
+from workers.kv_batch import Batch, Row, merge, slab_cache, spliceable
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,8 @@ class TransformersEngine:
             sampling.index_ngrams(row.ngrams, list(row.request.prompt_ids), self.params.no_repeat_ngram_size)
         cache = DynamicCache(config=self.model.config)
         self.splice = self.splice and spliceable(cache)
+        if self.splice:
+            slab_cache(cache)  # a step writes its token in place, not a copy of the whole cache
         shared = self._shared_prefix(chunk)
         input_ids, mask = _prompt_batch(chunk, shared, self.pad_id)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
