@@ -8,9 +8,10 @@ Why our own decode loop instead of `model.generate`:
   on (job seed, row id, sample_index) only, not on its neighbours;
 - stop strings, token counts and finish reasons are decided per sequence.
 
-The cache surgery lives in workers/kv_batch.py and the choice of the next
-token in workers/sampling.py; a test checks greedy output against
-`model.generate` token for token. (Over 300 lines: admission, decoding and
+The cache surgery lives in workers/kv_batch.py, the waiting order in
+workers/admission.py, the CPU attention in workers/attention.py and the
+choice of the next token in workers/sampling.py; a test checks greedy
+output against `model.generate` token for token. (Over 300 lines: admission, decoding and
 failure isolation all act on the one running batch; split apart, they would
 hand its state back and forth.)
 """

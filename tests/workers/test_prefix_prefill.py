@@ -81,8 +81,10 @@ def test_greedy_with_a_shared_prefix_equals_generate(lm, prefix_len):
     assert counters["prefix_shared_tokens"] > 0
     eos = model.generation_config.eos_token_id
     for r, (tokens, _) in zip(reqs, out):
-        ref = model.generate(torch.tensor([r.prompt_ids]), attention_mask=torch.ones(1, len(r.prompt_ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=r.max_new_tokens, pad_token_id=0)  # fmt: skip
+        ids = torch.tensor([r.prompt_ids])
+        ref = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=r.max_new_tokens, pad_token_id=0
+        )
         ref = ref[0, len(r.prompt_ids) :].tolist()
         assert list(tokens) == (ref[: ref.index(eos)] if eos in ref else ref)
 
