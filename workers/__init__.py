@@ -10,6 +10,8 @@
     engine               the engine interface: requests in, completions out
     engine_factory       chooses and loads the engine (model.engine)
     transformers_engine  continuous batching with a KV cache on any HF causal LM
+    admission            the transformers engine's waiting requests: one order across shards, aging
+    attention            the transformers engine's grouped-query attention on CPU, without a KV copy
     kv_batch             the transformers engine's running batch and its cache surgery
     sampling             the transformers engine's next-token choice
     grammar              structured output's grammars: llguidance matchers, the transformers engine's masks

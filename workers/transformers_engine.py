@@ -8,9 +8,10 @@ Why our own decode loop instead of `model.generate`:
   on (job seed, row id, sample_index) only, not on its neighbours;
 - stop strings, token counts and finish reasons are decided per sequence.
 
-The cache surgery lives in workers/kv_batch.py and the choice of the next
-token in workers/sampling.py; a test checks greedy output against
-`model.generate` token for token. (Over 300 lines: admission, decoding and
+The cache surgery lives in workers/kv_batch.py, the waiting order in
+workers/admission.py, the CPU attention in workers/attention.py and the
+choice of the next token in workers/sampling.py; a test checks greedy
+output against `model.generate` token for token. (Over 300 lines: admission, decoding and
 failure isolation all act on the one running batch; split apart, they would
 hand its state back and forth.)
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Iterable
 
 import torch
@@ -27,11 +27,14 @@ import torch
 from jobs.core import faults, structured
 from jobs.core.adapters import BASE
 from jobs.core.model import context_length, load_tokenizer
+from jobs.core.prefix import shared_prefix_len
 from jobs.core.rows import structured_possible
 from workers import sampling
+from workers.admission import WaitingQueue
+from workers.attention import use_grouped_attention
 from workers.engine import Completion, FatalDeviceError, Request, SamplingParams, TopLogprobs, completion_text
 from workers.grammar import Grammars
-from workers.kv_batch import Batch, Row, merge, spliceable
+from workers.kv_batch import Batch, Row, merge, slab_cache, spliceable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 # long-tail benchmark (bench/): unbounded, over half of all positions the engine
 # computed were prefill padding; at 0.25 it was 10% and throughput rose 1.2x.
 PREFILL_PAD_LIMIT = 0.25
+# Prefill a prefix that every row of a chunk shares once, not once per row (_shared_prefix).
+PREFIX_SHARE = True
 
 
 class TransformersEngine:
@@ -74,14 +79,17 @@ class TransformersEngine:
         self.stop_window = _stop_window(params.stop)
         self.grammars = grammars
         self.context_length = context_length(model.config)
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: Batch | None = None
         self.splice = True  # refill a running batch; off for caches we cannot splice
         self.prefill_pad_limit = PREFILL_PAD_LIMIT
+        self.prefix_share = PREFIX_SHARE
         self._healthy_batch_size = batch_size  # restored once a failing sequence is isolated
         # Token positions pushed through the model: real ones, and with padding.
         # generated_tokens: of finished sequences, as vLLM's engine counts them (the row cache's test reads it).
-        self.counters = {"forward_tokens": 0, "padded_tokens": 0, "prefill_positions": 0, "steps": 0, "generated_tokens": 0}
+        # prefix_shared_tokens: prompt positions not computed because a chunk's rows shared a prefix.
+        self.counters = {"forward_tokens": 0, "padded_tokens": 0, "prefill_positions": 0, "steps": 0,
+                         "generated_tokens": 0, "prefix_shared_tokens": 0}  # fmt: skip
 
     @classmethod
     def from_spec(cls, spec) -> TransformersEngine:
@@ -104,6 +112,7 @@ class TransformersEngine:
         if m.attn_implementation:
             kwargs["attn_implementation"] = m.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(m.path, **kwargs).to(device).eval()
+        use_grouped_attention(model)  # the same bits as sdpa, without a copy of the cache per step
         named = m.adapter_set()
         if named:
             model = _with_adapters(model, named)
@@ -119,9 +128,9 @@ class TransformersEngine:
     # -- public API -----------------------------------------------------------------
 
     def submit(self, requests: Iterable[Request]) -> None:
-        """Queue requests; longest prompts first, so similar lengths are prefilled together
-        and a batch that does not fit in memory shows it early."""
-        self.waiting.extend(sorted(requests, key=lambda r: -len(r.prompt_ids)))
+        """Queue one shard's requests; they are admitted in one order with every other shard's
+        (workers/admission.py: shared prefixes together, longest prompts first, aging)."""
+        self.waiting.push(requests)
 
     def has_work(self) -> bool:
         return bool(self.waiting) or self.running is not None
@@ -174,8 +183,9 @@ class TransformersEngine:
         count = len(running.rows) if running else 0
         chunk: list[Request] = []
         prompt_width = prompt_sum = 0
+        self.waiting.begin_admission()
         while self.waiting and len(chunk) < free:
-            r = self.waiting[0]
+            r = self.waiting.head()
             new_width = max(width, len(r.prompt_ids) + r.max_new_tokens)
             # The padded cache holds (rows x widest row) tokens; a single row always fits.
             if (count + 1) * new_width > self.max_batch_tokens and count > 0:
@@ -186,7 +196,7 @@ class TransformersEngine:
             pw, ps = max(prompt_width, len(r.prompt_ids)), prompt_sum + len(r.prompt_ids)
             if chunk and (len(chunk) + 1) * pw - ps > self.prefill_pad_limit * (len(chunk) + 1) * pw:
                 break
-            chunk.append(self.waiting.popleft())
+            chunk.append(self.waiting.pop())
             width, count = new_width, count + 1
             prompt_width, prompt_sum = pw, ps
         if not chunk:
@@ -211,13 +221,12 @@ class TransformersEngine:
         rows = [Row(r, sampling.generator(r.seed, self.device), matcher=self._matcher(r)) for r in chunk]
         for row in rows:
             sampling.index_ngrams(row.ngrams, list(row.request.prompt_ids), self.params.no_repeat_ngram_size)
-        # (B, T) left-padded so the last column is every row's newest token.
-        width = max(len(r.prompt_ids) for r in chunk)
-        input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            input_ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids) :] = 1
+        cache = DynamicCache(config=self.model.config)
+        self.splice = self.splice and spliceable(cache)
+        if self.splice:
+            slab_cache(cache)  # a step writes its token in place, not a copy of the whole cache
+        shared = self._shared_prefix(chunk)
+        input_ids, mask = _prompt_batch(chunk, shared, self.pad_id)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         seen = None
@@ -227,24 +236,43 @@ class TransformersEngine:
             # Padding points at the row's last real token, so every write is True
             # (duplicate scatter indices with different values are undefined on CUDA).
             seen.scatter_(1, torch.where(mask.bool(), input_ids, input_ids[:, -1:]), True)
-
-        cache = DynamicCache(config=self.model.config)
-        self.splice = self.splice and spliceable(cache)
+        if shared:
+            # The prefix once, as a batch of one; its cache then serves every row (a copy, not compute).
+            self.model(
+                input_ids=input_ids[:1, :shared],
+                attention_mask=mask[:1, :shared],
+                position_ids=positions[:1, :shared],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **self._forward_kwargs(rows[:1]),
+            )
+            cache.batch_repeat_interleave(len(chunk))
         out = self.model(
-            input_ids=input_ids,
+            input_ids=input_ids[:, shared:],
             attention_mask=mask,
-            position_ids=positions,
+            position_ids=positions[:, shared:],
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
             **self._forward_kwargs(rows),
         )
-        self.counters["forward_tokens"] += int(mask.sum())
-        self.counters["padded_tokens"] += mask.numel()
-        self.counters["prefill_positions"] += mask.numel()
+        skipped = (len(chunk) - 1) * shared
+        self.counters["prefix_shared_tokens"] += skipped
+        self.counters["forward_tokens"] += int(mask.sum()) - skipped
+        self.counters["padded_tokens"] += mask.numel() - skipped
+        self.counters["prefill_positions"] += mask.numel() - skipped
         self.splice = self.splice and spliceable(cache)
         batch = Batch(rows, cache, mask, positions[:, -1] + 1, input_ids[:, -1], seen)
         return self._sample_and_retire(batch, out.logits[:, -1, :].float(), finished)
+
+    def _shared_prefix(self, chunk: list[Request]) -> int:
+        """Leading prompt tokens that every row of `chunk` shares and one forward computes for all
+        (0: each row prefills its whole prompt). Only where the cache can be spliced, and only for
+        rows of one adapter (an adapter changes the prefix's keys and values)."""
+        if not (self.prefix_share and self.splice) or len({r.adapter for r in chunk}) > 1:
+            return 0
+        return shared_prefix_len([r.prompt_ids for r in chunk])
 
     # -- decoding ------------------------------------------------------------------------
 
@@ -395,7 +423,25 @@ class TransformersEngine:
             len(suspects),
             self.batch_size,
         )
-        self.waiting.extendleft(reversed(suspects))
+        self.waiting.push_front(suspects)
+
+
+def _prompt_batch(chunk: list[Request], shared: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) token ids and mask of `chunk`'s prompts: their first `shared` tokens (the same in every
+    row) in the leading columns, then each row's rest left-padded, so the last column is every row's
+    newest token. With shared = 0 that is plain left padding; otherwise the padding sits between
+    the prefix and the rest, which the mask covers (positions come from its cumsum)."""
+    width = shared + max(len(r.prompt_ids) - shared for r in chunk)
+    input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    if shared:
+        input_ids[:, :shared] = torch.tensor(chunk[0].prompt_ids[:shared])
+        mask[:, :shared] = 1
+    for i, r in enumerate(chunk):
+        rest = len(r.prompt_ids) - shared
+        input_ids[i, width - rest :] = torch.tensor(r.prompt_ids[shared:])
+        mask[i, width - rest :] = 1
+    return input_ids, mask
 
 
 def _top(scores: torch.Tensor, chosen: int, logprob: float, k: int) -> TopLogprobs:
