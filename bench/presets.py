@@ -20,6 +20,10 @@ class Preset:
     uniform: tuple[int, int, int]  # rows, prompt tokens, new tokens
     long_tail_rows: int  # prompts 8-512 tokens (log-uniform), limits 1-256 (uniform)
     sampling: tuple[int, int, int, int]  # rows, prompt tokens, new tokens, num_return_sequences
+    # rows, templates (system prompts), tokens per template, new tokens; each row adds 16-64 tokens
+    augment: tuple[int, int, int, int]
+    augment_transformers_rows: int  # bulkgen[transformers] runs augment's first rows only (it prefills every prefix)
+    small: tuple[int, int]  # the small job, end to end: rows (prompts 8-200 tokens), new tokens
     static_batch_sizes: tuple[int, ...]  # sequences per batch, tried on every workload
     cb_max_requests: int  # transformers continuous batching: requests per batch (sizes its cache)
     cb_batch_tokens: int  # transformers continuous batching: most tokens per forward (at least the longest sequence)
@@ -44,6 +48,9 @@ CPU = Preset(
     long_tail_rows=64,
     engine_long_tail_rows=512,
     sampling=(16, 64, 64, 4),
+    augment=(2048, 4, 384, 48),
+    augment_transformers_rows=512,
+    small=(768, 48),
     static_batch_sizes=(8, 16, 32),
     cb_max_requests=32,
     cb_batch_tokens=512,
@@ -63,6 +70,9 @@ GPU = Preset(
     uniform=(256, 128, 128),
     long_tail_rows=512,
     sampling=(64, 128, 128, 4),
+    augment=(16384, 8, 512, 48),
+    augment_transformers_rows=2048,
+    small=(768, 48),
     static_batch_sizes=(64, 128, 256),
     cb_max_requests=256,
     cb_batch_tokens=8192,
@@ -92,6 +102,9 @@ def smoke(preset: Preset) -> Preset:
         long_tail_rows=8,
         engine_long_tail_rows=16,
         sampling=(3, 16, 8, 2),
+        augment=(32, 2, 200, 8),  # two 128-token blocks of vLLM's CPU cache: hits show
+        augment_transformers_rows=16,
+        small=(24, 8),
         static_batch_sizes=(2, 4),
         cb_max_requests=4,
         cb_batch_tokens=preset.cb_batch_tokens,
