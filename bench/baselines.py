@@ -208,10 +208,12 @@ def hf_continuous_batching(
 
 
 def static_batches_process(
-    model_dir, texts: list[str], limit: int, batch_size: int, work_dir, timeout: float = 1800, workload: str = "small"
+    model_dir, texts: list[str], limit: int, batch_size: int, work_dir, threads: int | None = None,
+    timeout: float = 1800, workload: str = "small",
 ) -> Result:  # fmt: skip
     """(b) as a user runs it: a fresh interpreter that imports torch and transformers, loads the
-    model with from_pretrained, tokenizes, sorts and generates static batches of `batch_size`.
+    model with from_pretrained, tokenizes, sorts and generates static batches of `batch_size`
+    on `threads` torch threads (None: torch's default, every core).
     seconds: its generate loop; end to end: from the process's start to its exit."""
     import json
     import subprocess
@@ -222,7 +224,11 @@ def static_batches_process(
     where.mkdir(parents=True, exist_ok=True)
     job, out = where / f"b{batch_size}.json", where / f"b{batch_size}.out.json"
     out.unlink(missing_ok=True)
-    job.write_text(json.dumps({"model": str(model_dir), "texts": texts, "limit": limit, "batch_size": batch_size}))
+    job.write_text(
+        json.dumps(
+            {"model": str(model_dir), "texts": texts, "limit": limit, "batch_size": batch_size, "threads": threads}
+        )
+    )
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "bench.baselines", str(job), str(out)], capture_output=True, text=True, timeout=timeout
@@ -251,6 +257,8 @@ def _plain_loop_main(job_path: str, out_path: str) -> None:
     from jobs.core.prompts import tokenize_prompt
     from jobs.core.spec import InputSpec
 
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
     model, tokenizer = load_model(Path(job["model"]))
     spec = InputSpec(uri="unused", prompt_column="prompt")
     ids = tuple(tuple(tokenize_prompt(spec, t, tokenizer)) for t in job["texts"])

@@ -498,7 +498,8 @@ def _scale_section(scale: dict) -> list[str]:
     hi = runs[max(runs)]
     return lines + [
         "",
-        f"Plain loop (static batches of {loop['batch_size']}, its own process) on {loop['rows']:,} rows: "
+        f"Plain loop (static batches of {loop['batch_size']}, {loop['threads']} torch thread(s), its own process) "
+        f"on {loop['rows']:,} rows: "
         f"{loop['per_1k_s']:.2f} s per 1,000 rows generating ({loop['wall_s']:.1f} s with imports and load); "
         f"bulkgen at {max(runs):,} rows, last 10% of shards: {loop['per_1k_s'] / hi['per_1k_last_s']:.2f}x its rate.",
     ]

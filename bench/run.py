@@ -373,11 +373,14 @@ def run_small_job(
         say(f"   {system} failed: {type(e).__name__}: {e}")
         results.append(Result(system, wl.name, 0, math.nan, notes=f"failed: {type(e).__name__}: {e}"))
 
+    # The loops' threads as for (b): all cores or one, whichever a short generate ran faster.
+    threads, calibration = calibrate_threads(model, tokenizer, preset, 16, lambda: None)
+    say(f"   torch threads for the plain loop: {threads}" + report.calibration_note(calibration))
     settings = None
     if plan.vllm_skip is None:
         settings = vllm_settings(preset, wl, max(plan.vllm_threads))  # long-tail's pick, else every core
     run_small(
-        wl, model_dir, work, preset.static_batch_sizes, settings, tokenizer, _eos(model, tokenizer),
+        wl, model_dir, work, preset.static_batch_sizes, threads, settings, tokenizer, _eos(model, tokenizer),
         plan.vllm_skip is None, record, failed,
     )  # fmt: skip
     return results

@@ -159,15 +159,16 @@ def run(where: Path, smoke: bool = False, sizes: tuple[int, ...] | None = None, 
     from bench.baselines import static_batches_process
     from bench.model import load_model
 
-    sizes = sizes or (SMOKE_SIZES if smoke else SIZES)
-    if smoke:
-        from bench.presets import CPU, smoke as smoke_preset
-        from bench.run import prepare_model
+    from bench.presets import CPU, smoke as smoke_preset
+    from bench.run import calibrate_threads, prepare_model
 
-        model_dir = prepare_model(smoke_preset(CPU), where)
-    else:
-        model_dir = DEMO_MODEL
-    _, tokenizer = load_model(model_dir)
+    sizes = sizes or (SMOKE_SIZES if smoke else SIZES)
+    preset = smoke_preset(CPU) if smoke else CPU  # the demo model's vocabulary is the CPU preset's
+    model_dir = prepare_model(preset, where) if smoke else DEMO_MODEL
+    model, tokenizer = load_model(model_dir)
+    # The loop's threads as the bench's (b) get them: all cores or one, whichever runs faster now.
+    threads, _ = calibrate_threads(model, tokenizer, preset, 16, lambda: None)
+    del model
     runs = {}
     for rows in sizes:
         data = write_input(where / "input" / f"rows-{rows}.parquet", tokenizer, rows)
@@ -190,10 +191,11 @@ def run(where: Path, smoke: bool = False, sizes: tuple[int, ...] | None = None, 
     smallest = min(sizes)
     texts = pq.read_table(where / "input" / f"rows-{smallest}.parquet", columns=["prompt"]).column(0).to_pylist()
     loops = [
-        static_batches_process(model_dir, texts, NEW_TOKENS, b, where, workload="scale") for b in PLAIN_LOOP_BATCHES
+        static_batches_process(model_dir, texts, NEW_TOKENS, b, where, threads, workload="scale")
+        for b in PLAIN_LOOP_BATCHES
     ]
     best = min(loops, key=lambda r: r.end_to_end_seconds)
-    say(f"   plain loop on {smallest:,} rows: " + ", ".join(
+    say(f"   plain loop on {smallest:,} rows, {threads} torch thread(s): " + ", ".join(
         f"b={b} {r.end_to_end_seconds:.1f}s ({r.seconds:.1f}s generating)" for b, r in zip(PLAIN_LOOP_BATCHES, loops)
     ))  # fmt: skip
     return {
@@ -202,7 +204,8 @@ def run(where: Path, smoke: bool = False, sizes: tuple[int, ...] | None = None, 
         "runs": runs,
         "plain_loop": {
             "rows": smallest,
-            "batch_size": int(best.system.split("b=")[1].split()[0]),
+            "batch_size": PLAIN_LOOP_BATCHES[loops.index(best)],
+            "threads": threads,
             "wall_s": best.end_to_end_seconds,
             "generate_s": best.seconds,
             "per_1k_s": 1000 * best.seconds / smallest,

@@ -121,11 +121,11 @@ def run_bulkgen_process(
 
 
 def run_small(
-    wl: Workload, model_dir: Path, work_dir: Path, batch_sizes: tuple[int, ...], vllm, tokenizer, eos: set[int],
-    vllm_usable: bool, record, failed,
+    wl: Workload, model_dir: Path, work_dir: Path, batch_sizes: tuple[int, ...], threads: int, vllm, tokenizer,
+    eos: set[int], vllm_usable: bool, record, failed,
 ) -> None:  # fmt: skip
-    """Every system of the small job, each through `record` (or `failed`). `vllm`: the
-    VllmSettings of vLLM offline (None: it does not run).
+    """Every system of the small job, each through `record` (or `failed`). `threads`: the plain
+    loop's torch threads; `vllm`: the VllmSettings of vLLM offline (None: it does not run).
 
     bulkgen runs with model.engine transformers, auto (vLLM where it is installed and runs
     the model: then the row with vLLM, as a user gets it) and, where auto ran vLLM, vLLM on
@@ -136,7 +136,7 @@ def run_small(
 
     for b in batch_sizes:
         try:
-            record(static_batches_process(model_dir, list(wl.texts), wl.max_new_tokens, b, work_dir))
+            record(static_batches_process(model_dir, list(wl.texts), wl.max_new_tokens, b, work_dir, threads))
         except Exception as e:
             failed(f"plain loop b={b}", e)
     if vllm is not None:
