@@ -45,9 +45,10 @@ def by_template(wl: Workload, parts: int = 2) -> list[list[int]]:
 
 
 def matrix(
-    preset: Preset, wl: Workload, model_dir: Path, work: Path, tokenizer, eos: set[int], threads: int, say=print
+    preset: Preset, wl: Workload, model_dir: Path, work: Path, tokenizer, eos: set[int], threads: int, say=print,
+    only: str = "abcde",
 ) -> list[Result]:  # fmt: skip
-    """Runs (a)-(e) one after the other; their Results, each named in its notes."""
+    """Runs (a)-(e) (those in `only`) one after the other; their Results, each named in its notes."""
     base = vllm_settings(preset, wl, threads)
     one = dataclasses.replace(base, threads=1)
     no_cache = dataclasses.replace(base, options={**base.options, "enable_prefix_caching": False})
@@ -74,6 +75,8 @@ def matrix(
     ]
     results = []
     for name, run in runs:
+        if name[1] not in only:
+            continue
         r = run()
         r.notes = name
         r.extra["load"] = os.getloadavg()[0]
@@ -84,13 +87,14 @@ def matrix(
 
 
 def render(wl: Workload, results: list[Result], threads: int) -> str:
+    """The matrix as a table; ratios to the first run ((a) unless --runs left it out)."""
     a = results[0]
     lines = [
         f"augment: {wl.describe()}; {len({*wl.templates})} templates; a cache that never evicts could skip "
         f"{wl.shared_prefix_tokens() / sum(len(p) for p in wl.prompt_ids):.1%} of the prompt tokens",
         f"(a)-(c): one engine, {threads} OMP thread(s); (d), (e): two engines of 1 thread each",
         "",
-        "| run | tokens/s | vs (a) | hit rate | seconds | same text as (a) | load |",
+        f"| run | tokens/s | vs {a.notes[:3]} | hit rate | seconds | same text as {a.notes[:3]} | load |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -102,6 +106,10 @@ def render(wl: Workload, results: list[Result], threads: int) -> str:
     return "\n".join(lines)
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.vllm_offline --augment-matrix", description=__doc__.splitlines()[0]
@@ -109,6 +117,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model and workload: checks the code path only")
     parser.add_argument("--rows", type=int, help="augment rows (default: the preset's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of (a)-(c)")
+    parser.add_argument("--runs", default="abcde", help="which of (a)-(e) to run, e.g. ad (default: all)")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -120,7 +129,7 @@ def main(argv: list[str]) -> int:
     work = args.out / f"c0-{preset.name}"
     print(f"C0 matrix on {wl.describe()}", flush=True)
     eos = _eos(model, tokenizer)
-    results = matrix(preset, wl, model_dir, work, tokenizer, eos, args.threads, say=lambda m: print(m, flush=True))
+    results = matrix(preset, wl, model_dir, work, tokenizer, eos, args.threads, _say, args.runs)
     print("\n" + render(wl, results, args.threads))
     return 0
 

@@ -268,6 +268,8 @@ def _engine_note(r: Result) -> str:
         text += f"; engine counters {counters}"
     if "cached_prompt_tokens" in e:
         text += f"; prefix cache: {e['cached_prompt_tokens']:,} prompt tokens cached ({_pct(bulkgen_hit_rate(r))})"
+    if e.get("prefix_shared_tokens"):  # the transformers engine: prompt positions a shared prefill saved
+        text += f"; {e['prefix_shared_tokens']:,} prompt positions not computed (shared prefixes)"
     if _all_ready(r):
         text += f"; steady state from all replicas ready {_all_ready(r):,.1f} tokens/s"
     if e.get("idle_at"):
