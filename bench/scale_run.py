@@ -38,6 +38,7 @@ NEW_TOKENS = 4
 DISTINCT_PROMPTS = 4_096
 PLAIN_LOOP_BATCHES = (32, 128)
 MIN_WINDOW = 4  # shards in each of the first and last windows, at least
+TIMEOUT_S = 3600  # one size's driver process (200,000 rows took about 150 s)
 
 
 def write_input(path: Path, tokenizer, rows: int, seed: int = 6) -> Path:
@@ -156,9 +157,10 @@ def measure(data: Path, model_dir: Path, output: Path) -> dict:
 
 def run(where: Path, smoke: bool = False, sizes: tuple[int, ...] | None = None, say=print) -> dict:
     """Every size in a fresh driver process, then the plain loop on the smallest."""
+    import pyarrow.parquet as pq
+
     from bench.baselines import static_batches_process
     from bench.model import load_model
-
     from bench.presets import CPU, smoke as smoke_preset
     from bench.run import calibrate_threads, prepare_model
 
@@ -177,7 +179,7 @@ def run(where: Path, smoke: bool = False, sizes: tuple[int, ...] | None = None, 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
         proc = subprocess.run(
             [sys.executable, "-m", "bench.scale_run", "--measure", str(data), str(model_dir), str(output)],
-            capture_output=True, text=True, cwd=REPO, env=env, check=False,
+            capture_output=True, text=True, cwd=REPO, env=env, check=False, timeout=TIMEOUT_S,
         )  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"scale run of {rows:,} rows failed: {proc.stderr.strip()[-500:]}")
@@ -186,8 +188,6 @@ def run(where: Path, smoke: bool = False, sizes: tuple[int, ...] | None = None, 
         say(f"   {rows:>9,} rows: {r['wall_s']:.1f}s wall, {r['shards']} shards, per 1,000 rows "
             f"{r['per_1k_first_s']:.2f}s (first 10%) / {r['per_1k_last_s']:.2f}s (last 10%), "
             f"driver peak RSS {r['driver_peak_rss_mib']:.0f} MiB")  # fmt: skip
-    import pyarrow.parquet as pq
-
     smallest = min(sizes)
     texts = pq.read_table(where / "input" / f"rows-{smallest}.parquet", columns=["prompt"]).column(0).to_pylist()
     loops = [

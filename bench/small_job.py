@@ -56,6 +56,21 @@ def bulkgen_env(ray_tmp: str) -> dict[str, str]:
     return env
 
 
+def _wait(proc: subprocess.Popen, timeout: float) -> int:
+    """The exit status; past `timeout`, SIGTERM first (bulkgen cancels the job and stops the Ray
+    it started), SIGKILL if that does not end it within a minute, and TimeoutExpired."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+
+
 def run_bulkgen_process(
     wl: Workload, model_dir: Path, work_dir: Path, engine: str, resources: dict | None = None, timeout: float = 1800
 ) -> Result:  # fmt: skip
@@ -85,16 +100,17 @@ def run_bulkgen_process(
     try:
         started = time.perf_counter()
         with open(log, "w") as f:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "jobs.cli", "run", str(spec_path), "--overwrite", "--no-progress"],
-                env=bulkgen_env(ray_tmp), cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                env=bulkgen_env(ray_tmp), cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
             )  # fmt: skip
+            code = _wait(proc, timeout)
         wall = time.perf_counter() - started
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    if proc.returncode != 0:
+    if code != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"bulkgen run exited {proc.returncode}: " + " / ".join(tail))
+        raise RuntimeError(f"bulkgen run exited {code}: " + " / ".join(tail))
     record = json.loads((output / RECORD).read_text())
     run, counts = record["runs"][-1], record["counts"]
     if counts["rows_failed"]:
