@@ -205,3 +205,81 @@ def hf_continuous_batching(
         needed += _fed(prompt_len, useful, limit)
     # Ragged batches, no padding: what it computes is what it needs.
     return Result(f"transformers CB (max {max_requests} req)", wl.name, tokens, seconds, needed, needed)
+
+
+def static_batches_process(
+    model_dir, texts: list[str], limit: int, batch_size: int, work_dir, threads: int | None = None,
+    timeout: float = 1800, workload: str = "small",
+) -> Result:  # fmt: skip
+    """(b) as a user runs it: a fresh interpreter that imports torch and transformers, loads the
+    model with from_pretrained, tokenizes, sorts and generates static batches of `batch_size`
+    on `threads` torch threads (None: torch's default, every core).
+    seconds: its generate loop; end to end: from the process's start to its exit."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    where = Path(work_dir) / "plain-loop" / workload
+    where.mkdir(parents=True, exist_ok=True)
+    job, out = where / f"b{batch_size}.json", where / f"b{batch_size}.out.json"
+    out.unlink(missing_ok=True)
+    job.write_text(
+        json.dumps(
+            {"model": str(model_dir), "texts": texts, "limit": limit, "batch_size": batch_size, "threads": threads}
+        )
+    )
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.baselines", str(job), str(out)], capture_output=True, text=True, timeout=timeout
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"plain loop b={batch_size}: exit status {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    res = json.loads(out.read_text())
+    return Result(
+        f"plain loop b={batch_size} (own process)", workload, res["tokens"], res["generate_s"], res["computed"],
+        res["needed"], end_to_end_seconds=wall, extra={"threads": res["threads"], "load_s": res["load_s"]},
+    )  # fmt: skip
+
+
+def _plain_loop_main(job_path: str, out_path: str) -> None:
+    """The child of static_batches_process: everything a script would do, timed from its start."""
+    import json
+    from pathlib import Path
+
+    job = json.loads(Path(job_path).read_text())
+    started = time.perf_counter()
+    import torch
+
+    from bench.model import load_model
+    from bench.workloads import Workload
+    from jobs.core.prompts import tokenize_prompt
+    from jobs.core.spec import InputSpec
+
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    model, tokenizer = load_model(Path(job["model"]))
+    spec = InputSpec(uri="unused", prompt_column="prompt")
+    ids = tuple(tuple(tokenize_prompt(spec, t, tokenizer)) for t in job["texts"])
+    wl = Workload("small", tuple(job["texts"]), ids, (job["limit"],) * len(ids))
+    loaded = time.perf_counter()
+    r = static_batches(model, tokenizer, wl, job["batch_size"])
+    Path(out_path).write_text(
+        json.dumps(
+            {
+                "tokens": r.completion_tokens,
+                "generate_s": r.seconds,
+                "computed": r.computed_positions,
+                "needed": r.needed_positions,
+                "load_s": loaded - started,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    _plain_loop_main(*sys.argv[1:3])

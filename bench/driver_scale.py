@@ -1,11 +1,12 @@
-"""Driver-scale check: plan 10 million rows in 1,000 Parquet files from their footers.
+"""Driver scale: planning 10 million rows, and running 200,000 (issue 20's scale row).
 
-    python -m bench.driver_scale DIR     # writes the files if missing, then measures in a fresh process
+    python -m bench.driver_scale DIR          # plan 10M rows in 1,000 Parquet files, in a fresh process
+    python -m bench.driver_scale --run DIR    # run 20,000 and 200,000 rows end to end (bench.scale_run)
 
-The files are real Parquet (10,000 rows each of `id` int64 and a short
-`prompt`), so the footers carry real row counts. The measurement runs in its
-own process so the peak-RSS high-water mark belongs to listing, footer reading
-and planning alone, not to writing the files or to a loaded model.
+The planning check's files are real Parquet (10,000 rows each of `id` int64 and
+a short `prompt`), so the footers carry real row counts. The measurement runs in
+its own process so the peak-RSS high-water mark belongs to listing, footer
+reading and planning alone, not to writing the files or to a loaded model.
 """
 
 from __future__ import annotations
@@ -117,9 +118,13 @@ def run(where: Path) -> dict:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--run"]:
+        from bench.scale_run import main
+
+        sys.exit(main(sys.argv[2:]))
     if len(sys.argv) == 3 and sys.argv[1] == "--measure":
         print(json.dumps(measure(Path(sys.argv[2]))))
     elif len(sys.argv) == 2:
         print(json.dumps(run(Path(sys.argv[1])), indent=2))
     else:
-        sys.exit("usage: python -m bench.driver_scale DIR")
+        sys.exit("usage: python -m bench.driver_scale DIR | --run DIR [--smoke] [--rows N,N]")

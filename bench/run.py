@@ -28,13 +28,15 @@ from pathlib import Path
 
 from bench import report
 from bench.baselines import Result, _eos, hf_continuous_batching, naive, static_batches
-from bench.bulkgen_run import BulkgenConfig, run_bulkgen
+from bench.bulkgen_run import BulkgenConfig, can_group_by_prefix, run_bulkgen
 from bench.driver_scale import run as driver_scale
 from bench.flops import matmul_peak, sequence_flops
 from bench.model import load_model, save_model
 from bench.presets import PRESETS, Preset, smoke
+from bench.scale_run import run as run_scale
+from bench.small_job import run_small
 from bench.vllm_offline import VllmSettings, in_arrival_order, kv_cache_bytes, run_vllm_offline, same_texts
-from bench.workloads import Workload, long_tail, sampling, uniform
+from bench.workloads import Workload, augment, long_tail, sampling, small_job, uniform
 
 HERE = Path(__file__).resolve().parent
 
@@ -102,6 +104,16 @@ def subset(wl: Workload, every: int) -> Workload:
         return wl
     return Workload(
         wl.name, wl.texts[::every], wl.prompt_ids[::every], wl.limits[::every], wl.do_sample, wl.num_return_sequences
+    )
+
+
+def first_rows(wl: Workload, rows: int) -> Workload:
+    """The first `rows` rows (same ids): for a system too slow for the whole workload."""
+    if rows >= wl.rows:
+        return wl
+    t = wl.templates[:rows] if wl.templates is not None else None
+    return dataclasses.replace(
+        wl, texts=wl.texts[:rows], prompt_ids=wl.prompt_ids[:rows], limits=wl.limits[:rows], templates=t
     )
 
 
@@ -203,7 +215,7 @@ def run_workload(
         say(f"   {system} failed: {type(e).__name__}: {e}")
         results.append(Result(system, wl.name, 0, math.nan, notes=f"failed: {type(e).__name__}: {e}"))
 
-    if not engines_only:
+    if not engines_only and wl.templates is None:  # augment: too slow for the loops, its target is vLLM's
         run_baselines(preset, wl, model, tokenizer, sync, record, failed)
     _run_engines(preset, wl, model, tokenizer, model_dir, work, plan, record, failed, engines_only)
     offline = [r for r in results if in_arrival_order(r)]
@@ -212,7 +224,10 @@ def run_workload(
         reference = max(offline, key=lambda r: r.tokens_per_s)
         for r in results:
             if "texts" in r.extra and r is not reference:
-                same, total = same_texts(r.extra["texts"], reference.extra["texts"])
+                ref = reference.extra["texts"]
+                if r.extra.get("rows"):  # run on the first rows only: compare those
+                    ref = {k: v for k, v in ref.items() if k in r.extra["texts"]}
+                same, total = same_texts(r.extra["texts"], ref)
                 r.extra["same_as_vllm"] = (same, total)
     for r in results:
         r.extra.setdefault("flops", workload_flops(preset, wl))
@@ -275,6 +290,16 @@ def _run_engines(preset, wl, model, tokenizer, model_dir, work, plan, record, fa
                 f"{r.extra['vllm']['startup_s']:.1f} s to start (LLM() and a one-token warm-up); "
                 f"{t} OMP thread(s), one engine; EngineArgs {r.extra['vllm']['engine_args']}"
             )
+        if ran and wl.templates is not None:
+            # augment: vLLM offline with the rows sorted by template, a reference for what
+            # admitting a prefix's rows together could give (the target stays arrival order).
+            t = max(ran, key=lambda k: ran[k].tokens_per_s)
+            settings = dataclasses.replace(vllm_settings(preset, wl, t), by_template=True)
+            try:
+                r = keep(run_vllm_offline(wl, model_dir, work, settings, tokenizer, _eos(model, tokenizer), timeout))
+                r.notes = f"as the run above with {t} OMP thread(s), but the rows sorted by template"
+            except Exception as e:
+                failed(settings.label(), e)
         if ran and len(set(wl.limits)) > 1:
             # Where row limits differ, vLLM offline in the order bulkgen's engine admits rows
             # (longest first) too: how much of bulkgen's lead is that order, not the integration.
@@ -288,12 +313,26 @@ def _run_engines(preset, wl, model, tokenizer, model_dir, work, plan, record, fa
     for engine, layouts in plan.layouts.items():
         if engines_only and engine != "vllm":
             continue
+        target = wl
+        if wl.templates is not None and engine == "transformers":
+            # It prefills every row's template whole: the first rows only, on one layout
+            # (long-tail's pick, or the spec's default of one replica per core).
+            target = first_rows(wl, preset.augment_transformers_rows)
+            layouts = layouts[-1:]
         for replicas, threads in layouts:
-            cfg = bulkgen_config(preset, wl, replicas, threads, engine)
-            try:
-                keep(run_bulkgen(wl, model_dir, work, cfg))
-            except Exception as e:
-                failed(cfg.label(), e)
+            cfg = bulkgen_config(preset, target, replicas, threads, engine)
+            configs = [cfg]
+            if wl.templates is not None and engine == "vllm" and can_group_by_prefix():
+                configs.append(dataclasses.replace(cfg, group_by_prefix="on"))
+            for cfg in configs:
+                try:
+                    r = keep(run_bulkgen(target, model_dir, work, cfg))
+                except Exception as e:
+                    failed(cfg.label(), e)
+                    continue
+                if target is not wl:
+                    r.extra.update(rows=target.rows, flops=workload_flops(preset, target))
+                    r.notes = f"the first {target.rows} of {wl.rows} rows (same ids and prompts)"
     runs = [r for r in results if "config" in r.extra and r.completion_tokens]
     if plan.auto_skip is None and runs and wl.name in report.ENGINE_WORKLOADS:
         # bulkgen's default engine, on the layout of the fastest bulkgen run so far.
@@ -312,6 +351,39 @@ def _run_engines(preset, wl, model, tokenizer, model_dir, work, plan, record, fa
             say(f"   -> the defaults ran {r.extra['config'].replicas} replica(s) of engine {r.extra['engine_name']}")
         except Exception as e:
             failed(cfg.label(), e)
+
+
+def run_small_job(
+    preset: Preset, wl: Workload, model, tokenizer, model_dir: Path, work: Path, plan: Plan
+) -> list[Result]:  # fmt: skip
+    """The small job end to end, start-up included on every side (bench/small_job.py)."""
+    say(f"\n== {wl.name}: {wl.describe()}; end to end, each system in a process of its own")
+    results: list[Result] = []
+
+    def record(r: Result) -> Result:
+        r.extra.setdefault("load", os.getloadavg()[0])
+        r.extra.setdefault("flops", workload_flops(preset, wl))
+        r.extra.pop("texts", None)
+        results.append(r)
+        say(f"   {r.system:<48} {r.completion_tokens:>7} tok  {r.end_to_end_seconds:7.1f}s end to end "
+            f"({r.seconds:.1f}s generating)")  # fmt: skip
+        return r
+
+    def failed(system: str, e: Exception) -> None:
+        say(f"   {system} failed: {type(e).__name__}: {e}")
+        results.append(Result(system, wl.name, 0, math.nan, notes=f"failed: {type(e).__name__}: {e}"))
+
+    # The loops' threads as for (b): all cores or one, whichever a short generate ran faster.
+    threads, calibration = calibrate_threads(model, tokenizer, preset, 16, lambda: None)
+    say(f"   torch threads for the plain loop: {threads}" + report.calibration_note(calibration))
+    settings = None
+    if plan.vllm_skip is None:
+        settings = vllm_settings(preset, wl, max(plan.vllm_threads))  # long-tail's pick, else every core
+    run_small(
+        wl, model_dir, work, preset.static_batch_sizes, threads, settings, tokenizer, _eos(model, tokenizer),
+        plan.vllm_skip is None, record, failed,
+    )  # fmt: skip
+    return results
 
 
 def narrow(plan: Plan, results: list[Result]) -> None:
@@ -344,7 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="override the preset's device (e.g. cuda:1)")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="scratch directory (gitignored)")
     parser.add_argument(
-        "--only", action="append", help="run only this workload (long-tail, uniform, sampling); repeatable"
+        "--only",
+        action="append",
+        help="run only this row: long-tail (with long-tail-512), uniform, sampling, augment, small, or scale "
+        "(only run when named); repeatable",
     )
     parser.add_argument(
         "--results", type=Path, help="results file (default bench/RESULTS.md; smoke runs: OUT/RESULTS.md)"
@@ -394,13 +469,21 @@ def main(argv: list[str] | None = None) -> int:
 
     u_rows, u_prompt, u_new = preset.uniform
     s_rows, s_prompt, s_new, s_n = preset.sampling
+    a_rows, a_templates, a_prefix, a_new = preset.augment
+
+    def wanted(name: str) -> bool:
+        return not args.only or any(name.startswith(o) for o in args.only)
+
     workloads = [
-        long_tail(tokenizer, preset.long_tail_rows),
-        uniform(tokenizer, u_rows, u_prompt, u_new),
-        sampling(tokenizer, s_rows, s_prompt, s_new, s_n),
+        w()
+        for name, w in (
+            ("long-tail", lambda: long_tail(tokenizer, preset.long_tail_rows)),
+            ("uniform", lambda: uniform(tokenizer, u_rows, u_prompt, u_new)),
+            ("sampling", lambda: sampling(tokenizer, s_rows, s_prompt, s_new, s_n)),
+            ("augment", lambda: augment(tokenizer, a_rows, a_templates, a_prefix, a_new)),
+        )
+        if wanted(name)
     ]
-    if args.only:
-        workloads = [w for w in workloads if any(w.name.startswith(o) for o in args.only)]
     all_results: dict[str, list[Result]] = {}
     plan = make_plan(preset)
     if plan.vllm_skip:
@@ -419,9 +502,16 @@ def main(argv: list[str] | None = None) -> int:
     if rows and plan.vllm_skip is None and (not args.only or any(o.startswith("long-tail") for o in args.only)):
         wl = dataclasses.replace(long_tail(tokenizer, rows), name=f"long-tail-{rows}")
         all_results[wl.name] = run_workload(preset, wl, model, tokenizer, model_dir, work, plan, sync, engines_only=True)
+    if wanted("small") and not preset.device.startswith("cuda"):
+        wl = small_job(tokenizer, *preset.small)
+        all_results[wl.name] = run_small_job(preset, wl, model, tokenizer, model_dir, work, plan)
+    scale_run = None
+    if args.only and "scale" in args.only:  # minutes: only when asked for (bench/README.md)
+        say("\n== scale: a real run_job over short prompts, 4 new tokens (demo model)")
+        scale_run = run_scale(work / "scale-run", smoke=args.smoke, say=say)
     peak = max(peak, machine_peak(preset))
     elapsed = time.perf_counter() - started
-    text = report.render(env, preset, all_results, peak, scale, elapsed, plan)
+    text = report.render(env, preset, all_results, peak, scale, elapsed, plan, scale_run)
     say("\n" + text)
     results_path.write_text(text)
     say(f"\nwrote {results_path} ({elapsed / 60:.1f} min)")

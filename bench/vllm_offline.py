@@ -8,13 +8,18 @@ engine's settings are the ones bulkgen's engine gets: max_num_seqs and
 max_num_batched_tokens from the replica's batch sizes, the KV cache bulkgen's engine
 sizes from that token budget (CPU), and the preset's vllm_options. The admission
 order is vLLM's default, arrival order, unless `longest_first` asks for the order
-bulkgen's engine uses.
+bulkgen's engine uses, or `by_template` sorts an augment workload's rows by template
+(a reference: what grouping rows by prefix could give). Every run reports its
+prefix-cache hits: the sum of `RequestOutput.num_cached_tokens` over the prompt tokens,
+the definition bulkgen's vLLM engine uses for its `cached_prompt_tokens` counter.
 
 A fresh process (`python -m bench.vllm_offline IN.json OUT.json`): vLLM reads its
 settings from the environment before it starts, and its CPU backend takes over the
 process's threads (it replaces torch.set_num_threads), which the in-process baselines
 must not inherit. Timed: `LLM(...)` and a one-token warm-up (what bulkgen's engine does
 before it reports ready: start-up), then one `llm.generate` of every request (steady state).
+`run_vllm_offline_split` runs several such processes side by side, each on its own rows,
+started together once all are warm: vLLM offline laid out as bulkgen's replicas are.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class VllmSettings:
     # vLLM's priority scheduling, each request's priority its -max_tokens: the order
     # bulkgen's vLLM engine admits rows in (longest first) instead of arrival order.
     longest_first: bool = False
+    by_template: bool = False  # rows sorted by template (augment), arrival order within one
 
     def engine_args(self) -> dict:
         args = {
@@ -61,8 +67,9 @@ class VllmSettings:
 
     def label(self) -> str:
         threads = f" {self.threads}t" if self.device == "cpu" else ""
-        order = ", longest first" if self.longest_first else ""
-        return f"vLLM offline{threads} b={self.max_num_seqs}{order}"
+        order = ", longest first" if self.longest_first else ", by template" if self.by_template else ""
+        cache = ", no prefix cache" if self.options.get("enable_prefix_caching") is False else ""
+        return f"vLLM offline{threads} b={self.max_num_seqs}{order}{cache}"
 
 
 def kv_cache_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
@@ -72,21 +79,32 @@ def kv_cache_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
     return sized(shape.layers, shape.kv_heads, shape.head_dim, dtype, tokens, shape.max_positions)
 
 
-def requests(wl: Workload, job_seed: int = 0) -> list[dict]:
-    """One request per (row, sample index), as a bulkgen replica builds them."""
+def requests(wl: Workload, job_seed: int = 0, rows: list[int] | None = None) -> list[dict]:
+    """One request per (row, sample index), as a bulkgen replica builds them; `rows`: only
+    these rows, in this order (default: every row in arrival order)."""
     from jobs.core.protocol import row_seed
 
+    rows = range(wl.rows) if rows is None else rows
     return [
         {
             "row": i,
             "sample": s,
-            "prompt_ids": list(ids),
-            "max_tokens": limit,
+            "prompt_ids": list(wl.prompt_ids[i]),
+            "max_tokens": wl.limits[i],
             "seed": row_seed(job_seed, wl.row_id(i), s),
         }
-        for i, (ids, limit) in enumerate(zip(wl.prompt_ids, wl.limits))
+        for i in rows
         for s in range(wl.num_return_sequences)
     ]
+
+
+def row_order(wl: Workload, settings: VllmSettings) -> list[int]:
+    """The rows in the order the requests are handed to vLLM."""
+    if settings.by_template:
+        if wl.templates is None:
+            raise ValueError(f"workload {wl.name} has no templates to sort by")
+        return sorted(range(wl.rows), key=lambda i: (wl.templates[i], i))
+    return list(range(wl.rows))
 
 
 def environment(settings: VllmSettings) -> dict[str, str]:
@@ -102,16 +120,30 @@ def environment(settings: VllmSettings) -> dict[str, str]:
     return env
 
 
-def run_vllm_offline(
-    wl: Workload, model_dir: Path, work_dir: Path, settings: VllmSettings, tokenizer, eos: set[int],
-    timeout: float = 1200,
-) -> Result:  # fmt: skip
-    """Run the workload through vllm.LLM.generate in a fresh process; raises RuntimeError if it fails."""
+@dataclass
+class _Child:
+    """One vLLM offline process, launched and not yet collected."""
+
+    proc: subprocess.Popen
+    requests: list[dict]
+    out: Path
+    log: Path
+    started: float  # time.time() at launch
+    ready: int | None = None  # read end of the pipe the child writes to once warm (split runs)
+
+
+def _launch(
+    wl: Workload, rows: list[int], model_dir: Path, work_dir: Path, settings: VllmSettings, eos: set[int], tag: str,
+    barrier: bool = False,
+) -> _Child:  # fmt: skip
     where = work_dir / "vllm-offline"
     where.mkdir(parents=True, exist_ok=True)
-    job, out, log = where / f"{wl.name}.json", where / f"{wl.name}.out.json", where / f"{wl.name}.log"
+    job, out, log = where / f"{tag}.json", where / f"{tag}.out.json", where / f"{tag}.log"
     out.unlink(missing_ok=True)
-    reqs = requests(wl)
+    reqs = requests(wl, rows=rows)
+    ready_r = ready_w = None
+    if barrier:
+        ready_r, ready_w = os.pipe()
     job.write_text(
         json.dumps(
             {
@@ -121,50 +153,144 @@ def run_vllm_offline(
                 "longest_first": settings.longest_first,
                 "eos": sorted(eos),
                 "requests": reqs,
+                "ready_fd": ready_w,
             }
         )
     )
     started = time.time()
     with open(log, "w") as f:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "bench.vllm_offline", str(job), str(out)],
             env=environment(settings),
+            stdin=subprocess.PIPE if barrier else subprocess.DEVNULL,
             stdout=f,
             stderr=subprocess.STDOUT,
-            timeout=timeout,
+            pass_fds=(ready_w,) if barrier else (),
         )
-    if proc.returncode != 0 or not out.exists():
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"exit status {proc.returncode}: " + " / ".join(tail))
-    res = json.loads(out.read_text())
-    tokens = 0
+    if barrier:
+        os.close(ready_w)
+    return _Child(proc, reqs, out, log, started, ready_r)
+
+
+def _collect(child: _Child, timeout: float) -> dict:
+    """Wait for the child; its output (token ids, times, cached tokens), or RuntimeError."""
+    try:
+        code = child.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.proc.kill()
+        child.proc.wait()
+        raise
+    if code != 0 or not child.out.exists():
+        tail = child.log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"exit status {code}: " + " / ".join(tail))
+    return json.loads(child.out.read_text())
+
+
+def _result(
+    wl: Workload, settings: VllmSettings, children: list[_Child], outputs: list[dict], tokenizer, eos: set[int],
+    seconds: float, end_to_end: float, startup: float,
+) -> Result:  # fmt: skip
+    tokens = cached = prompt = 0
     texts = {}
-    for r, ids in zip(reqs, res["token_ids"]):
-        useful = _useful(ids, r["max_tokens"], eos)
-        tokens += useful
-        texts[(wl.row_id(r["row"]), r["sample"])] = tokenizer.decode(ids[:useful], skip_special_tokens=True)
+    for child, res in zip(children, outputs):
+        cached += res["cached_tokens"]
+        prompt += res["prompt_tokens"]
+        for r, ids in zip(child.requests, res["token_ids"]):
+            useful = _useful(ids, r["max_tokens"], eos)
+            tokens += useful
+            texts[(wl.row_id(r["row"]), r["sample"])] = tokenizer.decode(ids[:useful], skip_special_tokens=True)
+    label = settings.label()
+    if len(children) > 1:
+        label = label.replace("vLLM offline", f"vLLM offline {len(children)}x", 1)
     return Result(
-        settings.label(),
+        label,
         wl.name,
         tokens,
-        res["generate_s"],
-        end_to_end_seconds=res["generate_end"] - started,
+        seconds,
+        end_to_end_seconds=end_to_end,
         extra={
             "threads": settings.threads if settings.device == "cpu" else "-",
             "vllm": {
-                "version": res["version"],
-                "startup_s": res["ready"] - started,
+                "version": outputs[0]["version"],
+                "startup_s": startup,
                 "engine_args": settings.engine_args(),
                 "longest_first": settings.longest_first,
+                "by_template": settings.by_template,
+                "processes": len(children),
+                "cached_tokens": cached,
+                "prompt_tokens": prompt,
             },
             "texts": texts,
         },
     )
 
 
+def run_vllm_offline(
+    wl: Workload, model_dir: Path, work_dir: Path, settings: VllmSettings, tokenizer, eos: set[int],
+    timeout: float = 1200, tag: str | None = None,
+) -> Result:  # fmt: skip
+    """Run the workload through vllm.LLM.generate in a fresh process; raises RuntimeError if it fails."""
+    child = _launch(wl, row_order(wl, settings), model_dir, work_dir, settings, eos, tag or wl.name)
+    res = _collect(child, timeout)
+    return _result(
+        wl, settings, [child], [res], tokenizer, eos,
+        seconds=res["generate_s"], end_to_end=res["generate_end"] - child.started, startup=res["ready"] - child.started,
+    )  # fmt: skip
+
+
+def run_vllm_offline_split(
+    wl: Workload, parts: list[list[int]], model_dir: Path, work_dir: Path, settings: VllmSettings, tokenizer,
+    eos: set[int], timeout: float = 1200, tag: str | None = None,
+) -> Result:  # fmt: skip
+    """One vLLM offline process per part (its rows, in that order), side by side, each with
+    `settings` (threads each). They generate only once every one is warm, so the steady state
+    is from that moment to the last one's end: how fast the layout runs, not whose start won."""
+    tag = tag or f"{wl.name}-split"
+    children = [
+        _launch(wl, rows, model_dir, work_dir, settings, eos, f"{tag}-{k}", barrier=True)
+        for k, rows in enumerate(parts)
+    ]
+    try:
+        for child in children:
+            if os.read(child.ready, 1) != b"1":  # EOF: it died before warming up
+                raise RuntimeError(f"a vLLM offline process exited before it was ready; see {child.log}")
+        go = time.time()
+        for child in children:
+            child.proc.stdin.write(b"go\n")
+            child.proc.stdin.close()
+        outputs = [_collect(child, timeout) for child in children]
+    finally:
+        for child in children:
+            os.close(child.ready)
+            if child.proc.poll() is None:
+                child.proc.kill()
+                child.proc.wait()
+    started = min(c.started for c in children)
+    end = max(res["generate_end"] for res in outputs)
+    return _result(
+        wl, settings, children, outputs, tokenizer, eos,
+        seconds=end - go, end_to_end=end - started, startup=go - started,
+    )  # fmt: skip
+
+
 def in_arrival_order(r: Result) -> bool:
-    """A completed (e) run in arrival order, as LLM.generate runs by default: what the targets compare with."""
-    return "vllm" in r.extra and not r.extra["vllm"]["longest_first"] and bool(r.completion_tokens)
+    """A completed (e) run in arrival order, one process with the prefix cache on, as LLM.generate runs
+    by default: what the targets compare with."""
+    v = r.extra.get("vllm")
+    return (
+        v is not None
+        and not v["longest_first"]
+        and not v.get("by_template")
+        and v.get("processes", 1) == 1
+        and v["engine_args"].get("enable_prefix_caching") is not False
+        and bool(r.completion_tokens)
+    )
+
+
+def hit_rate(r: Result) -> float | None:
+    """Prefix-cache hits of a vLLM offline run: cached prompt tokens / prompt tokens."""
+    v = r.extra.get("vllm", {})
+    return v["cached_tokens"] / v["prompt_tokens"] if v.get("prompt_tokens") else None
 
 
 def same_texts(a: dict, b: dict) -> tuple[int, int]:
@@ -184,6 +310,10 @@ def main(argv: list[str]) -> int:
     # One token, as bulkgen's engine generates before its replica reports ready (its probe).
     llm.generate([TokensPrompt(prompt_token_ids=[job["eos"][0]])], SamplingParams(max_tokens=1), use_tqdm=False)
     ready = time.time()
+    if job["ready_fd"] is not None:  # a split run: say so, and start when all are warm
+        os.write(job["ready_fd"], b"1")
+        os.close(job["ready_fd"])
+        sys.stdin.readline()
     prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in job["requests"]]
     params = [
         # As workers/vllm_engine.VllmEngine._params builds them for this workload's generation spec.
@@ -212,6 +342,9 @@ def main(argv: list[str]) -> int:
                 "generate_s": seconds,
                 "generate_end": end,
                 "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+                # Filled whether log stats are on or off (see workers/vllm_engine.py).
+                "cached_tokens": sum(o.num_cached_tokens or 0 for o in outputs),
+                "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
             }
         )
     )
@@ -219,4 +352,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":  # vLLM starts its processes by spawn: they import this module
+    if sys.argv[1:2] == ["--augment-matrix"]:
+        from bench.prefix_matrix import main as matrix
+
+        sys.exit(matrix(sys.argv[2:]))
     sys.exit(main(sys.argv[1:]))
