@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 
+import psutil
 import pytest
 
 from jobs.core.times import seconds_between
@@ -48,6 +49,9 @@ def test_replicas_load_while_the_driver_validates(bulkgen_procs, ray_tmpdirs, ti
 
     wait_for(replica_started, REACH_S, "a replica to start while the driver validates")
     assert read_record(out)["state"] == "validating"
+    # The Ray that `bulkgen run` starts runs its workers at nice 0, not Ray's 15 (cli_env sets no RAY_*).
+    replica = next(e["pid"] for e in faults.trace() if e["point"] == "replica.start")
+    assert psutil.Process(replica).nice() == 0
     assert not _reached(faults, "replica.shard_start")
     (faults.dir / "driver.validate.release").touch()
     assert driver.wait(EXIT_S) == 0, driver.output()[-3000:]
