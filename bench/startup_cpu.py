@@ -6,7 +6,8 @@ each side in a fresh interpreter, one step after the other:
 
     driver   the `bulkgen run` process up to dispatch: imports, the spec, the
              checks as `run` makes them on a local Ray (and, as `validate` makes
-             them, the meta model and the tokenizer), the weights' hash
+             them, the meta model and the tokenizer), the weights' hash, the
+             replica's class (which it wraps with ray.remote)
     replica  one replica as a Ray worker runs it: imports, the engine's load
              (tokenizer, from_pretrained), configure, then a first engine step
              (8 prompts, 1 new token)
@@ -60,6 +61,9 @@ def driver(job: str) -> None:
     steps.done("load_spec")
     check_input_and_model(spec, replicas_check_model=replicas_check_the_model(spec, None))
     steps.done("checks as run makes them (local Ray)")
+    from workers.replica import Replica  # noqa: F401 (ReplicaPool wraps it with ray.remote)
+
+    steps.done("import workers.replica (to launch it)")
     preflight.check_model_loadable(spec)
     steps.done("  + meta model (validate; imports torch)")
     load_tokenizer(spec.model)
