@@ -55,7 +55,13 @@ from jobs.run_errors import JobCancelled, JobError
 from jobs.run_log import RunLog
 from jobs.scheduler import ShardExhausted, ShardScheduler, Work, shards_per_batch, shards_per_replica
 from jobs.snapshot import InputSnapshot
-from jobs.validate import Checked, check_before_launch, check_input_and_model, check_output_usable
+from jobs.validate import (
+    Checked,
+    check_before_launch,
+    check_input_and_model,
+    check_output_usable,
+    replicas_check_the_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +114,7 @@ def _run_claimed(
             pool = ReplicaPool(spec, _shards_per_replica(spec, record, dataset.num_rows))
             launch = EarlyLaunch(pool, ray_start.result, lambda: plan_for_cluster(spec.resources))
             faults.inject("driver.validate")
-            checked = check_input_and_model(spec, dataset)
+            checked = check_input_and_model(spec, dataset, replicas_check_the_model(spec, address))
             record.run.mark("validated")
             snapshot, shards = _planned_input(spec, out, record, checked)
             commits = out.commit_records()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from jobs.core import adapters, reasoning, vllm_support
 from jobs.core.errors import ModelError
-from jobs.core.model import context_length
+from jobs.core.model import context_length, missing_weights
 from jobs.core.spec import JobSpec
 from jobs.weights_cache import weights_sha256
 
@@ -62,6 +62,13 @@ def check_attn_implementation(spec: JobSpec) -> None:
         f"model.attn_implementation {name!r} is not one transformers {transformers.__version__} knows; "
         f"use one of {known}, a hub kernel like 'kernels-community/flash-attn2', or leave it unset (sdpa, else eager)"
     )
+
+
+def reads_tokenizer(spec: JobSpec) -> bool:
+    """Whether check_tokenizer or check_reasoning can refuse `spec` (else loading the tokenizer
+    checks only that it loads, which a replica does as it starts)."""
+    g, i = spec.generation, spec.input
+    return bool(i.messages_column or g.structured is not None or i.schema_column or g.reasoning == "auto")
 
 
 def check_tokenizer(spec: JobSpec, tokenizer) -> None:
@@ -204,11 +211,8 @@ def _check_safetensors_headers(path: str, model) -> None:
     stored |= {f"{prefix}{n}" for n in stored}
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     expected = {name for name, _ in model.named_parameters()} - tied
-    missing = sorted(expected - stored)
-    if missing:
-        raise ModelError(
-            f"model weights in {path} lack {len(missing)} parameters the architecture needs, e.g. {missing[:3]}"
-        )
+    if missing := expected - stored:
+        raise missing_weights(path, missing)
 
 
 # Engine arguments the spec itself decides; an engine option must not contradict it.

@@ -17,6 +17,7 @@ from jobs.core.times import now
 log = logging.getLogger(__name__)
 
 SUBMITTED_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted driver
+NICENESS_ENV = "RAY_worker_niceness"  # Ray's own setting for its workers' nice value (default 15)
 CLOSE_WAIT_S = 60.0  # how long a run that ends waits for a ray.init under way, to shut down what it started
 
 
@@ -120,8 +121,17 @@ def _init(ray, address: str | None) -> None:
             ) from e
         log.info("joined Ray cluster at %s", address)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
+                 _system_config=_own_ray_config())
         log.info("started a local Ray instance")
+
+
+def _own_ray_config() -> dict:
+    """Settings for a Ray this run starts (never a joined cluster's). Its workers, the replicas
+    among them, run at nice 0 instead of Ray's 15: the run owns the processes, and at nice 15 a
+    replica loading its model got a sliver of a core beside the driver and any busy process, so
+    the first token waited on them. RAY_worker_niceness, where set, is the user's choice."""
+    return {} if NICENESS_ENV in os.environ else {"worker_niceness": 0}
 
 
 @contextlib.contextmanager

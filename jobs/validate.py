@@ -52,7 +52,7 @@ class Checked:
 
     input_rows: int
     model: dict  # identity: path, revision, dtype, weights hash
-    context: int | None
+    context: int | None  # None where the replicas check the model (check_input_and_model)
     output_rows: int  # (id, sample_index) rows the job writes: a batch request asks for its own n
     files: tuple[InputFile, ...]  # the input files whose footers were read
 
@@ -90,10 +90,16 @@ def check_before_launch(spec: JobSpec) -> None:
     preflight.check_adapters(spec)
 
 
-def check_input_and_model(spec: JobSpec, dataset: Dataset | None = None) -> Checked:
+def check_input_and_model(spec: JobSpec, dataset: Dataset | None = None, replicas_check_model: bool = False) -> Checked:
     """The checks after the output is known usable (`run` claims it in between, to record a failure),
     check_before_launch's among them; `dataset`: the input, if the caller opened it already.
-    They plan nothing: the driver plans (or re-reads the plan it pinned) once they pass."""
+    They plan nothing: the driver plans (or re-reads the plan it pinned) once they pass.
+
+    `replicas_check_model` (replicas_check_the_model): the replicas loading beside these checks
+    find a model that does not load (config, architecture, missing weights) and fail the job as
+    bad input, so the meta model is not built here and the tokenizer is loaded only for the checks
+    that read it; `context` is then None. Both import torch and transformers: ~3 core-seconds that
+    the replicas, importing the same, need on a 2-core machine."""
     check_before_launch(spec)
     dataset = dataset or open_dataset(spec.input)
     check_unique_ids(spec.input, dataset)
@@ -101,13 +107,22 @@ def check_input_and_model(spec: JobSpec, dataset: Dataset | None = None) -> Chec
     check_row_schemas(spec, dataset)
     check_reference_column(spec, dataset.schema)
     check_template_renders(spec, dataset.files)
-    context = preflight.check_model_loadable(spec)
-    tokenizer = load_tokenizer(spec.model)
-    preflight.check_tokenizer(spec, tokenizer)
-    preflight.check_reasoning(spec, tokenizer)
+    context = None if replicas_check_model else preflight.check_model_loadable(spec)
+    if not replicas_check_model or preflight.reads_tokenizer(spec):
+        tokenizer = load_tokenizer(spec.model)
+        preflight.check_tokenizer(spec, tokenizer)
+        preflight.check_reasoning(spec, tokenizer)
     output_rows = dataset.output_rows(spec.generation.num_return_sequences)
     identity = preflight.model_identity(spec)
     return Checked(dataset.num_rows, identity, context, output_rows, tuple(dataset.files))
+
+
+def replicas_check_the_model(spec: JobSpec, address: str | None) -> bool:
+    """Whether `run` leaves the model's load checks to its replicas: where it starts them on this
+    machine's Ray (no address, no RAY_ADDRESS), so a model found broken as they load costs seconds,
+    not a cluster's nodes; and where the engine that loads it says what is missing (transformers,
+    also `auto`'s fallback when vLLM refuses a checkpoint): not on model.engine vllm."""
+    return not (address or os.environ.get("RAY_ADDRESS")) and spec.model.engine != "vllm"
 
 
 def check_adapter_names(spec: JobSpec, dataset: Dataset) -> None:

@@ -327,3 +327,25 @@ def test_the_cycle_check_lets_type_checking_imports_and_layers_through():
         "jobs/driver.py": "from jobs.core import spec\nfrom jobs import output\n",
         "jobs/output.py": "from jobs.core.rows import GENERATED\n",
     }) == []  # fmt: skip
+
+
+def test_run_starts_its_replicas_without_torch_in_the_driver(tmp_path):
+    """On its own Ray, `bulkgen run`'s checks leave the model to the replicas and launching the
+    actor class imports only the replica's light modules: the driver imports neither torch nor
+    transformers (~3 core-seconds that the replicas, importing the same, need on 2 cores)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jobs.cli, jobs.driver\n"
+        "from jobs.core.spec import load_spec\n"
+        "from jobs.validate import check_input_and_model\n"
+        "from workers.replica import Replica\n"
+        "check_input_and_model(load_spec('examples/demo/job.yaml'), replicas_check_model=True)\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

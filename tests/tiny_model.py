@@ -126,3 +126,18 @@ def train_lora(base: Path, out: Path, text: str, seed: int, steps: int = 20, tar
         optimizer.step()
     peft_model.save_pretrained(out)
     return out
+
+
+def save_without_weight(model: Path, path: Path, name: str) -> Path:
+    """A copy of checkpoint `model` at `path` whose safetensors lack the parameter `name`
+    (config and tokenizer intact): it loads only with that weight made up."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, path)
+    weights = path / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors[name]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return path

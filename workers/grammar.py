@@ -13,10 +13,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from functools import cached_property
-
-import torch
+from typing import TYPE_CHECKING
 
 from jobs.core.structured import Structured, grammar
+
+if TYPE_CHECKING:  # torch is imported in mask(): the driver imports this module (workers.replica,
+    import torch  # to launch the actor) and must not pay ~0.8 core-seconds of torch for it
 
 COMPILED = 1024  # distinct constraints kept compiled (a job's, or one per distinct row schema)
 
@@ -72,6 +74,8 @@ class Grammars:
     def mask(self, logits: torch.Tensor, matchers: list) -> None:
         """Set to -inf, in place, every token a row's matcher does not allow next; (B, V) float
         logits (V at most the `vocab` given), one matcher (or None: unconstrained) per row."""
+        import torch
+
         active = [i for i, m in enumerate(matchers) if m is not None]
         if not active:
             return

@@ -26,7 +26,8 @@ import torch
 
 from jobs.core import faults, structured
 from jobs.core.adapters import BASE
-from jobs.core.model import context_length, load_tokenizer
+from jobs.core.errors import ModelError
+from jobs.core.model import context_length, load_tokenizer, missing_weights
 from jobs.core.prefix import shared_prefix_len
 from jobs.core.rows import structured_possible
 from workers import sampling
@@ -111,7 +112,15 @@ class TransformersEngine:
         )
         if m.attn_implementation:
             kwargs["attn_implementation"] = m.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(m.path, **kwargs).to(device).eval()
+        # The replica's load is the model's check on a local Ray (the driver skips its meta model
+        # there, jobs/validate.py): what cannot load is the job's bad input, said as the driver would.
+        try:
+            model, loading = AutoModelForCausalLM.from_pretrained(m.path, output_loading_info=True, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"model.path {m.path!r} does not load as a causal language model: {e}") from e
+        if loading["missing_keys"]:  # tied weights are not missing
+            raise missing_weights(m.path, loading["missing_keys"])
+        model = model.to(device).eval()
         use_grouped_attention(model)  # the same bits as sdpa, without a copy of the cache per step
         named = m.adapter_set()
         if named:

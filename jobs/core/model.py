@@ -20,6 +20,15 @@ def load_tokenizer(spec: ModelSpec):
         raise ModelError(f"model.tokenizer: cannot load a tokenizer from {spec.tokenizer or spec.path!r}: {e}") from e
 
 
+def missing_weights(path: str, missing) -> ModelError:
+    """The error for a checkpoint whose weights lack parameters its architecture needs (the driver's
+    meta-model check and the replica's load both find it, and say it the same way)."""
+    missing = sorted(missing)
+    return ModelError(
+        f"model weights in {path} lack {len(missing)} parameters the architecture needs, e.g. {missing[:3]}"
+    )
+
+
 def context_length(config) -> int | None:
     """Most tokens (prompt + new) the model attends over, from its config; None if it does not say."""
     text_config = config.get_text_config()

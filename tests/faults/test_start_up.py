@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import signal
 
+import psutil
 import pytest
 
 from jobs.core.times import seconds_between
 from jobs.record import TIMELINE
 from tests.conftest import job_dict, write_job, write_prompts
 from tests.faults.conftest import Faults, check_output, cli_env, ray_processes, read_record
+from tests.tiny_model import save_without_weight
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
@@ -47,6 +49,9 @@ def test_replicas_load_while_the_driver_validates(bulkgen_procs, ray_tmpdirs, ti
 
     wait_for(replica_started, REACH_S, "a replica to start while the driver validates")
     assert read_record(out)["state"] == "validating"
+    # The Ray that `bulkgen run` starts runs its workers at nice 0, not Ray's 15 (cli_env sets no RAY_*).
+    replica = next(e["pid"] for e in faults.trace() if e["point"] == "replica.start")
+    assert psutil.Process(replica).nice() == 0
     assert not _reached(faults, "replica.shard_start")
     (faults.dir / "driver.validate.release").touch()
     assert driver.wait(EXIT_S) == 0, driver.output()[-3000:]
@@ -78,6 +83,21 @@ def test_a_model_the_replica_refuses_is_bad_input(bulkgen_procs, ray_tmpdirs, ti
     assert "injected fault at replica.start" in driver.output()
     record = read_record(out)
     assert record["state"] == "failed" and "injected fault at replica.start" in record["error"]["message"]
+    assert not _reached(faults, "replica.shard_start")
+
+
+def test_a_checkpoint_missing_weights_fails_the_run_as_bad_input(bulkgen_procs, ray_tmpdirs, tiny_model, tmp_path):
+    """On its own local Ray, `bulkgen run` leaves the model's check to the replicas: a weight the
+    checkpoint lacks is still exit 2 naming the checkpoint and the key, before any shard runs."""
+    missing = "model.layers.1.self_attn.q_proj.weight"
+    model = save_without_weight(tiny_model, tmp_path / "missing", missing)
+    job, out, faults = _job(tmp_path, model)
+    driver = bulkgen_procs(["run", str(job), "--no-progress"], cli_env(ray_tmpdirs(), faults.dir))
+    assert driver.wait(REACH_S) == 2, driver.output()[-3000:]
+    record = read_record(out)
+    assert record["state"] == "failed", record
+    for fragment in (str(model), missing, "lack 1 parameters"):
+        assert fragment in record["error"]["message"] and fragment in driver.output()
     assert not _reached(faults, "replica.shard_start")
 
 

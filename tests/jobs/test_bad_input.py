@@ -12,12 +12,17 @@ import pytest
 import ray
 import transformers
 
+import jobs.validate
+from jobs import preflight
 from jobs.cli import main
 from jobs.core.errors import BadInput, InputError, ModelError, OutputError, SpecError
 from jobs.core.spec import load_spec, spec_from_dict
 from jobs.driver import run_job
-from jobs.validate import validate
+from jobs.validate import check_input_and_model, replicas_check_the_model, validate
 from tests.conftest import job_dict, write_job, write_prompts
+from tests.tiny_model import save_without_weight
+
+MISSING_WEIGHT = "model.layers.1.mlp.down_proj.weight"
 
 
 @pytest.fixture
@@ -252,6 +257,53 @@ def test_pickle_only_weights_pass_when_allowed(tmp_path, prompts, pickle_only_mo
     checked = validate(spec)
     assert checked.input_rows == 12
     assert checked.model["weights_sha256"]
+
+
+@pytest.fixture(scope="module")
+def model_missing_a_weight(tiny_model, tmp_path_factory) -> Path:
+    return save_without_weight(tiny_model, tmp_path_factory.mktemp("models") / "missing", MISSING_WEIGHT)
+
+
+def test_a_checkpoint_missing_weights_is_refused_by_validate(tmp_path, prompts, model_missing_a_weight):
+    # `bulkgen validate` builds the meta model always; `run` on a local Ray leaves this to the replicas
+    # (tests/workers/test_engine.py, tests/faults/test_start_up.py).
+    with pytest.raises(ModelError) as refused:
+        validate(make_spec(tmp_path, model_missing_a_weight))
+    assert str(model_missing_a_weight) in str(refused.value) and MISSING_WEIGHT in str(refused.value)
+
+
+def test_run_on_a_local_ray_leaves_the_model_to_the_replicas(tmp_path, tiny_model, prompts, monkeypatch):
+    """No meta model and no tokenizer in the driver (torch and transformers stay out of it) unless a
+    check reads the tokenizer; the replicas check the model as they load it."""
+
+    def no_model(spec):
+        raise AssertionError("the driver built the meta model")
+
+    def no_tokenizer(model):
+        raise AssertionError("the driver loaded the tokenizer")
+
+    monkeypatch.setattr(preflight, "check_model_loadable", no_model)
+    monkeypatch.setattr(jobs.validate, "load_tokenizer", no_tokenizer)
+    spec = make_spec(tmp_path, tiny_model)
+    checked = check_input_and_model(spec, replicas_check_model=True)
+    assert (checked.input_rows, checked.context) == (12, None) and checked.model["weights_sha256"]
+    with pytest.raises(AssertionError, match="meta model"):
+        check_input_and_model(spec)  # validate's way
+    # A spec whose checks read the tokenizer still loads it.
+    reads = [{"generation": {"structured": {"choices": ["a"]}}}, {"generation": {"reasoning": "auto"}},
+             {"input": {"prompt_column": None, "messages_column": "messages"}}]  # fmt: skip
+    assert not preflight.reads_tokenizer(spec)
+    assert all(preflight.reads_tokenizer(make_spec(tmp_path, tiny_model, **sections)) for sections in reads)
+
+
+def test_the_replicas_check_the_model_only_on_this_machines_ray(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert replicas_check_the_model(make_spec(tmp_path, tiny_model), None)  # transformers
+    assert replicas_check_the_model(make_spec(tmp_path, tiny_model, model_fields={"engine": "auto"}), None)
+    assert not replicas_check_the_model(make_spec(tmp_path, tiny_model), "ray://head:10001")
+    assert not replicas_check_the_model(make_spec(tmp_path, tiny_model, model_fields={"engine": "vllm"}), None)
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert not replicas_check_the_model(make_spec(tmp_path, tiny_model), None)
 
 
 def test_valid_input_passes_validation_without_loading_the_model(tmp_path, tiny_model, prompts, nothing_heavy_starts):

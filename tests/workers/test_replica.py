@@ -419,3 +419,19 @@ def test_a_corrupt_page_names_its_file(tmp_path, tiny_model):
     with pytest.raises(InputError, match=r"cannot read rows 0:6 of input file .*prompts\.parquet"):
         run_shards(spec)
 
+
+
+def test_a_checkpoint_missing_weights_is_refused_as_bad_input(tmp_path, tiny_model, keep_torch_threads):
+    """On a local Ray the replica's load is the model's check (the driver builds no meta model):
+    a weight the architecture needs and the checkpoint lacks is the job's bad input, named with
+    its checkpoint, raised by configure so that the driver gets it as itself (exit 2)."""
+    from jobs.core.errors import ModelError
+    from tests.tiny_model import save_without_weight
+    from workers.replica import Replica
+
+    missing = "model.layers.0.self_attn.o_proj.weight"
+    model = save_without_weight(tiny_model, tmp_path / "missing", missing)
+    replica = Replica(spec_from_dict(job_dict(str(tmp_path / "in"), str(tmp_path / "out"), model)))
+    with pytest.raises(ModelError) as refused:
+        replica.configure({})
+    assert str(model) in str(refused.value) and missing in str(refused.value)
