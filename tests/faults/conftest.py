@@ -228,7 +228,10 @@ def fault_ray(_fault_ray_owner, fault_dir, tmp_path_factory):
     once and shared by the fault tests. Any other Ray this process runs is shut down first."""
     import ray
 
-    if ray.is_initialized() and not _OURS["ray"]:
+    # Ours only while it still gives its workers the fault directory: a test between two fault
+    # tests may have shut ours down and started a plain one (a driver run in-process does).
+    ours = _OURS["ray"] and ray.is_initialized() and _fault_env(ray) == str(fault_dir)
+    if ray.is_initialized() and not ours:
         ray.shutdown()
     if not ray.is_initialized():
         start_local_ray(
@@ -237,6 +240,10 @@ def fault_ray(_fault_ray_owner, fault_dir, tmp_path_factory):
         )
         _OURS["ray"] = True
     return ray
+
+
+def _fault_env(ray) -> str | None:
+    return ray.get_runtime_context().runtime_env.get("env_vars", {}).get(FAULTS_ENV)
 
 
 # -- a job in a background thread --------------------------------------------------
