@@ -237,7 +237,7 @@ class _Run:
             # The report reads only committed files and the record, so it is built while
             # Ray stops (after the final state: shutting down flushes its metrics).
             report = None
-            if self.record.state in (JobState.SUCCEEDED, JobState.FAILED) and self.spec.output.report:
+            if self.record.state in (JobState.SUCCEEDED, JobState.FAILED):
                 report = threading.Thread(target=self._write_report, name="report", daemon=True)
                 report.start()  # not on Ctrl-C: the user wants out
             self.launch.stop(wait_s=CLOSE_WAIT_S)  # a run that never dispatched (cancelled at once)
@@ -254,12 +254,14 @@ class _Run:
     def _write_report(self) -> None:
         """The job's report (output.report), after _SUCCESS or the failure is recorded.
         A report that cannot be built must not fail the job: it is logged instead."""
+        if not self.spec.output.report:
+            return
         try:
             from jobs.report import write_report
 
             written = write_report(self.out.uri, self.out.storage_options)
-            self.record.run.mark("report_written")
             log.info("report: %s", written.html)
+            self.record.run.mark("report_written")
         except Exception as e:
             log.warning("could not write the job's report (`bulkgen report %s` retries): %s: %s", self.out.uri,
                         type(e).__name__, e)

@@ -522,11 +522,14 @@ def _driver_run(tmp_path, uri: str, report: bool):
     from jobs.core.spec import spec_from_dict
     from jobs.driver import _Run
     from jobs.output import OutputDir
+    from jobs.record import JobRecord
 
     spec = spec_from_dict({"input": {"uri": str(tmp_path / "in.parquet"), "prompt_column": "p"},
                            "model": {"path": "m"}, "output": {"uri": uri, "report": report}})
     run = object.__new__(_Run)  # only what _write_report uses: no Ray, no replicas
     run.spec, run.out = spec, OutputDir(uri, {})
+    run.record = JobRecord(spec={}, fingerprint="f")
+    run.record.start_run(None)
     return run
 
 
@@ -535,8 +538,10 @@ def test_the_driver_writes_the_report_unless_turned_off(tmp_path):
     make_output(uri)
     _driver_run(tmp_path, uri, report=False)._write_report()
     assert not (tmp_path / "out" / "_report").exists()
-    _driver_run(tmp_path, uri, report=True)._write_report()
+    run = _driver_run(tmp_path, uri, report=True)
+    run._write_report()
     assert (tmp_path / "out" / "_report" / "index.html").exists()
+    assert "report_written" in run.record.run.timeline
 
 
 def test_a_report_that_fails_does_not_fail_the_job(tmp_path, caplog):
