@@ -290,26 +290,25 @@ def _run_engines(preset, wl, model, tokenizer, model_dir, work, plan, record, fa
                 f"{r.extra['vllm']['startup_s']:.1f} s to start (LLM() and a one-token warm-up); "
                 f"{t} OMP thread(s), one engine; EngineArgs {r.extra['vllm']['engine_args']}"
             )
+        def rerun_best(why: str, **order) -> None:
+            """vLLM offline again at the fastest thread count, its rows in another order
+            (`why` may name the run's {engine_args})."""
+            t = max(ran, key=lambda k: ran[k].tokens_per_s)
+            settings = dataclasses.replace(vllm_settings(preset, wl, t), **order)
+            try:
+                r = keep(run_vllm_offline(wl, model_dir, work, settings, tokenizer, _eos(model, tokenizer), timeout))
+                r.notes = f"as the run above with {t} OMP thread(s), but " + why.format(engine_args=settings.engine_args())
+            except Exception as e:
+                failed(settings.label(), e)
+
         if ran and wl.templates is not None:
             # augment: vLLM offline with the rows sorted by template, a reference for what
             # admitting a prefix's rows together could give (the target stays arrival order).
-            t = max(ran, key=lambda k: ran[k].tokens_per_s)
-            settings = dataclasses.replace(vllm_settings(preset, wl, t), by_template=True)
-            try:
-                r = keep(run_vllm_offline(wl, model_dir, work, settings, tokenizer, _eos(model, tokenizer), timeout))
-                r.notes = f"as the run above with {t} OMP thread(s), but the rows sorted by template"
-            except Exception as e:
-                failed(settings.label(), e)
+            rerun_best("the rows sorted by template", by_template=True)
         if ran and len(set(wl.limits)) > 1:
             # Where row limits differ, vLLM offline in the order bulkgen's engine admits rows
             # (longest first) too: how much of bulkgen's lead is that order, not the integration.
-            t = max(ran, key=lambda k: ran[k].tokens_per_s)
-            settings = dataclasses.replace(vllm_settings(preset, wl, t), longest_first=True)
-            try:
-                r = keep(run_vllm_offline(wl, model_dir, work, settings, tokenizer, _eos(model, tokenizer), timeout))
-                r.notes = f"as the run above with {t} OMP thread(s), but longest first: EngineArgs {settings.engine_args()}"
-            except Exception as e:
-                failed(settings.label(), e)
+            rerun_best("longest first: EngineArgs {engine_args}", longest_first=True)
     for engine, layouts in plan.layouts.items():
         if engines_only and engine != "vllm":
             continue
