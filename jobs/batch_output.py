@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 import fsspec
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs.core import storage
 from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, DATA
@@ -86,9 +85,9 @@ def write_batch_files(spec: JobSpec, out: OutputDir, commits: dict[int, CommitRe
 def _read_data(url: str, storage_options: dict, columns: list[str], optional: list[str]) -> list[dict]:
     """A data/ file's rows: `columns`, and those of `optional` it has (a shard committed by a
     bulkgen that wrote no logprob or reasoning columns still answers, without them)."""
-    data = pq.ParquetFile(io.BytesIO(storage.read_bytes(url, storage_options)))
+    data = storage.open_parquet(io.BytesIO(storage.read_bytes(url, storage_options)))
     present = set(data.schema_arrow.names)
-    return data.read(columns=columns + [c for c in optional if c in present]).to_pylist()
+    return data.read(columns=columns + [c for c in optional if c in present], use_threads=False).to_pylist()
 
 
 def token_reader(spec: JobSpec) -> TokenOf:

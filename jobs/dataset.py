@@ -100,7 +100,7 @@ def read_footers(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> 
     def footer(path: str) -> tuple[InputFile, pa.Schema]:
         try:
             with fs.open(path, "rb") as f:
-                meta = pq.read_metadata(f)
+                meta = storage.open_parquet(f).metadata
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
             raise InputError(f"input file {fs.unstrip_protocol(path)} is not readable Parquet: {e}") from e
         relpath = posixpath.relpath(path, root) if root else path
@@ -320,7 +320,7 @@ def iter_row_groups(spec: InputSpec, dataset: Dataset, columns: list[str], what:
 def _iter_file_row_groups(spec: InputSpec, file: InputFile, columns: list[str], what: str):
     """(table of `columns`, offset of the row group in the file) of each of the file's row groups."""
     with fsspec.open(file.url, "rb", **spec.storage_options) as f:
-        pf = pq.ParquetFile(f)
+        pf = storage.open_parquet(f)
         offset = 0
         for group in range(pf.num_row_groups):
             table = _read_row_group(pf, group, file, columns, what)
@@ -333,7 +333,7 @@ def _read_row_group(pf: pq.ParquetFile, group: int, file: InputFile, columns: li
     (pyarrow raises a bare OSError for a corrupt page)."""
     try:
         return storage.with_retries(
-            lambda: pf.read_row_group(group, columns=columns), f"reading {what} of row group {group} of {file.url}"
+            lambda: pf.read_row_group(group, columns=columns, use_threads=False), f"reading {what} of row group {group} of {file.url}"
         )
     except OSError as e:
         raise InputError(

@@ -145,10 +145,20 @@ def write_parquet(table: pa.Table, url: str, storage_options: dict) -> None:
     write_bytes(url, parquet_bytes(table), storage_options)
 
 
+def open_parquet(source) -> pq.ParquetFile:
+    """A Parquet file over a Python file object (fsspec's, BytesIO) that pyarrow reads on the
+    calling thread only; give each of its reads `use_threads=False` as well.
+
+    With pyarrow's defaults (pre_buffer, use_threads) its own I/O and CPU threads read the file,
+    and the last of them to let go of it frees a Python object, which needs the GIL: when that
+    happens as the interpreter exits, the process aborts. `bulkgen run` did, with SIGABRT, after
+    printing its success (CI, 2026-12-06). bulkgen reads files in parallel with its own pools."""
+    return pq.ParquetFile(source, pre_buffer=False)
+
+
 def read_parquet(url: str, storage_options: dict, columns: list[str] | None = None) -> pa.Table:
-    # ParquetFile reads one whole file without pyarrow's dataset scanner, whose
-    # thread pool once aborted a `bulkgen run` at interpreter exit (tests/ray/test_cli.py).
-    return pq.ParquetFile(io.BytesIO(read_bytes(url, storage_options))).read(columns=columns)
+    # ParquetFile reads one whole file without pyarrow's dataset scanner and its thread pool.
+    return open_parquet(io.BytesIO(read_bytes(url, storage_options))).read(columns=columns, use_threads=False)
 
 
 def read_row_range(url: str, storage_options: dict, start: int, stop: int, columns: list[str]) -> pa.Table:
@@ -156,7 +166,7 @@ def read_row_range(url: str, storage_options: dict, start: int, stop: int, colum
 
     def read() -> pa.Table:
         with fsspec.open(url, "rb", **storage_options) as f:
-            pf = pq.ParquetFile(f)
+            pf = open_parquet(f)
             groups, first_row, offset = [], None, 0
             for i in range(pf.metadata.num_row_groups):
                 n = pf.metadata.row_group(i).num_rows
@@ -166,7 +176,7 @@ def read_row_range(url: str, storage_options: dict, start: int, stop: int, colum
                 offset += n
             if not groups:
                 return pf.schema_arrow.empty_table().select(columns)
-            table = pf.read_row_groups(groups, columns=columns)
+            table = pf.read_row_groups(groups, columns=columns, use_threads=False)
             return table.slice(start - first_row, stop - start)
 
     return with_retries(read, f"reading rows {start}:{stop} of {url}")
@@ -177,14 +187,14 @@ def read_rows(url: str, storage_options: dict, rows: Sequence[int], columns: lis
 
     def read() -> pa.Table:
         with fsspec.open(url, "rb", **storage_options) as f:
-            pf = pq.ParquetFile(f)
+            pf = open_parquet(f)
             sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
             starts = list(itertools.accumulate(sizes, initial=0))  # starts[g]: group g's first row in the file
             group_of = [bisect.bisect_right(starts, row) - 1 for row in rows]
             groups = sorted(set(group_of))
             # Where each chosen group's rows begin in the table of the chosen groups.
             begins = dict(zip(groups, itertools.accumulate((sizes[g] for g in groups), initial=0)))
-            table = pf.read_row_groups(groups, columns=columns)
+            table = pf.read_row_groups(groups, columns=columns, use_threads=False)
             at = [begins[g] + row - starts[g] for row, g in zip(rows, group_of)]
             return table.take(pa.array(at, pa.int64()))
 

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from jobs.core.layout import FILTERED, RECORD, OutputLayout
 from jobs.core.protocol import CommitRecord
 from jobs.core.rows import EVALUATION_FIELDS, FILTER
-from jobs.core.storage import with_retries
+from jobs.core.storage import open_parquet, with_retries
 from jobs.output import OutputDir
 from jobs.record import JobState, committed_counts, driver_alive
 from jobs.record_file import read_record_doc
@@ -185,7 +185,7 @@ def _corpus_scores(urls: list[str], reference: str, storage_options: dict) -> tu
             with _open(url, storage_options) as pf:
                 if reference not in pf.schema_arrow.names:
                     continue
-                table = pf.read(columns=["text", reference])
+                table = pf.read(columns=["text", reference], use_threads=False)
         except UNREADABLE:  # gone or unreadable: the data/ pass named it already
             continue
         for text, ref in zip(table.column("text").to_pylist(), table.column(reference).to_pylist()):
@@ -221,7 +221,7 @@ def _summarize(f: DataFile, storage_options: dict) -> DataFile:
         wanted = ["sample_index", "prompt_tokens", "completion_tokens", "finish_reason", *metrics, *features.COLUMNS]
         if metrics:
             wanted.append(id_column)  # the best of a row's samples
-        table = pf.read(columns=[c for c in wanted if c in names])
+        table = pf.read(columns=[c for c in wanted if c in names], use_threads=False)
         f.rows = table.num_rows
         f.row_groups = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
     f.prompt_tokens = _histogram(table, "prompt_tokens")
@@ -295,7 +295,7 @@ def _sample_texts(files: list[DataFile], storage_options: dict, n: int, rng: ran
             break
         try:
             with _open(f.url, storage_options) as pf:
-                column = pf.read_row_group(i, columns=["text"]).column("text")
+                column = pf.read_row_group(i, columns=["text"], use_threads=False).column("text")
             texts.extend(t for t in column.to_pylist() if t is not None)
         except UNREADABLE:  # gone or unreadable: the data/ pass named it already
             continue
@@ -326,7 +326,7 @@ def _read_dropped(url: str, key_column: str, storage_options: dict, found: Outpu
         with _open(url, storage_options) as pf:
             if key_column not in pf.schema_arrow.names:
                 return dropped
-            table = pf.read()
+            table = pf.read(use_threads=False)
     except FileNotFoundError:
         return dropped
     except UNREADABLE as e:
@@ -350,4 +350,4 @@ def _unreadable(found: OutputData, url: str, e: Exception) -> None:
 def _open(url: str, storage_options: dict) -> Iterator[pq.ParquetFile]:
     """A Parquet file through fsspec: only the footer and the column chunks read are fetched."""
     with fsspec.open(url, "rb", **storage_options) as f:
-        yield pq.ParquetFile(f)
+        yield open_parquet(f)
