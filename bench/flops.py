@@ -25,6 +25,13 @@ def sequence_flops(shape: ModelShape, prompt_len: int, new_tokens: int) -> float
     return dense * total_positions + attn + head * max(new_tokens, 0)
 
 
+def skipped_prompt_flops(shape: ModelShape, skipped_positions: int) -> float:
+    """The matmul FLOPs of prompt positions a system never ran (a prefix cache served their KV,
+    or a shared prefix was prefilled once): taken off sequence_flops for MFU, which counts work
+    done. Their attention rows are left in (a few percent at these lengths), so MFU errs high."""
+    return 2 * shape.params()["body"] * skipped_positions
+
+
 def matmul_peak(device: str = "cpu", dtype: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:
     """Best sustained FLOP/s of an (n x n) @ (n x n) matmul over a few timed repeats."""
     import torch

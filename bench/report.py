@@ -654,7 +654,8 @@ def render(
         "  vLLM's batches are ragged (no padding) and its counters do not say what it computed: '-'.",
         "- MFU: model FLOPs the workload needs (2 x body parameters per token position, plus attention",
         "  2 x layers x context x hidden, plus the lm_head where a token is picked; prompts counted once per",
-        "  returned sequence) / seconds / the matmul peak measured in this run.",
+        "  returned sequence), less the matmuls of prompt positions a run did not compute (prefix-cache hits,",
+        "  shared-prefix prefills), / seconds / the matmul peak measured in this run.",
         "- load: the machine's 1-minute load average when the measurement ended. Above the core count, other",
         "  processes were competing, and multi-threaded runs suffer most from it.",
     ]

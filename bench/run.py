@@ -30,7 +30,7 @@ from bench import report
 from bench.baselines import Result, _eos, hf_continuous_batching, naive, static_batches
 from bench.bulkgen_run import BulkgenConfig, can_group_by_prefix, run_bulkgen
 from bench.driver_scale import run as driver_scale
-from bench.flops import matmul_peak, sequence_flops
+from bench.flops import matmul_peak, sequence_flops, skipped_prompt_flops
 from bench.model import load_model, save_model
 from bench.presets import PRESETS, Preset, smoke
 from bench.scale_run import run as run_scale
@@ -96,6 +96,19 @@ def machine_peak(preset: Preset) -> float:
 def workload_flops(preset: Preset, wl: Workload) -> float:
     per_row = sum(sequence_flops(preset.shape, len(p), n) for p, n in zip(wl.prompt_ids, wl.limits))
     return per_row * wl.num_return_sequences
+
+
+def skipped_prompt_positions(r: Result) -> int:
+    """Prompt positions a run did not compute: vLLM's prefix-cache hits (offline, or bulkgen's
+    replicas) and the transformers engine's shared-prefix prefills."""
+    engine = r.extra.get("engine", {})
+    return (r.extra.get("vllm", {}).get("cached_tokens", 0) + engine.get("cached_prompt_tokens", 0)
+            + engine.get("prefix_shared_tokens", 0))
+
+
+def done_flops(preset: Preset, wl: Workload, r: Result) -> float:
+    """The FLOPs behind a run's MFU: the workload's, less the prompt positions it did not compute."""
+    return workload_flops(preset, wl) - skipped_prompt_flops(preset.shape, skipped_prompt_positions(r))
 
 
 def subset(wl: Workload, every: int) -> Workload:
@@ -230,7 +243,7 @@ def run_workload(
                 same, total = same_texts(r.extra["texts"], ref)
                 r.extra["same_as_vllm"] = (same, total)
     for r in results:
-        r.extra.setdefault("flops", workload_flops(preset, wl))
+        r.extra.setdefault("flops", done_flops(preset, wl, r))
         r.extra.pop("texts", None)
     return results
 
@@ -330,7 +343,7 @@ def _run_engines(preset, wl, model, tokenizer, model_dir, work, plan, record, fa
                     failed(cfg.label(), e)
                     continue
                 if target is not wl:
-                    r.extra.update(rows=target.rows, flops=workload_flops(preset, target))
+                    r.extra.update(rows=target.rows, flops=done_flops(preset, target, r))
                     r.notes = f"the first {target.rows} of {wl.rows} rows (same ids and prompts)"
     runs = [r for r in results if "config" in r.extra and r.completion_tokens]
     if plan.auto_skip is None and runs and wl.name in report.ENGINE_WORKLOADS:
@@ -361,7 +374,7 @@ def run_small_job(
 
     def record(r: Result) -> Result:
         r.extra.setdefault("load", os.getloadavg()[0])
-        r.extra.setdefault("flops", workload_flops(preset, wl))
+        r.extra.setdefault("flops", done_flops(preset, wl, r))
         r.extra.pop("texts", None)
         results.append(r)
         say(f"   {r.system:<48} {r.completion_tokens:>7} tok  {r.end_to_end_seconds:7.1f}s end to end "
