@@ -4,7 +4,8 @@ Every run records its model's identity, and hashing a checkpoint reads every
 byte of it. The cache file (XDG_CACHE_HOME, else ~/.cache: bulkgen/weights-sha256.json)
 maps the weight files' (realpath, size, mtime_ns, inode) to their digest, so a
 checkpoint whose files changed in any way that can be seen without reading them
-gets a new key and is hashed again. A cache that cannot be read or written costs a rehash, never a run.
+gets a new key and is hashed again; the old key is dropped then. A cache that cannot be read or
+written costs a rehash, never a run.
 """
 
 from __future__ import annotations
@@ -36,9 +37,20 @@ def weights_sha256(files: list[Path]) -> str:
     key = "\n".join(file_key(path) for path in files)
     cached = _read()
     if key not in cached:
+        # Entries of files changed or gone since are dropped, so nightly runs over a checkpoint
+        # rewritten each day keep one entry, not one a day.
+        cached = {k: v for k, v in cached.items() if _still_current(k)}
         cached[key] = _sha256(files)
         _write(cached)
     return cached[key]
+
+
+def _still_current(key: str) -> bool:
+    """Whether every file of a cache key is still there, in the version the key names."""
+    try:
+        return all(file_key(Path(line.rsplit("|", 3)[0])) == line for line in key.split("\n"))
+    except OSError:
+        return False
 
 
 def _sha256(files: list[Path]) -> str:

@@ -36,7 +36,7 @@ class WaitingQueue:
         self.age_steps = age_steps
         self._front: deque[Request] = deque()
         self._heap: list[tuple] = []  # (order, seq, shard, request, prefix key): unique seq, so order then seq decide
-        self._shards: dict[int, tuple[int, list]] = {}  # shard -> (arrived at admission, its heap entries)
+        self._shards: dict[int, tuple[int, deque]] = {}  # shard -> (arrived at admission, its heap entries, sorted)
         self._groups: dict[int, list[int]] = {}  # prefix key -> [its place (a prompt length), rows waiting]
         self._popped: set[int] = set()  # seq of entries served out of heap order (aging)
         self._seq = itertools.count()
@@ -73,8 +73,7 @@ class WaitingQueue:
             heapq.heappush(self._heap, entry)
             entries.append(entry)
         if entries:
-            entries.sort()
-            self._shards[shard] = (self._admissions, entries)
+            self._shards[shard] = (self._admissions, deque(sorted(entries)))
             self._size += len(entries)
 
     def push_front(self, requests: Iterable[Request]) -> None:
@@ -114,7 +113,10 @@ class WaitingQueue:
             if not group[1]:
                 del self._groups[key]
         arrived, entries = self._shards[shard]
-        entries.remove(entry)
+        # Always its shard's first entry: aging serves a shard's first, and the heap's top is
+        # the least entry of all, so the least of its shard's.
+        served = entries.popleft()
+        assert served is entry, "WaitingQueue served an entry that is not its shard's first"
         if not entries:
             del self._shards[shard]
             if self._aged == shard:

@@ -4,6 +4,7 @@ only when a file's version (path, size, mtime, inode) changed."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import pytest
@@ -77,3 +78,28 @@ def test_an_unusable_cache_costs_a_rehash_not_the_run(checkpoint, reads, tmp_pat
     assert weights_cache.weights_sha256(checkpoint) == plain_sha256(checkpoint)
     assert weights_cache.weights_sha256(checkpoint) == plain_sha256(checkpoint)
     assert len(reads) == 2
+
+
+def test_a_rewritten_checkpoint_keeps_one_entry_and_other_checkpoints_keep_theirs(checkpoint, tmp_path):
+    other = tmp_path / "other-model" / "c.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(b"C" * 50)
+    weights_cache.weights_sha256([other])
+    for night in range(3):  # a checkpoint written again every night
+        checkpoint[0].write_bytes(b"A" * (3000 + night))
+        weights_cache.weights_sha256(checkpoint)
+    entries = json.loads(weights_cache.cache_file().read_text())
+    assert sorted(entries) == sorted(
+        "\n".join(weights_cache.file_key(p) for p in files) for files in (checkpoint, [other])
+    )
+
+
+def test_an_entry_whose_file_is_gone_is_dropped(checkpoint, tmp_path):
+    gone = tmp_path / "gone.safetensors"
+    gone.write_bytes(b"G")
+    weights_cache.weights_sha256([gone])
+    gone.unlink()
+    weights_cache.weights_sha256(checkpoint)
+    assert list(json.loads(weights_cache.cache_file().read_text())) == [
+        "\n".join(weights_cache.file_key(p) for p in checkpoint)
+    ]

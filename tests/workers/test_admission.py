@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from workers.admission import WaitingQueue
 from workers.engine import Request
 
@@ -109,3 +112,35 @@ def test_order_never_changes_a_request():
         queue.begin_admission()
         out.append(queue.pop())
     assert sorted(out, key=lambda r: r.key) == reqs  # the same requests, seeds included
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(
+    st.tuples(st.just("push"), st.lists(st.tuples(st.booleans(), st.integers(1, 80)), min_size=1, max_size=6)),
+    st.tuples(st.just("pop"), st.integers(1, 4)),
+    st.tuples(st.just("admission"), st.just(0)),
+    st.tuples(st.just("requeue"), st.integers(1, 3)),
+), max_size=40), st.integers(1, 4))
+def test_any_interleaving_serves_every_request_once(steps, age_steps):
+    """Pushes, admissions, pops and requeues in any order, aging on: each request comes out
+    once, the size is always right, and head() is what pop() returns."""
+    queue, waiting, served, names = WaitingQueue(age_steps), set(), [], iter(range(10_000))
+    for op, arg in steps:
+        if op == "push":
+            batch = [req(f"r{next(names)}", n, PREFIX if shared else ()) for shared, n in arg]
+            queue.push(batch)
+            waiting |= {r.key for r in batch}
+        elif op == "admission":
+            queue.begin_admission()
+        elif op == "pop":
+            for _ in range(min(arg, len(queue))):
+                head = queue.head()
+                assert queue.pop() is head
+                waiting.remove(head.key)
+                served.append(head)
+        else:  # a failed batch's rows, put back first
+            back, served = served[-arg:], served[:-arg]
+            queue.push_front(back)
+            waiting |= {r.key for r in back}
+        assert len(queue) == len(waiting) and {r.key for r in queue} == waiting
+    assert sorted(drain(queue)) == sorted(waiting)
