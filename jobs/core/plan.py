@@ -58,9 +58,13 @@ class Shard:
         return None if self.rows is None else rows_digest(self.rows)
 
     def describe_rows(self) -> str:
-        """Its rows, for a message: "rows 0:1000", or "12 rows within 0:1000" when listed."""
-        span = f"{self.start}:{self.stop}"
-        return f"rows {span}" if self.rows is None else f"{len(self.rows)} rows within {span}"
+        return describe_rows(self.start, self.stop, None if self.rows is None else len(self.rows))
+
+
+def describe_rows(start: int | None, stop: int | None, listed: int | None) -> str:
+    """A shard's rows, for a message: "rows 0:1000", or "12 rows within 0:1000" when it lists them."""
+    span = f"{start}:{stop}"
+    return f"rows {span}" if listed is None else f"{listed} rows within {span}"
 
 
 def shard_name(index: int) -> str:

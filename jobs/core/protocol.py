@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from jobs.core.plan import Shard, shard_name
+from jobs.core.plan import Shard, describe_rows, shard_name
 
 
 class TaskKind(str, Enum):
@@ -142,9 +142,7 @@ class CommitRecord:
         )  # fmt: skip
 
     def describe_input(self) -> str:
-        span = f"{self.input_start}:{self.input_stop}"
-        rows = f"rows {span}" if self.input_row_count is None else f"{self.input_row_count} rows within {span}"
-        return f"{self.input} {rows}"
+        return f"{self.input} {describe_rows(self.input_start, self.input_stop, self.input_row_count)}"
 
     def to_json(self) -> dict:
         doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tally"}
