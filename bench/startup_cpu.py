@@ -55,10 +55,11 @@ def driver(job: str) -> None:
     from jobs import preflight
     from jobs.core.model import load_tokenizer
     from jobs.core.spec import load_spec
-    from jobs.validate import check_input_and_model, replicas_check_the_model
+    from jobs.validate import check_before_launch, check_input_and_model, replicas_check_the_model
 
     spec = load_spec(job)
     steps.done("load_spec")
+    check_before_launch(spec)
     check_input_and_model(spec, replicas_check_model=replicas_check_the_model(spec, None))
     steps.done("checks as run makes them (local Ray)")
     from workers.replica import Replica  # noqa: F401 (ReplicaPool wraps it with ray.remote)

@@ -5,7 +5,7 @@
     dataset         the input as the driver sees it: files, footers, schema checks
     preflight       checks that need the model's files
     weights_cache   a checkpoint's weights sha256, kept between runs by file version
-    snapshot        the input a job was planned on, pinned, and the plan rebuilt from it
+    snapshot        the input a job was planned on, pinned, which the plan is rebuilt from
     replica_plan    how many replicas a run starts on its cluster, and whether one fits at all
     scheduler       which shard runs next and what a failure costs (policy, no Ray)
     replica_pool    the replica actors: launched early, configured, watched while they load, replaced

@@ -28,11 +28,11 @@ import pyarrow.parquet as pq
 from jobs.core import storage
 from jobs.core.errors import InputError
 from jobs.core.openai_batch import request_of
-from jobs.core.plan import InputFile, Shard, plan_grouped
+from jobs.core.plan import InputFile, Shard, plan, plan_grouped
 from jobs.core.prefix import PREFIX_CHARS, text_prefix_key
 from jobs.core.prompts import RowError, decode_rows, render_prompt
 from jobs.core.rows import BATCH_FIELDS, BATCH_ID, batch_row, is_batch, iter_batch_lines, one_line
-from jobs.core.spec import InputSpec
+from jobs.core.spec import InputSpec, JobSpec
 from jobs.snapshot import PinnedFile, pin_files
 
 log = logging.getLogger(__name__)
@@ -340,6 +340,14 @@ def _read_row_group(pf: pq.ParquetFile, group: int, file: InputFile, columns: li
             f"input file {file.url} is not readable Parquet: {what} of its row group {group} cannot be read "
             f"({one_line(e)}); write the file again, or remove it from input.uri"
         ) from e
+
+
+def plan_shards(spec: JobSpec, files: Sequence[InputFile], rows_per_shard: int) -> list[Shard]:
+    """The job's shards: row ranges (jobs/core/plan.py plan), or with shards.group_by_prefix: on,
+    a prefix key's rows together (plan_by_prefix)."""
+    if spec.shards.group_by_prefix == "on":
+        return plan_by_prefix(spec.input, files, rows_per_shard)
+    return plan(files, rows_per_shard)
 
 
 def plan_by_prefix(spec: InputSpec, files: Sequence[InputFile], rows_per_shard: int) -> list[Shard]:

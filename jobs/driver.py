@@ -35,7 +35,7 @@ from jobs.core.layout import BATCH_ERRORS, BATCH_OUTPUT, RECORD, SUCCESS
 from jobs.core.plan import Shard, plan_digest, rows_per_shard
 from jobs.core.protocol import CommitRecord, TaskKind
 from jobs.core.spec import JobSpec, apply_overrides, spec_from_dict
-from jobs.dataset import pin_input, plan_by_prefix
+from jobs.dataset import open_dataset, pin_input, plan_shards
 from jobs.dedupe_index import start_dedupe_index
 from jobs.finalize import finalize
 from jobs.output import (
@@ -46,7 +46,6 @@ from jobs.output import (
     open_output,
     read_record,
 )
-from jobs.dataset import open_dataset
 from jobs.ray_connection import CLOSE_WAIT_S, RayStart, connect_async
 from jobs.record import JobFailure, JobRecord, JobState, RecordKeeper, library_versions
 from jobs.replica_plan import plan_for_cluster
@@ -66,6 +65,7 @@ from jobs.validate import (
 log = logging.getLogger(__name__)
 
 REPORT_WAIT_S = 30.0  # how long `bulkgen run` waits for the report once the job has ended
+
 
 def run_job(
     spec: JobSpec,
@@ -165,7 +165,7 @@ def _planned_input(
     if record.input is None:
         per_shard = rows_per_shard(spec.shards.rows_per_shard, checked.input_rows)
         snapshot = InputSnapshot(per_shard, tuple(pin_input(spec.input, checked.files)))
-        shards = _shards(spec, snapshot)
+        shards = plan_shards(spec, snapshot.input_files(), snapshot.rows_per_shard)
         if spec.shards.group_by_prefix == "on":
             snapshot = replace(snapshot, plan_digest=plan_digest(shards))
         record.input = snapshot.to_json()
@@ -174,21 +174,16 @@ def _planned_input(
     changed = input_changes(spec, snapshot, checked.files)
     if changed:
         raise InputChanged(input_changed_message(out, changed))
-    shards = _shards(spec, snapshot)
-    if snapshot.plan_digest is not None and plan_digest(shards) != snapshot.plan_digest:
+    shards = plan_shards(spec, snapshot.input_files(), snapshot.rows_per_shard)
+    digest = plan_digest(shards) if snapshot.plan_digest is not None else None
+    if digest != snapshot.plan_digest:
         raise InputChanged(
             f"the shards grouped by prefix now differ from those the job in {out.uri} was planned with "
-            f"(plan {plan_digest(shards)}, pinned {snapshot.plan_digest}), though its input files did not change: "
+            f"(plan {digest}, pinned {snapshot.plan_digest}), though its input files did not change: "
             "this release keys prompts another way. Resume with the release that started the job, or write to a "
             "new output.uri"
         )
     return snapshot, shards
-
-
-def _shards(spec: JobSpec, snapshot: InputSnapshot) -> list[Shard]:
-    if spec.shards.group_by_prefix == "on":
-        return plan_by_prefix(spec.input, snapshot.input_files(), snapshot.rows_per_shard)
-    return snapshot.shards()
 
 
 class _Run:

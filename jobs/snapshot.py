@@ -1,4 +1,4 @@
-"""The input a job was planned on: every file pinned, and the plan rebuilt from them.
+"""The input a job was planned on: every file pinned, which the plan is rebuilt from.
 
 A job is its spec plus this snapshot. The first run records it in _job.json;
 every later run (resume, re-run, retry-failed) plans from the recorded one and
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from jobs.core.plan import InputFile, Shard, plan
+from jobs.core.plan import InputFile
 from jobs.core.storage import with_retries
 
 # The keys fsspec implementations use for a version stamp, most specific first:
@@ -51,10 +51,6 @@ class InputSnapshot:
 
     def input_files(self) -> list[InputFile]:
         return [InputFile(f.url, f.relpath, f.num_rows or 0) for f in self.files]
-
-    def shards(self) -> list[Shard]:
-        """The plan of row ranges (a grouped plan needs the rows: jobs/dataset.py plan_by_prefix)."""
-        return plan(self.input_files(), self.rows_per_shard)
 
     def to_json(self) -> dict:
         doc = {"rows_per_shard": self.rows_per_shard, "files": [asdict(f) for f in self.files]}

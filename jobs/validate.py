@@ -41,7 +41,7 @@ from jobs.dataset import (
     iter_column,
     iter_row_groups,
     open_dataset,
-    plan_by_prefix,
+    plan_shards,
 )
 from jobs.output import check_output_takes
 
@@ -70,20 +70,18 @@ def validate(spec: JobSpec) -> Validated:
     model files, tokenizer; and the plan a first run would make of this input."""
     check_output_usable(spec)
     check_output_takes(spec)
+    check_before_launch(spec)
     checked = check_input_and_model(spec)
     per_shard = rows_per_shard(spec.shards.rows_per_shard, checked.input_rows)
-    if spec.shards.group_by_prefix == "on":
-        shards = plan_by_prefix(spec.input, checked.files, per_shard)
-    else:
-        shards = plan(checked.files, per_shard)
-    return Validated(**vars(checked), rows_per_shard=per_shard, shards=shards)
+    return Validated(**vars(checked), rows_per_shard=per_shard, shards=plan_shards(spec, checked.files, per_shard))
 
 
 def check_before_launch(spec: JobSpec) -> None:
     """The checks that must pass before any process loads the model (a replica may start
     while the rest of validation runs): the engine, the attention implementation, where
     the weights come from and what loading them may run (pickle, trust_remote_code), the
-    adapters' files. Cheap: no torch unless attn_implementation asks for transformers."""
+    adapters' files and their fit. Cheap: torch and transformers only for adapters (their fit,
+    against a meta model) or an attn_implementation to look up. Run once, before check_input_and_model."""
     preflight.check_engine(spec)
     preflight.check_attn_implementation(spec)
     preflight.check_model_source(spec)
@@ -91,8 +89,8 @@ def check_before_launch(spec: JobSpec) -> None:
 
 
 def check_input_and_model(spec: JobSpec, dataset: Dataset | None = None, replicas_check_model: bool = False) -> Checked:
-    """The checks after the output is known usable (`run` claims it in between, to record a failure),
-    check_before_launch's among them; `dataset`: the input, if the caller opened it already.
+    """The checks after the output is known usable (`run` claims it in between, to record a failure)
+    and check_before_launch has passed; `dataset`: the input, if the caller opened it already.
     They plan nothing: the driver plans (or re-reads the plan it pinned) once they pass.
 
     `replicas_check_model` (replicas_check_the_model): the replicas loading beside these checks
@@ -100,7 +98,6 @@ def check_input_and_model(spec: JobSpec, dataset: Dataset | None = None, replica
     bad input, so the meta model is not built here and the tokenizer is loaded only for the checks
     that read it; `context` is then None. Both import torch and transformers: ~3 core-seconds that
     the replicas, importing the same, need on a 2-core machine."""
-    check_before_launch(spec)
     dataset = dataset or open_dataset(spec.input)
     check_unique_ids(spec.input, dataset)
     check_adapter_names(spec, dataset)

@@ -56,7 +56,7 @@ def test_the_pinned_plan_is_the_plan_of_its_files_and_survives_json():
     files = (pinned("b.parquet", rows=25), pinned("a.parquet", rows=7))
     snapshot = InputSnapshot(10, files)
     expected = plan([InputFile(f.url, f.relpath, f.num_rows) for f in files], 10)
-    assert snapshot.shards() == expected
+    assert plan(snapshot.input_files(), snapshot.rows_per_shard) == expected
     assert InputSnapshot.from_json(snapshot.to_json()) == snapshot
 
 
