@@ -12,11 +12,11 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from bench.baselines import Result
 from bench.workloads import Workload
+from jobs.core.times import seconds_between
 
 # A replica's times in the record (one per replica): model loaded, first engine step,
 # engine last idle. Every other number a replica reports is a cumulative engine counter,
@@ -36,7 +36,7 @@ class BulkgenConfig:
     dtype: str = "float32"
     engine: str = "transformers"  # model.engine: transformers | vllm | auto
     engine_options: dict = field(default_factory=dict)  # model.engine_options (vLLM's EngineArgs)
-    group_by_prefix: str | None = None  # shards.group_by_prefix (off | auto | on); None: the spec's default
+    group_by_prefix: str | None = None  # shards.group_by_prefix (off | on); None: the spec's default
     # The spec's defaults: only input, model path, generation and output are set; after the
     # run the fields above say what the defaults came to (from the job's record).
     defaults: bool = False
@@ -50,13 +50,6 @@ class BulkgenConfig:
             return "bulkgen (spec defaults)"
         grouped = f", group_by_prefix {self.group_by_prefix}" if self.group_by_prefix else ""
         return f"bulkgen[{self.engine}] {self.replicas}x{self.torch_threads}t b={self.batch_size}{grouped}"
-
-
-def can_group_by_prefix() -> bool:
-    """Whether this checkout's spec has shards.group_by_prefix (issue 20, C5)."""
-    from jobs.core.spec import ShardsSpec
-
-    return "group_by_prefix" in ShardsSpec.model_fields
 
 
 def start_ray(temp_dir: str, num_gpus: int) -> None:
@@ -80,11 +73,6 @@ def start_ray(temp_dir: str, num_gpus: int) -> None:
     )
 
 
-def _seconds(start: str, end: str) -> float:
-    """Seconds between two of the record's ISO 8601 timestamps."""
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-
-
 def engine_stats(run: dict, wl: Workload) -> dict:
     """The replicas' engine counters summed (whichever their engine keeps), and their times
     in seconds after the first replica was ready (sorted lists, one per replica): start
@@ -98,7 +86,7 @@ def engine_stats(run: dict, wl: Workload) -> dict:
     stats["replicas"] = len(replicas)
     ready = run["first_replica_ready_at"]
     for key in TIMES:
-        stats[key] = sorted(_seconds(ready, r[key]) for r in replicas if r.get(key))
+        stats[key] = sorted(seconds_between(ready, r[key]) for r in replicas if r.get(key))
     steps = stats.get("steps")
     if steps and "forward_tokens" in stats:
         # transformers: forward_tokens counts each prompt once and each decode step's rows:
@@ -216,19 +204,19 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
         cfg.label().replace("[auto]", f"[auto={engine}]"),
         wl.name,
         c["completion_tokens"],
-        _seconds(run["first_replica_ready_at"], run["finished_at"]),
+        seconds_between(run["first_replica_ready_at"], run["finished_at"]),
         stats.get("padded_tokens") or None,  # transformers only; vLLM's batches are ragged
         stats.get("forward_tokens") or None,
-        end_to_end_seconds=_seconds(started, run["finished_at"]),
+        end_to_end_seconds=seconds_between(started, run["finished_at"]),
         extra={
             "engine": stats,
             "config": cfg,
             "engine_name": engine,
             "engine_version": replica.get("engine_version", "?"),
-            "startup_s": _seconds(started, run["first_replica_ready_at"]),
+            "startup_s": seconds_between(started, run["first_replica_ready_at"]),
             # Steady state from the last replica ready (the targets use the first: issue 20 keeps it);
             # on a layout whose replicas start seconds apart the two differ by start-up, not decoding.
-            "all_ready_s": _seconds(run["all_replicas_ready_at"], run["finished_at"])
+            "all_ready_s": seconds_between(run["all_replicas_ready_at"], run["finished_at"])
             if run.get("all_replicas_ready_at")
             else None,
             "texts": output_texts(output),

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench import report
 from bench.baselines import Result, _eos, hf_continuous_batching, naive, static_batches
-from bench.bulkgen_run import BulkgenConfig, can_group_by_prefix, run_bulkgen
+from bench.bulkgen_run import BulkgenConfig, run_bulkgen
 from bench.driver_scale import run as driver_scale
 from bench.flops import matmul_peak, sequence_flops, skipped_prompt_flops
 from bench.model import load_model, save_model
@@ -334,7 +334,7 @@ def _run_engines(preset, wl, model, tokenizer, model_dir, work, plan, record, fa
         for replicas, threads in layouts:
             cfg = bulkgen_config(preset, target, replicas, threads, engine)
             configs = [cfg]
-            if wl.templates is not None and engine == "vllm" and can_group_by_prefix():
+            if wl.templates is not None and engine == "vllm":
                 configs.append(dataclasses.replace(cfg, group_by_prefix="on"))
             for cfg in configs:
                 try:

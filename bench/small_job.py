@@ -21,28 +21,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 from bench.baselines import Result
 from bench.bulkgen_run import engine_stats
+from bench.timeline import timeline_seconds
 from bench.workloads import Workload
+from jobs.core.times import seconds_between
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _seconds(start: str, end: str) -> float:
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 def timeline(run: dict) -> dict[str, float]:
     """The record's start-up timeline (runs[-1].timeline, where the driver keeps one) as
     seconds after the process started; empty for a record without one."""
     stamps = run.get("timeline") or {}
-    start = stamps.get("process_started")
-    if not start:
-        return {}
-    return {k: _seconds(start, v) for k, v in stamps.items() if v}
+    return dict(timeline_seconds(stamps)) if "process_started" in stamps else {}
 
 
 def bulkgen_env(ray_tmp: str) -> dict[str, str]:
@@ -125,7 +119,7 @@ def run_bulkgen_process(
         label + " (own process)",
         wl.name,
         counts["completion_tokens"],
-        _seconds(run["first_replica_ready_at"], run["finished_at"]),
+        seconds_between(run["first_replica_ready_at"], run["finished_at"]),
         end_to_end_seconds=wall,
         extra={
             "engine": engine_stats(run, wl),
