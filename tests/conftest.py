@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -106,6 +107,12 @@ def write_augment(path: Path, per_template: int, seed: int = 0, row_group_size: 
     pq.write_table(pa.table({"id": ids, "prompt": prompts, "topic": ["the sea"] * len(rows)}), path,
                    row_group_size=row_group_size)  # fmt: skip
     return {row_id: t for row_id, (t, _) in zip(ids, rows)}
+
+
+def output_texts(output: str) -> dict:
+    """A job output's texts: (id, sample_index) -> text, from every file of its data/."""
+    t = ds.dataset(f"{output}/data", format="parquet").to_table(columns=["id", "sample_index", "text"])
+    return {(i, s): text for i, s, text in zip(*(t.column(c).to_pylist() for c in ("id", "sample_index", "text")))}
 
 
 @pytest.fixture(scope="session")

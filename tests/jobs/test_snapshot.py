@@ -52,11 +52,17 @@ def test_version_stamp_prefers_the_stores_own_over_a_time():
     assert version_stamp({"size": 3}) is None
 
 
-def test_the_pinned_plan_is_the_plan_of_its_files_and_survives_json():
-    files = (pinned("b.parquet", rows=25), pinned("a.parquet", rows=7))
+def test_the_plan_is_rebuilt_from_the_pinned_files_and_they_survive_json():
+    files = (pinned("b.parquet", rows=25), pinned("a.parquet", rows=7), pinned("c.parquet", rows=None))
     snapshot = InputSnapshot(10, files)
-    expected = plan([InputFile(f.url, f.relpath, f.num_rows) for f in files], 10)
-    assert plan(snapshot.input_files(), snapshot.rows_per_shard) == expected
+    assert snapshot.input_files() == [
+        InputFile("s3://b/in/b.parquet", "b.parquet", 25),
+        InputFile("s3://b/in/a.parquet", "a.parquet", 7),
+        InputFile("s3://b/in/c.parquet", "c.parquet", 0),  # a row count the pin did not know
+    ]
+    assert [(s.relpath, s.start, s.stop) for s in plan(snapshot.input_files(), snapshot.rows_per_shard)] == [
+        ("a.parquet", 0, 7), ("b.parquet", 0, 10), ("b.parquet", 10, 20), ("b.parquet", 20, 25),
+    ]
     assert InputSnapshot.from_json(snapshot.to_json()) == snapshot
 
 

@@ -9,16 +9,11 @@ import pytest
 
 from jobs.core.spec import spec_from_dict
 from jobs.driver import run_job
-from tests.conftest import job_dict, write_augment
+from tests.conftest import job_dict, output_texts, write_augment
 
 pytestmark = pytest.mark.ray
 
 PER_TEMPLATE = 12
-
-
-def _texts(out: str) -> dict:
-    t = ds.dataset(f"{out}/data", format="parquet").to_table(columns=["id", "sample_index", "text"])
-    return {(i, s): text for i, s, text in zip(*(t.column(c).to_pylist() for c in ("id", "sample_index", "text")))}
 
 
 def _templates_per_part(out: str, template_of: dict) -> list[set[int]]:
@@ -49,6 +44,6 @@ def test_grouped_shards_hold_one_template_each_and_texts_do_not_change(tmp_path,
     # The same input cut into ranges mixes templates in its parts: the grouping did the work.
     assert any(len(templates) > 1 for templates in _templates_per_part(outs["off"], template_of))
     # Same ids, same seeds, same texts, wherever a row was.
-    on, off = _texts(outs["on"]), _texts(outs["off"])
+    on, off = output_texts(outs["on"]), output_texts(outs["off"])
     assert on.keys() == off.keys() and len(on) == 3 * PER_TEMPLATE * 2
     assert [k for k in on if on[k] != off[k]] == []

@@ -1,12 +1,11 @@
 """A row's sampled text depends on the job seed, its id and its sample_index only:
 not on the shard, batch or replica it landed in."""
 
-import pyarrow.dataset as ds
 import pytest
 
 from jobs.driver import run_job
 from jobs.core.spec import spec_from_dict
-from tests.conftest import job_dict, write_prompts
+from tests.conftest import job_dict, output_texts, write_prompts
 
 LAYOUTS = [
     # rows_per_shard, batch_size, max_batch_tokens, replicas
@@ -14,11 +13,6 @@ LAYOUTS = [
     (40, 16, None, 2),
     (13, 5, 300, 2),  # a small token budget: batches split and refill differently
 ]
-
-
-def texts(output: str) -> dict:
-    t = ds.dataset(f"{output}/data", format="parquet").to_table(columns=["id", "sample_index", "text"])
-    return {(i, s): text for i, s, text in zip(*(t.column(c).to_pylist() for c in ("id", "sample_index", "text")))}
 
 
 @pytest.mark.ray
@@ -38,7 +32,7 @@ def test_sampled_text_is_the_same_for_any_shard_batch_and_replica_layout(tmp_pat
             )
         )
         run_job(spec, progress=False)
-        results.append(texts(str(tmp_path / f"out{k}")))
+        results.append(output_texts(str(tmp_path / f"out{k}")))
 
     assert len(results[0]) == 80
     for other in results[1:]:
@@ -59,5 +53,5 @@ def test_another_seed_gives_other_text(tmp_path, tiny_model, ray_cluster):
             job_dict(source, out, tiny_model, generation={"max_new_tokens": 10, "do_sample": True, "seed": seed})
         )
         run_job(spec, progress=False)
-        outs.append(texts(out))
+        outs.append(output_texts(out))
     assert sum(outs[0][k] != outs[1][k] for k in outs[0]) >= 8
