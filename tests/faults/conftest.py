@@ -183,6 +183,10 @@ class Faults:
                 continue  # being appended right now; the next poll sees it whole
         return out
 
+    def reached(self, point: str, path_contains: str = "") -> bool:
+        """Whether any process has passed `point` (one whose path contains `path_contains`)."""
+        return any(e["point"] == point and path_contains in e.get("path", "") for e in self.trace())
+
     def events(self) -> list[tuple[str, int, str, int]]:
         """(kind, shard, attempt, pid) of every shard start/end the replicas passed."""
         kinds = {"replica.shard_start": "start", "replica.shard_end": "end"}
@@ -382,6 +386,13 @@ def ray_processes(ray_tmpdir: Path) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+def kill_left_behind(tree: list[psutil.Process], ray_tmpdir: Path) -> None:
+    """Kill, by pid, what a driver that is gone left running: its children (`tree` is its process
+    tree, itself first) and every process of the Ray living under `ray_tmpdir`."""
+    left = {p.pid: p for p in [*tree[1:], *ray_processes(ray_tmpdir)]}  # a child of the driver is often both
+    kill_processes(list(left.values()))
 
 
 def kill_processes(procs: list[psutil.Process], timeout: float = 20) -> None:

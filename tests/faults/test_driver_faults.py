@@ -19,7 +19,7 @@ from tests.faults.conftest import (
     check_output,
     cli_env,
     commit_records,
-    kill_processes,
+    kill_left_behind,
     ray_processes,
     read_record,
     run_cli,
@@ -77,8 +77,7 @@ def test_driver_killed_then_resume(bulkgen_procs, ray_tmpdirs, tiny_model, tmp_p
     os.kill(driver.pid, signal.SIGKILL)
     driver.proc.wait(10)
     # The local Ray it started outlives it: its children, and whatever runs under its RAY_TMPDIR.
-    left = {p.pid: p for p in [*tree[1:], *ray_processes(ray_tmp)]}
-    kill_processes(list(left.values()))
+    kill_left_behind(tree, ray_tmp)
     assert not ray_processes(ray_tmp)
 
     committed = commit_records(out)
@@ -118,8 +117,7 @@ def test_driver_killed_between_a_result_and_its_commit_then_resume(bulkgen_procs
     faults.release()  # shards 1 and 2 run now; shard 1's result reaches the committer, which exits
 
     assert driver.wait(240) == 17, driver.output()[-3000:]
-    left = {p.pid: p for p in [*tree[1:], *ray_processes(ray_tmp)]}
-    kill_processes(list(left.values()))
+    kill_left_behind(tree, ray_tmp)
     committed = commit_records(out)
     assert 0 in committed and 1 not in committed
     before = _files(out, committed)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import job_dict, write_augment, write_job
-from tests.faults.conftest import Faults, check_output, cli_env, commit_records, kill_processes, ray_processes, run_cli
+from tests.faults.conftest import Faults, check_output, cli_env, commit_records, kill_left_behind, run_cli
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
@@ -45,7 +45,7 @@ def test_a_grouped_job_killed_then_resumed_writes_every_row_once(
     tree = driver.tree()
     os.kill(driver.pid, signal.SIGKILL)
     driver.proc.wait(10)
-    kill_processes(list({p.pid: p for p in [*tree[1:], *ray_processes(ray_tmp)]}.values()))
+    kill_left_behind(tree, ray_tmp)
     before = commit_records(out)
     assert sorted(before) == [0, 1]
     pinned = json.loads((tmp_path / "out" / "_job.json").read_text())["input"]["plan_digest"]

@@ -35,11 +35,6 @@ MOMENTS = {
 }
 
 
-def _reached(faults: Faults, point: str, when: dict) -> bool:
-    wanted = (when.get("path") or {}).get("contains", "")
-    return any(e["point"] == point and wanted in e.get("path", "") for e in faults.trace())
-
-
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_a_signal_at_any_moment_ends_the_run_cancelled(
     moment, bulkgen_procs, ray_tmpdirs, fault_ray, tiny_model, tmp_path
@@ -59,7 +54,7 @@ def test_a_signal_at_any_moment_ends_the_run_cancelled(
         assert driver.proc.poll() is None, f"the driver exited early:\n{driver.output()[-3000:]}"
         # Ray starts and the replicas load while the driver validates: a moment "running" is
         # signalled once the record says so (the driver waits there for Ray or a replica).
-        return _reached(faults, point, when) and (where != "running" or read_record(out)["state"] == "running")
+        return faults.reached(point, (when.get("path") or {}).get("contains", "")) and (where != "running" or read_record(out)["state"] == "running")
 
     wait_for(reached, REACH_S, f"the run to reach {point}")
     driver.proc.send_signal(signum)
@@ -87,7 +82,7 @@ def test_bulkgen_cancel_during_start_up_ends_the_run(bulkgen_procs, ray_tmpdirs,
     faults.rule("driver.validate", action="hold", timeout=3600)
     ray_tmp = ray_tmpdirs()
     driver = bulkgen_procs(["run", str(job), "--no-progress"], cli_env(ray_tmp, faults.dir))
-    wait_for(lambda: _reached(faults, "driver.validate", {}), REACH_S, "the driver to validate")
+    wait_for(lambda: faults.reached("driver.validate"), REACH_S, "the driver to validate")
 
     cancel = run_cli("cancel", out)
     assert cancel.returncode == 0, cancel.stderr

@@ -32,8 +32,10 @@ def _job(tmp_path, model):
     return write_job(tmp_path / "job.yaml", spec), out, Faults(tmp_path / "faults")
 
 
-def _reached(faults: Faults, point: str) -> bool:
-    return any(e["point"] == point for e in faults.trace())
+def _replica_started(driver, faults: Faults) -> bool:
+    """A replica has started loading; the driver must still be running meanwhile."""
+    assert driver.proc.poll() is None, f"the driver exited early:\n{driver.output()[-3000:]}"
+    return faults.reached("replica.start")
 
 
 def test_replicas_load_while_the_driver_validates(bulkgen_procs, ray_tmpdirs, tiny_model, tmp_path):
@@ -43,16 +45,12 @@ def test_replicas_load_while_the_driver_validates(bulkgen_procs, ray_tmpdirs, ti
     faults.rule("driver.validate", action="hold", timeout=3600)
     driver = bulkgen_procs(["run", str(job), "--no-progress"], cli_env(ray_tmpdirs(), faults.dir))
 
-    def replica_started():
-        assert driver.proc.poll() is None, f"the driver exited early:\n{driver.output()[-3000:]}"
-        return _reached(faults, "replica.start")
-
-    wait_for(replica_started, REACH_S, "a replica to start while the driver validates")
+    wait_for(lambda: _replica_started(driver, faults), REACH_S, "a replica to start while the driver validates")
     assert read_record(out)["state"] == "validating"
     # The Ray that `bulkgen run` starts runs its workers at nice 0, not Ray's 15 (cli_env sets no RAY_*).
     replica = next(e["pid"] for e in faults.trace() if e["point"] == "replica.start")
     assert psutil.Process(replica).nice() == 0
-    assert not _reached(faults, "replica.shard_start")
+    assert not faults.reached("replica.shard_start")
     (faults.dir / "driver.validate.release").touch()
     assert driver.wait(EXIT_S) == 0, driver.output()[-3000:]
 
@@ -83,7 +81,7 @@ def test_a_model_the_replica_refuses_is_bad_input(bulkgen_procs, ray_tmpdirs, ti
     assert "injected fault at replica.start" in driver.output()
     record = read_record(out)
     assert record["state"] == "failed" and "injected fault at replica.start" in record["error"]["message"]
-    assert not _reached(faults, "replica.shard_start")
+    assert not faults.reached("replica.shard_start")
 
 
 def test_a_checkpoint_missing_weights_fails_the_run_as_bad_input(bulkgen_procs, ray_tmpdirs, tiny_model, tmp_path):
@@ -98,7 +96,7 @@ def test_a_checkpoint_missing_weights_fails_the_run_as_bad_input(bulkgen_procs, 
     assert record["state"] == "failed", record
     for fragment in (str(model), missing, "lack 1 parameters"):
         assert fragment in record["error"]["message"] and fragment in driver.output()
-    assert not _reached(faults, "replica.shard_start")
+    assert not faults.reached("replica.shard_start")
 
 
 def test_ctrl_c_while_replicas_load_early_ends_cancelled(bulkgen_procs, ray_tmpdirs, tiny_model, tmp_path):
@@ -110,11 +108,7 @@ def test_ctrl_c_while_replicas_load_early_ends_cancelled(bulkgen_procs, ray_tmpd
     ray_tmp = ray_tmpdirs()
     driver = bulkgen_procs(["run", str(job), "--no-progress"], cli_env(ray_tmp, faults.dir))
 
-    def replica_loading():
-        assert driver.proc.poll() is None, f"the driver exited early:\n{driver.output()[-3000:]}"
-        return _reached(faults, "replica.start")
-
-    wait_for(replica_loading, REACH_S, "a replica to start loading")
+    wait_for(lambda: _replica_started(driver, faults), REACH_S, "a replica to start loading")
     driver.proc.send_signal(signal.SIGINT)
     assert driver.wait(EXIT_S) == 130, driver.output()[-3000:]
     record = read_record(out)
