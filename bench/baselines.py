@@ -33,6 +33,10 @@ class Result:
         return self.completion_tokens / self.seconds
 
     @property
+    def end_to_end_tokens_per_s(self) -> float:
+        return self.completion_tokens / self.end_to_end_seconds
+
+    @property
     def padding_waste(self) -> float | None:
         if not self.computed_positions:
             return None

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +75,33 @@ def start_ray(temp_dir: str, num_gpus: int) -> None:
     )
 
 
+@contextmanager
+def local_ray(num_gpus: int, prefix: str = "bgb-ray-") -> Iterator[None]:
+    """start_ray in a fresh temp dir (short: Ray's Unix socket paths live under it); on the way
+    out, ray.shutdown and the dir removed, whatever the body raised."""
+    import ray
+
+    ray_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    try:
+        start_ray(ray_dir, num_gpus=num_gpus)
+        yield
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def finished_record(output: Path, name: str) -> tuple[dict, dict, dict]:
+    """A finished job's record (`_job.json`), its last run and its counts; RuntimeError if a row failed."""
+    from jobs.core.layout import RECORD
+
+    record = json.loads((output / RECORD).read_text())
+    run, counts = record["runs"][-1], record["counts"]
+    if counts["rows_failed"]:
+        raise RuntimeError(f"bulkgen job {name}: {counts['rows_failed']} rows failed; see {output}/errors")
+    return record, run, counts
+
+
 def engine_stats(run: dict, wl: Workload) -> dict:
     """The replicas' engine counters summed (whichever their engine keeps), and their times
     in seconds after the first replica was ready (sorted lists, one per replica): start
@@ -120,9 +149,6 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
     what the driver records (extra["all_ready_s"]: from the last replica
     ready). End to end adds Ray start-up, validation and
     model loading: from just before ray.init to the job's end."""
-    import ray
-
-    from jobs.core.layout import RECORD
     from jobs.core.spec import spec_from_dict
     from jobs.core.times import now
     from jobs.driver import run_job
@@ -171,21 +197,10 @@ def run_bulkgen(wl: Workload, model_dir: Path, work_dir: Path, cfg: BulkgenConfi
         del spec_data["resources"], spec_data["shards"]
         spec_data["model"] = {"path": str(model_dir)}
     spec = spec_from_dict(spec_data)
-    # Short: Ray's Unix socket paths live under it.
-    ray_dir = tempfile.mkdtemp(prefix="bgb-ray-", dir="/tmp")
     started = now()
-    try:
-        start_ray(ray_dir, num_gpus=int(cfg.num_gpus and 1) * (cfg.replicas or 1))
+    with local_ray(num_gpus=int(cfg.num_gpus and 1) * (cfg.replicas or 1)):
         run_job(spec, progress=False)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        shutil.rmtree(ray_dir, ignore_errors=True)
-    record = json.loads((output / RECORD).read_text())  # what the driver left: the job's record
-    run = record["runs"][-1]
-    c = record["counts"]
-    if c["rows_failed"]:
-        raise RuntimeError(f"bulkgen job {name}: {c['rows_failed']} rows failed; see {output}/errors")
+    record, run, c = finished_record(output, name)  # what the driver left: the job's record
     if cfg.defaults:  # what the defaults came to
         from jobs.core.plan import rows_per_shard
 

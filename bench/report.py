@@ -41,9 +41,11 @@ def _vllm_workloads(results: dict) -> list[str]:
     return [w for w in results if w in ENGINE_WORKLOADS or w.startswith("long-tail-") or w == "augment"]
 
 
-def bulkgen_hit_rate(r: Result) -> float | None:
-    """Prefix-cache hits of a bulkgen[vllm] run: its replicas' cached_prompt_tokens / prompt_tokens
-    (None where the engine does not count them)."""
+def prefix_hit_rate(r: Result) -> float | None:
+    """Prefix-cache hits of a vLLM offline run or a bulkgen run: cached prompt tokens / prompt
+    tokens (bulkgen's replicas count them as cached_prompt_tokens; None where the engine does not)."""
+    if "vllm" in r.extra:
+        return hit_rate(r)
     e = r.extra.get("engine", {})
     if not e.get("prompt_tokens") or "cached_prompt_tokens" not in e:
         return None
@@ -179,7 +181,7 @@ def _default_job(results: dict[str, list[Result]]) -> list[str]:
         if d is None or base is None:
             continue
         cfg = d.extra["config"]
-        e2e = d.completion_tokens / d.end_to_end_seconds
+        e2e = d.end_to_end_tokens_per_s
         lines.append(
             f"- {workload}: the spec's defaults ran {cfg.replicas} replica(s) x {cfg.torch_threads} thread(s) of "
             f"{d.extra.get('engine_name', '?')}, rows_per_shard {cfg.rows_per_shard}: {e2e:,.1f} tokens/s end to end "
@@ -267,7 +269,7 @@ def _engine_note(r: Result) -> str:
         counters = {k: v for k, v in e.items() if k not in ("replicas", "loaded_at", "first_step_at", "idle_at")}
         text += f"; engine counters {counters}"
     if "cached_prompt_tokens" in e:
-        text += f"; prefix cache: {e['cached_prompt_tokens']:,} prompt tokens cached ({_pct(bulkgen_hit_rate(r))})"
+        text += f"; prefix cache: {e['cached_prompt_tokens']:,} prompt tokens cached ({_pct(prefix_hit_rate(r))})"
     if e.get("prefix_shared_tokens"):  # the transformers engine: prompt positions a shared prefill saved
         text += f"; {e['prefix_shared_tokens']:,} prompt positions not computed (shared prefixes)"
     if _all_ready(r):
@@ -373,7 +375,7 @@ def _augment_target(rs: list[Result]) -> list[str]:
     ratio = v.tokens_per_s / offline.tokens_per_s
     return [
         f"| augment: {v.system} steady state >= {AUGMENT_TARGET}x vLLM offline in arrival order "
-        f"(hit rates: bulkgen {_pct(bulkgen_hit_rate(v))}, offline {_pct(hit_rate(offline))}) | {ratio:.2f}x | "
+        f"(hit rates: bulkgen {_pct(prefix_hit_rate(v))}, offline {_pct(prefix_hit_rate(offline))}) | {ratio:.2f}x | "
         f"{_verdict(ratio, AUGMENT_TARGET)} |"
     ]
 
@@ -386,10 +388,6 @@ def _small_runs(rs: list[Result]) -> tuple[Result | None, list[Result], Result |
     return best, runs, _best_offline(rs)
 
 
-def _e2e(r: Result) -> float:
-    return r.completion_tokens / r.end_to_end_seconds
-
-
 def _small_targets(rs: list[Result]) -> list[str]:
     best, runs, offline = _small_runs(rs)
     lines = []
@@ -397,7 +395,7 @@ def _small_targets(rs: list[Result]) -> list[str]:
         for r in runs:
             if r.extra.get("resources"):  # a layout experiment, not the spec's defaults
                 continue
-            ratio = _e2e(r) / _e2e(best)
+            ratio = r.end_to_end_tokens_per_s / best.end_to_end_tokens_per_s
             lines.append(
                 f"| small: {r.system} end to end >= {SMALL_TARGET}x the best plain loop ({best.system}, "
                 f"{best.end_to_end_seconds:.1f} s with imports and model load) | {ratio:.2f}x | "
@@ -446,7 +444,7 @@ def _augment_section(rs: list[Result]) -> list[str]:
         "|---|---:|---:|---:|",
     ]
     for r in runs:
-        rate = hit_rate(r) if "vllm" in r.extra else bulkgen_hit_rate(r)
+        rate = prefix_hit_rate(r)
         ratio = _ratio(r.tokens_per_s, offline.tokens_per_s if offline else None)
         lines.append(f"| {r.system} | {r.tokens_per_s:,.1f} | {ratio} | {_pct(rate)} |")
     return lines + [
@@ -471,9 +469,10 @@ def _small_section(rs: list[Result]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in done:
+        ratio = _ratio(r.end_to_end_tokens_per_s, best.end_to_end_tokens_per_s if best else None)
         lines.append(
-            f"| {r.system} | {r.end_to_end_seconds:.1f} | {_e2e(r):,.1f} | "
-            f"{_ratio(_e2e(r), _e2e(best) if best else None)} | {r.seconds:.1f} | {r.tokens_per_s:,.1f} |"
+            f"| {r.system} | {r.end_to_end_seconds:.1f} | {r.end_to_end_tokens_per_s:,.1f} | "
+            f"{ratio} | {r.seconds:.1f} | {r.tokens_per_s:,.1f} |"
         )
     return lines + [
         "",
@@ -599,7 +598,7 @@ def render(
             for r in runs:
                 lines.append(
                     f"- {name}: {r.system}: {r.tokens_per_s:,.1f} tokens/s steady state, "
-                    f"{r.completion_tokens / r.end_to_end_seconds:,.1f} with start-up"
+                    f"{r.end_to_end_tokens_per_s:,.1f} with start-up"
                 )
             best = max(runs, key=lambda r: r.tokens_per_s)
             other = min(runs, key=lambda r: r.tokens_per_s)

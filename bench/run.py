@@ -209,6 +209,12 @@ def vllm_settings(preset: Preset, wl: Workload, threads: int) -> VllmSettings:
     )
 
 
+def failure(system: str, workload: str, e: Exception) -> Result:
+    """A system that raised, said and kept as a result whose notes say why (the run goes on)."""
+    say(f"   {system} failed: {type(e).__name__}: {e}")
+    return Result(system, workload, 0, math.nan, notes=f"failed: {type(e).__name__}: {e}")
+
+
 def run_workload(
     preset: Preset, wl: Workload, model, tokenizer, model_dir: Path, work: Path, plan: Plan, sync,
     engines_only: bool = False,
@@ -225,8 +231,7 @@ def run_workload(
         return r
 
     def failed(system: str, e: Exception) -> None:  # report it and go on
-        say(f"   {system} failed: {type(e).__name__}: {e}")
-        results.append(Result(system, wl.name, 0, math.nan, notes=f"failed: {type(e).__name__}: {e}"))
+        results.append(failure(system, wl.name, e))
 
     if not engines_only and wl.templates is None:  # augment: too slow for the loops, its target is vLLM's
         run_baselines(preset, wl, model, tokenizer, sync, record, failed)
@@ -381,9 +386,8 @@ def run_small_job(
             f"({r.seconds:.1f}s generating)")  # fmt: skip
         return r
 
-    def failed(system: str, e: Exception) -> None:
-        say(f"   {system} failed: {type(e).__name__}: {e}")
-        results.append(Result(system, wl.name, 0, math.nan, notes=f"failed: {type(e).__name__}: {e}"))
+    def failed(system: str, e: Exception) -> None:  # report it and go on
+        results.append(failure(system, wl.name, e))
 
     # The loops' threads as for (b): all cores or one, whichever a short generate ran faster.
     threads, calibration = calibrate_threads(model, tokenizer, preset, 16, lambda: None)

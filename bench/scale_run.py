@@ -25,7 +25,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -120,9 +119,7 @@ def per_thousand_rows(output: Path) -> dict:
 
 def measure(data: Path, model_dir: Path, output: Path) -> dict:
     """In this process (the driver): Ray, run_job, the RSS sampler; what the row reports."""
-    import ray
-
-    from bench.bulkgen_run import start_ray
+    from bench.bulkgen_run import local_ray
     from jobs.core.spec import spec_from_dict
     from jobs.driver import run_job
 
@@ -135,18 +132,12 @@ def measure(data: Path, model_dir: Path, output: Path) -> dict:
             "output": {"uri": str(output)},
         }
     )
-    ray_dir = tempfile.mkdtemp(prefix="bgr-", dir="/tmp")
     rss_before = _rss_kib()
-    try:
-        with RssSampler() as rss:
-            started, cpu_before = time.perf_counter(), os.times()
-            start_ray(ray_dir, num_gpus=0)
+    with RssSampler() as rss:
+        started, cpu_before = time.perf_counter(), os.times()
+        with local_ray(num_gpus=0, prefix="bgr-"):
             record = run_job(spec, progress=False)
             wall, cpu_after = time.perf_counter() - started, os.times()
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        shutil.rmtree(ray_dir, ignore_errors=True)
     return {
         "rows": record.counts.rows_total,
         "wall_s": wall,

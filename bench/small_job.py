@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench.baselines import Result
-from bench.bulkgen_run import engine_stats
+from bench.bulkgen_run import engine_stats, finished_record
 from bench.timeline import timeline_seconds
 from bench.workloads import Workload
 from jobs.core.times import seconds_between
@@ -69,8 +69,6 @@ def run_bulkgen_process(
     wl: Workload, model_dir: Path, work_dir: Path, engine: str, resources: dict | None = None, timeout: float = 1800
 ) -> Result:  # fmt: skip
     """`bulkgen run` on the workload in a subprocess; raises RuntimeError if it fails."""
-    from jobs.core.layout import RECORD
-
     layout = "-".join(f"{k}{v}" for k, v in sorted((resources or {}).items()))
     name = f"{wl.name}-{engine}" + (f"-{layout}" if layout else "")
     data = wl.write_parquet(work_dir / "input" / f"{wl.name}.parquet")
@@ -105,10 +103,7 @@ def run_bulkgen_process(
     if code != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         raise RuntimeError(f"bulkgen run exited {code}: " + " / ".join(tail))
-    record = json.loads((output / RECORD).read_text())
-    run, counts = record["runs"][-1], record["counts"]
-    if counts["rows_failed"]:
-        raise RuntimeError(f"bulkgen job {name}: {counts['rows_failed']} rows failed; see {output}/errors")
+    record, run, counts = finished_record(output, name)
     ran = record["model"].get("replica", {}).get("engine", "?")
     label = f"bulkgen run [{engine}={ran}]" if engine == "auto" else f"bulkgen run [{engine}]"
     if resources:
