@@ -87,33 +87,29 @@ def abort_then_serve(model: str, prompts: list[str]) -> tuple[list, bool, list]:
     return aborted, e.has_work(), [c.key for c in run(e, reqs[:2])]
 
 
-def admission_order(model: str, limits: list[int], engine_options: dict) -> list[int]:
-    """Keys of requests with these max_new_tokens, in the order one-at-a-time (batch_size 1)
-    vLLM finished them: the order it admitted them."""
+def _one_at_a_time(model: str, prompts: list[str], limits: list[int], engine_options: dict) -> tuple[list, dict]:
+    """A vLLM engine with batch_size 1 run to the end: (keys in the order it finished them, which is
+    the order it admitted them; its counters)."""
     from workers.engine_factory import create_engine
 
-    data = job_dict("/in", "/out", model, resources={"batch_size": 1})
+    data = job_dict("/in", "/out", model, resources={"batch_size": 1}, generation={"max_new_tokens": max(limits)})
     data["model"].update(engine="vllm", engine_options={"enforce_eager": True, **engine_options})
     e = create_engine(spec_from_dict(data))
-    e.submit(_requests(e, ["Write a short poem about the sea"] * len(limits), limits, list(range(len(limits)))))
-    finished = []
-    while e.has_work():
-        finished += [c.key for c in e.step()]
-    return finished
-
-
-def prefix_cache_run(model: str, prompts: list[str], engine_options: dict) -> tuple[list, dict]:
-    """One sequence at a time (batch_size 1), arrival order (fcfs) and small KV blocks (the CPU
-    default, 128 tokens, is the tiny model's whole context): (keys in the order vLLM admitted
-    them, the engine's counters)."""
-    from workers.engine_factory import create_engine
-
-    data = job_dict("/in", "/out", model, resources={"batch_size": 1}, generation={"max_new_tokens": 4})
-    options = {"enforce_eager": True, "scheduling_policy": "fcfs", "block_size": 32, **engine_options}
-    data["model"].update(engine="vllm", engine_options=options)
-    e = create_engine(spec_from_dict(data))
-    e.submit(_requests(e, prompts, [4] * len(prompts), list(range(len(prompts)))))
+    e.submit(_requests(e, prompts, limits, list(range(len(prompts)))))
     finished = []
     while e.has_work():
         finished += [c.key for c in e.step()]
     return finished, e.stats()
+
+
+def admission_order(model: str, limits: list[int], engine_options: dict) -> list[int]:
+    """Keys of requests with these max_new_tokens, in the order one-at-a-time vLLM admitted them."""
+    return _one_at_a_time(model, ["Write a short poem about the sea"] * len(limits), limits, engine_options)[0]
+
+
+def prefix_cache_run(model: str, prompts: list[str], engine_options: dict) -> tuple[list, dict]:
+    """One sequence at a time, arrival order (fcfs) and small KV blocks (the CPU default, 128
+    tokens, is the tiny model's whole context): (keys in the order vLLM admitted them, the
+    engine's counters)."""
+    options = {"scheduling_policy": "fcfs", "block_size": 32, **engine_options}
+    return _one_at_a_time(model, prompts, [4] * len(prompts), options)
