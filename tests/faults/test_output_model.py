@@ -260,7 +260,8 @@ def _run_machine(tmp_path: Path, cluster: LocalCluster, model: Path, store_root:
     OutputModel.workdir = tmp_path
     case = OutputModel.TestCase
     case.settings = settings(
-        max_examples=examples,
+        # A soak run asks for more: OUTPUT_MODEL_EXAMPLES=50 python -m pytest tests/faults/test_output_model.py
+        max_examples=int(os.environ.get("OUTPUT_MODEL_EXAMPLES", examples)),
         stateful_step_count=6,
         deadline=None,
         derandomize=os.environ.get("CI") is not None,  # CI: the same examples every run; locally, new ones
