@@ -17,6 +17,12 @@ from jobs.core.times import now
 log = logging.getLogger(__name__)
 
 SUBMITTED_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted driver
+# Ray's warnings that are untrue or idle for a bulkgen driver, kept out of its output (logger, start):
+# ray.init on RayStart's thread says it set no SIGTERM handler, which the driver has anyway
+# (result() puts it back); a local Ray the run starts and stops announces its token auth,
+# which the user never chose nor needs (a joined cluster's notice stays).
+NO_SIGTERM_HANDLER = ("ray._private.worker", "SIGTERM handler is not set")
+TOKEN_AUTH_ON = ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled")
 NICENESS_ENV = "RAY_worker_niceness"  # Ray's own setting for its workers' nice value (default 15)
 CLOSE_WAIT_S = 60.0  # how long a run that ends waits for a ray.init under way, to shut down what it started
 
@@ -112,7 +118,8 @@ def _init(ray, address: str | None) -> None:
         submitted = SUBMITTED_DRIVER_ENV in os.environ
         runtime_env = {} if submitted else {"py_modules": [package_dir("jobs"), package_dir("workers")]}
         try:
-            ray.init(address=address, runtime_env=runtime_env or None, logging_level=logging.WARNING)
+            with _quiet(NO_SIGTERM_HANDLER):
+                ray.init(address=address, runtime_env=runtime_env or None, logging_level=logging.WARNING)
         except ConnectionError as e:
             raise ClusterError(
                 f"cannot join the Ray cluster at {address}: {e}\n  a cluster with token auth needs "
@@ -121,9 +128,32 @@ def _init(ray, address: str | None) -> None:
             ) from e
         log.info("joined Ray cluster at %s", address)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
-                 _system_config=_own_ray_config())
+        with _quiet(NO_SIGTERM_HANDLER, TOKEN_AUTH_ON):
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
+                     _system_config=_own_ray_config())
         log.info("started a local Ray instance")
+
+
+class _DropStartingWith(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+@contextlib.contextmanager
+def _quiet(*notices: tuple[str, str]):
+    """Drop these (logger, message start) records while the block runs."""
+    filters = [(logging.getLogger(name), _DropStartingWith(start)) for name, start in notices]
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
 
 
 def _own_ray_config() -> dict:
