@@ -59,7 +59,11 @@ def shared_cluster(tmp_path_factory):
 
 
 class Store:
-    """Where one example's input and output live: a local directory or an S3 bucket."""
+    """Where one example's input and output live: a local directory or an S3 bucket.
+
+    Every read of the output drops fsspec's listing cache first: the drivers change the output
+    from other processes, and s3fs answers from listings it cached before they ran (a file's old
+    ETag, a _SUCCESS already deleted or not yet written)."""
 
     def __init__(self, root: str, storage_options: dict):
         self.root, self.options = root.rstrip("/"), storage_options
@@ -94,14 +98,21 @@ class Store:
         return found
 
     def record(self) -> dict | None:
+        self.fs.invalidate_cache()
         try:
             return json.loads(self.fs.cat_file(self.url("out", "_job.json")))
         except FileNotFoundError:
             return None
 
+    def succeeded(self) -> bool:
+        """Whether out/_SUCCESS exists now."""
+        self.fs.invalidate_cache()
+        return self.fs.exists(self.url("out", "_SUCCESS"))
+
     def rows(self) -> Counter:
         """(id, sample_index) -> how many times data/, errors/ and filtered/ hold it; every file
         must read whole."""
+        self.fs.invalidate_cache()
         keys: Counter = Counter()
         for top in ("data", "errors", "filtered"):
             for path in self.fs.glob(self.url("out", top, "*")):
@@ -233,7 +244,7 @@ class OutputModel(RuleBasedStateMachine):
                 f"missing {sorted(expected - set(rows))[:5]}, unexpected {sorted(set(rows) - expected)[:5]}"
             )
             record = self.store.record()
-            assert record["state"] == "succeeded" and self.store.fs.exists(self.store.url("out", "_SUCCESS"))
+            assert record["state"] == "succeeded" and self.store.succeeded()
             assert record["counts"]["rows_total"] == len(expected)
             self.pinned, self.resumable = dict(self.input), True
         else:
@@ -251,7 +262,7 @@ class OutputModel(RuleBasedStateMachine):
         rows = self.store.rows()  # reads every file whole
         twice = {k: n for k, n in rows.items() if n > 1}
         assert not twice, f"rows written more than once: {sorted(twice)[:5]}"
-        if self.store.fs.exists(self.store.url("out", "_SUCCESS")):
+        if self.store.succeeded():
             assert (self.store.record() or {}).get("state") == "succeeded"
 
 
