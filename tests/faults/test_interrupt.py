@@ -50,11 +50,13 @@ def test_a_signal_at_any_moment_ends_the_run_cancelled(
     ray_tmp = ray_tmpdirs()
     driver = bulkgen_procs(["run", str(job), "--no-progress"], cli_env(ray_tmp, faults.dir))
 
+    path_contains = (when.get("path") or {}).get("contains", "")
+
     def reached():
         assert driver.proc.poll() is None, f"the driver exited early:\n{driver.output()[-3000:]}"
         # Ray starts and the replicas load while the driver validates: a moment "running" is
         # signalled once the record says so (the driver waits there for Ray or a replica).
-        return faults.reached(point, (when.get("path") or {}).get("contains", "")) and (where != "running" or read_record(out)["state"] == "running")
+        return faults.reached(point, path_contains) and (where != "running" or read_record(out)["state"] == "running")
 
     wait_for(reached, REACH_S, f"the run to reach {point}")
     driver.proc.send_signal(signum)
